@@ -1,0 +1,1 @@
+"""Pure extraction maths over tensors: no database, no Celery."""

@@ -1,0 +1,142 @@
+"""Weight-derived figures per neuron and per layer (seed 000) and value-token projections.
+
+All functions are pure: tensors in, tensors or plain dicts out. Statistics are computed in float64
+so that stored figures do not depend on the model's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from catalog.extract.architectures import LayerWeights
+
+HISTOGRAM_BINS = 40
+
+
+@dataclass(frozen=True)
+class NeuronWeights:
+    """Per-neuron figures of one layer; every tensor is [d_mlp]."""
+
+    key_norm: torch.Tensor
+    value_norm: torch.Tensor
+    alignment: torch.Tensor  # cos(k_i, v_i)
+    bias: torch.Tensor | None
+    up_norm: torch.Tensor | None
+    up_alignment: torch.Tensor | None  # cos(u_i, v_i), gated models
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1, eps=1e-12)
+
+
+def neuron_weights(w: LayerWeights) -> NeuronWeights:
+    return NeuronWeights(
+        key_norm=w.keys.double().norm(dim=1),
+        value_norm=w.values.double().norm(dim=1),
+        alignment=_cos(w.keys, w.values),
+        bias=None if w.biases is None else w.biases.double(),
+        up_norm=None if w.ups is None else w.ups.double().norm(dim=1),
+        up_alignment=None if w.ups is None else _cos(w.ups, w.values),
+    )
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = float(x.norm() * y.norm())
+    return None if denom == 0.0 else float((x * y).sum()) / denom
+
+
+def least_squares(x: torch.Tensor, y: torch.Tensor) -> tuple[float | None, float | None]:
+    """Slope and intercept of the line y = slope * x + intercept."""
+    x, y = x.double(), y.double()
+    var = float(((x - x.mean()) ** 2).sum())
+    if var == 0.0:
+        return None, None
+    slope = float(((x - x.mean()) * (y - y.mean())).sum()) / var
+    return slope, float(y.mean()) - slope * float(x.mean())
+
+
+def mean_offdiagonal_cosine(vectors: torch.Tensor) -> float:
+    """Mean cos(a_i, a_j) over i != j, exactly: sum_ij <a_i, a_j> = ||sum_i a_i||^2 for unit rows."""
+    unit = torch.nn.functional.normalize(vectors.double(), dim=1)
+    n = unit.shape[0]
+    total = float(unit.sum(dim=0).pow(2).sum())
+    return (total - n) / (n * (n - 1))
+
+
+def histogram(values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> dict[str, list[float] | list[int]]:
+    v = values.double()
+    lo, hi = float(v.min()), float(v.max())
+    if lo == hi:
+        lo, hi = lo - 0.5, hi + 0.5
+    counts = torch.histc(v, bins=bins, min=lo, max=hi)
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    return {"edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]}
+
+
+def layer_weight_stats(w: LayerWeights, n: NeuronWeights) -> dict[str, object]:
+    """Seed 000's per-layer figures. Bias figures are None for models without an FFN bias."""
+    stats: dict[str, object] = {
+        "mean_alignment": float(n.alignment.mean()),
+        "key_cosine_mean": mean_offdiagonal_cosine(w.keys),
+        "value_cosine_mean": mean_offdiagonal_cosine(w.values),
+        "mean_bias": None,
+        "corr_bias_key_norm": None,
+        "corr_bias_value_norm": None,
+        "corr_bias_alignment": None,
+        "bias_alignment_slope": None,
+        "bias_alignment_intercept": None,
+    }
+    hist = {"key_norm": histogram(n.key_norm), "value_norm": histogram(n.value_norm),
+            "alignment": histogram(n.alignment)}
+    if n.up_alignment is not None:
+        hist["up_alignment"] = histogram(n.up_alignment)
+    if n.bias is not None:
+        slope, intercept = least_squares(n.alignment, n.bias)
+        stats.update(
+            mean_bias=float(n.bias.mean()),
+            corr_bias_key_norm=pearson(n.bias, n.key_norm),
+            corr_bias_value_norm=pearson(n.bias, n.value_norm),
+            corr_bias_alignment=pearson(n.bias, n.alignment),
+            bias_alignment_slope=slope,
+            bias_alignment_intercept=intercept,
+        )
+        hist["bias"] = histogram(n.bias)
+    stats["histograms"] = hist
+    return stats
+
+
+@dataclass(frozen=True)
+class TokenProjection:
+    """v_i . E^T per neuron: highest and lowest tokens with their logits, [d_mlp, k]."""
+
+    top_ids: torch.Tensor
+    top_logits: torch.Tensor
+    bottom_ids: torch.Tensor
+    bottom_logits: torch.Tensor
+
+
+def value_logits(values: torch.Tensor, unembedding: torch.Tensor) -> torch.Tensor:
+    """[d_mlp, vocab] logits of each value vector through E as stored (convention raw_unembedding)."""
+    return values.float() @ unembedding.float().T
+
+
+def project_values(logits: torch.Tensor, top: int = 30, bottom: int = 10) -> TokenProjection:
+    hi = torch.topk(logits, top, dim=1, largest=True, sorted=True)
+    lo = torch.topk(logits, bottom, dim=1, largest=False, sorted=True)
+    return TokenProjection(hi.indices, hi.values, lo.indices, lo.values)
+
+
+def token_ranks(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """1-based rank of token_ids[i, j] in row i of logits (1 = highest); 0 where token_ids < 0.
+
+    Rank = 1 + number of tokens with a strictly higher logit, found by binary search in the sorted
+    row rather than by comparing against the whole vocabulary for every token.
+    """
+    vocab = logits.shape[1]
+    sorted_rows = logits.sort(dim=1).values  # ascending
+    target = logits.gather(1, token_ids.clamp(min=0))
+    ranks = vocab - torch.searchsorted(sorted_rows, target.contiguous(), right=True) + 1
+    return torch.where(token_ids >= 0, ranks, torch.zeros_like(ranks))

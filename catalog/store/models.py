@@ -1,0 +1,207 @@
+"""ORM tables. Alembic migrations are generated from this metadata; the app never calls create_all.
+
+A catalog entry (``CatalogModel``) points at its current completed ``ExtractionRun``; all rows of
+layers, neurons, value tokens and triggers belong to one run, so a new run becomes visible in one
+commit that moves that pointer, and a failed run is never pointed at.
+Layer and neuron indices are 0-based.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from pgvector.sqlalchemy import Vector
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class RunStatus(enum.StrEnum):
+    running = "running"
+    complete = "complete"
+    failed = "failed"
+    superseded = "superseded"
+
+
+class CatalogModel(Base):
+    __tablename__ = "catalog_models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    source: Mapped[str] = mapped_column(Text)
+    family: Mapped[str] = mapped_column(String(40))
+    model_type: Mapped[str] = mapped_column(String(40))
+    n_layers: Mapped[int] = mapped_column(Integer)
+    d_model: Mapped[int] = mapped_column(Integer)
+    d_mlp: Mapped[int] = mapped_column(Integer)
+    vocab_size: Mapped[int] = mapped_column(Integer)
+    gated: Mapped[bool] = mapped_column(Boolean)
+    current_run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("extraction_runs.id", use_alter=True, ondelete="SET NULL")
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    current_run: Mapped[ExtractionRun | None] = relationship(foreign_keys=[current_run_id], lazy="raise")
+
+
+class ExtractionRun(Base):
+    __tablename__ = "extraction_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("catalog_models.id", ondelete="CASCADE"), index=True)
+    status: Mapped[RunStatus] = mapped_column(Enum(RunStatus, name="run_status"), default=RunStatus.running)
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    tokenizer_sha256: Mapped[str | None] = mapped_column(String(64))
+    # How value vectors were projected to tokens; "raw_unembedding" = v . E^T with E as stored.
+    projection_convention: Mapped[str] = mapped_column(String(40), default="raw_unembedding")
+    corpus_sha256: Mapped[str | None] = mapped_column(String(64))
+    corpus: Mapped[dict[str, Any] | None] = mapped_column(JSONB)  # source, format, provenance, counts
+    timings: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    progress: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Token(Base):
+    """The tokenizer's vocabulary as seen by a run (token text decoded, special tokens included)."""
+
+    __tablename__ = "tokens"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("extraction_runs.id", ondelete="CASCADE"), primary_key=True)
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+
+
+class Layer(Base):
+    __tablename__ = "layers"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("extraction_runs.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    # seed 000
+    mean_bias: Mapped[float | None] = mapped_column(Float)
+    mean_alignment: Mapped[float] = mapped_column(Float)
+    corr_bias_key_norm: Mapped[float | None] = mapped_column(Float)
+    corr_bias_value_norm: Mapped[float | None] = mapped_column(Float)
+    corr_bias_alignment: Mapped[float | None] = mapped_column(Float)
+    bias_alignment_slope: Mapped[float | None] = mapped_column(Float)
+    bias_alignment_intercept: Mapped[float | None] = mapped_column(Float)
+    key_cosine_mean: Mapped[float] = mapped_column(Float)
+    value_cosine_mean: Mapped[float] = mapped_column(Float)
+    # seed 001 (corpus pass); null for weight-only runs
+    mean_agreement: Mapped[float | None] = mapped_column(Float)
+    mean_ablation_last: Mapped[float | None] = mapped_column(Float)
+    mean_ablation_first: Mapped[float | None] = mapped_column(Float)
+    mean_ablation_random: Mapped[float | None] = mapped_column(Float)
+    histograms: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+
+
+class Neuron(Base):
+    __tablename__ = "neurons"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("extraction_runs.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_norm: Mapped[float] = mapped_column(Float)
+    value_norm: Mapped[float] = mapped_column(Float)
+    up_norm: Mapped[float | None] = mapped_column(Float)
+    bias: Mapped[float | None] = mapped_column(Float)
+    alignment: Mapped[float] = mapped_column(Float)
+    up_alignment: Mapped[float | None] = mapped_column(Float)
+    # Vectors without a fixed dimension so one table holds every model; part 4 adds per-model
+    # HNSW expression indexes (cast to vector(d_model)).
+    key_vector: Mapped[Any] = mapped_column(Vector())
+    value_vector: Mapped[Any] = mapped_column(Vector())
+    up_vector: Mapped[Any | None] = mapped_column(Vector())
+    # corpus pass (part 2); null for weight-only runs
+    activation_mean: Mapped[float | None] = mapped_column(Float)
+    activation_std: Mapped[float | None] = mapped_column(Float)
+    activation_positive_fraction: Mapped[float | None] = mapped_column(Float)
+    activation_max: Mapped[float | None] = mapped_column(Float)
+    agreement: Mapped[float | None] = mapped_column(Float)
+    next_token_mean_rank: Mapped[float | None] = mapped_column(Float)
+    ablation_last: Mapped[float | None] = mapped_column(Float)
+    ablation_first: Mapped[float | None] = mapped_column(Float)
+    ablation_random: Mapped[float | None] = mapped_column(Float)
+    suggested_label: Mapped[str | None] = mapped_column(String(20))
+
+
+class ValueToken(Base):
+    """Tokens with the highest (rank 0..29) and lowest (kind 'bottom') logits of v_i . E^T."""
+
+    __tablename__ = "value_tokens"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["run_id", "layer", "neuron"], ["neurons.run_id", "neurons.layer", "neurons.neuron"],
+            ondelete="CASCADE",
+        ),
+        # "which neurons promote token T" (part 4)
+        Index("ix_value_tokens_run_token_rank", "run_id", "token_id", "rank", postgresql_where="kind = 'top'"),
+    )
+
+    run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(6), primary_key=True)  # 'top' | 'bottom'
+    rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True)  # 0 = most extreme
+    token_id: Mapped[int] = mapped_column(Integer)
+    logit: Mapped[float] = mapped_column(Float)
+
+
+class Trigger(Base):
+    """A document and the position of a neuron's extreme memory coefficient in it (part 2)."""
+
+    __tablename__ = "triggers"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["run_id", "layer", "neuron"], ["neurons.run_id", "neurons.layer", "neurons.neuron"],
+            ondelete="CASCADE",
+        ),
+    )
+
+    run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # +1: highest coefficients; -1: most negative (gated models)
+    sign: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True)  # 0 = strongest
+    document: Mapped[int] = mapped_column(BigInteger)  # 0-based index in corpus order
+    position: Mapped[int] = mapped_column(Integer)  # 0-based among the document's tokens, BOS not counted
+    coefficient: Mapped[float] = mapped_column(Float)
+    prefix: Mapped[str] = mapped_column(Text)
+    next_token_id: Mapped[int | None] = mapped_column(Integer)
+    next_token: Mapped[str | None] = mapped_column(Text)
+    # prefix ablations: coefficient with the last / first / one random token removed
+    coefficient_without_last: Mapped[float | None] = mapped_column(Float)
+    coefficient_without_first: Mapped[float | None] = mapped_column(Float)
+    coefficient_without_random: Mapped[float | None] = mapped_column(Float)
