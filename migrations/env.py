@@ -5,7 +5,7 @@ A caller may instead hand over an open connection in ``config.attributes["connec
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from alembic import context
 from alembic.autogenerate.api import AutogenContext
@@ -21,7 +21,7 @@ target_metadata = Base.metadata
 MIGRATION_LOCK_KEY = 0x6E63_0001
 
 
-def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | bool:
+def render_item(type_: str, obj: Any, autogen_context: AutogenContext) -> str | Literal[False]:
     """Render pgvector columns as ``pgvector.sqlalchemy.Vector(...)`` (the public name) with its import."""
     if type_ == "type" and isinstance(obj, VECTOR):
         autogen_context.imports.add("import pgvector.sqlalchemy")

@@ -45,7 +45,8 @@ def normalize_url(url: str) -> str:
 
 def safe_url(url: str | URL) -> str:
     """The URL without its password, for messages and logs."""
-    return make_url(url).set(password=None).render_as_string(hide_password=False)
+    # URL.set(password=None) means "leave unchanged"; URL is a NamedTuple, so _replace really clears it.
+    return make_url(url)._replace(password=None).render_as_string(hide_password=False)
 
 
 def _short_reason(exc: BaseException) -> str:

@@ -178,6 +178,23 @@ class ValueToken(Base):
     logit: Mapped[float] = mapped_column(Float)
 
 
+class Prefix(Base):
+    """A corpus prefix that is some neuron's trigger: a document's tokens up to ``position`` (part 2).
+
+    Stored once per run and shared by every neuron that it triggers; the text is what the model
+    saw (the window's tokens up to and including the trigger token, BOS not included).
+    """
+
+    __tablename__ = "prefixes"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("extraction_runs.id", ondelete="CASCADE"), primary_key=True)
+    document: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # 0-based index in corpus order
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)  # 0-based among the document's tokens
+    text: Mapped[str] = mapped_column(Text)
+    token_id: Mapped[int] = mapped_column(Integer)  # the trigger token itself
+    next_token_id: Mapped[int | None] = mapped_column(Integer)  # null at the end of the document
+
+
 class Trigger(Base):
     """A document and the position of a neuron's extreme memory coefficient in it (part 2)."""
 
@@ -187,6 +204,12 @@ class Trigger(Base):
             ["run_id", "layer", "neuron"], ["neurons.run_id", "neurons.layer", "neurons.neuron"],
             ondelete="CASCADE",
         ),
+        ForeignKeyConstraint(
+            ["run_id", "document", "position"], ["prefixes.run_id", "prefixes.document", "prefixes.position"],
+            ondelete="CASCADE",
+        ),
+        # "which neurons fire on this prefix" (part 4 pattern search joins prefixes -> triggers)
+        Index("ix_triggers_run_document_position", "run_id", "document", "position"),
     )
 
     run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -195,13 +218,11 @@ class Trigger(Base):
     # +1: highest coefficients; -1: most negative (gated models)
     sign: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True)  # 0 = strongest
-    document: Mapped[int] = mapped_column(BigInteger)  # 0-based index in corpus order
-    position: Mapped[int] = mapped_column(Integer)  # 0-based among the document's tokens, BOS not counted
+    document: Mapped[int] = mapped_column(BigInteger)
+    position: Mapped[int] = mapped_column(Integer)
     coefficient: Mapped[float] = mapped_column(Float)
-    prefix: Mapped[str] = mapped_column(Text)
-    next_token_id: Mapped[int | None] = mapped_column(Integer)
-    next_token: Mapped[str | None] = mapped_column(Text)
-    # prefix ablations: coefficient with the last / first / one random token removed
+    # prefix ablations (sign +1 only): coefficient with the last / first / one random token removed;
+    # null where the prefix has a single token
     coefficient_without_last: Mapped[float | None] = mapped_column(Float)
     coefficient_without_first: Mapped[float | None] = mapped_column(Float)
     coefficient_without_random: Mapped[float | None] = mapped_column(Float)

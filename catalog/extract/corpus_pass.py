@@ -1,0 +1,371 @@
+"""One forward pass over a corpus serving every layer at once: trigger prefixes and activation statistics.
+
+The memory coefficient of neuron i at a position is the MLP's hidden activation there, read as
+the input of the value projection (c_proj / dense_4h_to_h / fc2 / down_proj) by a forward
+pre-hook; for gated models that input is silu(x.g_i) * (x.u_i). Per layer the hook folds the
+batch into a running top-N per neuron that lives on the model's device (Neuroscope's MaxStore):
+per-document maxima first, then one sort over the union of kept and new candidates. Nothing per
+token is kept for the whole corpus.
+
+Terms: a *document* is one corpus unit; documents longer than the window are split into
+*windows*, each starting with BOS when the tokenizer has one (BOS is never counted or a trigger).
+A trigger's *prefix* is its window's tokens up to and including the trigger position. Positions are
+0-based among the document's own tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from catalog.corpus import Document
+
+
+@dataclass(frozen=True)
+class Window:
+    document: int  # index of the document in corpus order
+    doc_slot: int  # index into the tokenised document list
+    start: int  # position of the window's first token in the document
+    tokens: list[int]  # the document's tokens in this window (no BOS)
+
+
+@dataclass
+class TokenisedCorpus:
+    documents: list[int]  # corpus index of each kept document
+    tokens: list[list[int]]  # its tokens, BOS not included
+    windows: list[Window]
+    first_window: list[int]  # index into windows of each document's first window
+    chunk: int  # document tokens per window
+    bos: int | None
+    truncated_documents: int = 0
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    def window_of(self, doc_slot: int, position: int) -> int:
+        return self.first_window[doc_slot] + position // self.chunk
+
+
+def tokenise(
+    documents: Sequence[Document],
+    tokenizer: object,
+    *,
+    window: int,
+    max_tokens: int | None = None,
+) -> TokenisedCorpus:
+    """Tokenise documents in corpus order, cap at ``max_tokens`` and split them into windows."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    chunk = window - 1 if bos is not None else window
+    if chunk < 1:
+        raise ValueError("window must hold at least one document token")
+    encoded = tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+    corpus = TokenisedCorpus([], [], [], [], chunk, bos)
+    budget = max_tokens if max_tokens is not None else math.inf
+    for doc, ids in zip(documents, encoded, strict=True):
+        if budget <= 0:
+            break
+        if not ids:
+            continue
+        if len(ids) > budget:
+            ids = ids[: int(budget)]
+            corpus.truncated_documents += 1
+        budget -= len(ids)
+        slot = len(corpus.tokens)
+        corpus.documents.append(doc.index)
+        corpus.tokens.append(list(ids))
+        corpus.first_window.append(len(corpus.windows))
+        for start in range(0, len(ids), chunk):
+            corpus.windows.append(Window(doc.index, slot, start, list(ids[start : start + chunk])))
+    return corpus
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [batch, pos]
+    attention_mask: torch.Tensor  # [batch, pos]
+    counted: torch.Tensor  # [batch, pos] bool: a document token (not BOS, not padding)
+    windows: list[int]  # index into TokenisedCorpus.windows of each row
+    doc_of_row: torch.Tensor  # [batch] index of each row's document among the batch's documents
+    n_docs: int
+    doc_slots: list[int]  # tokenised-document slot of each of the batch's documents
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.counted.sum())
+
+
+def _pad_rows(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def batches(corpus: TokenisedCorpus, *, batch_tokens: int, pad: int, device: torch.device) -> Iterator[Batch]:
+    """Pack whole documents (all their windows) into right-padded batches, longest first.
+
+    Right padding keeps every real position exact in a causal model. Keeping a document's windows
+    in one batch lets per-document maxima be taken before the top-N merge.
+    """
+    lead = [corpus.bos] if corpus.bos is not None else []
+    order = sorted(range(len(corpus.tokens)), key=lambda s: (-min(len(corpus.tokens[s]), corpus.chunk), s))
+    pending: list[int] = []
+    width = 0
+
+    def make(slots: list[int]) -> Batch:
+        rows: list[list[int]] = []
+        win_ids: list[int] = []
+        doc_of_row: list[int] = []
+        for j, slot in enumerate(slots):
+            n_win = math.ceil(len(corpus.tokens[slot]) / corpus.chunk)
+            for w in range(corpus.first_window[slot], corpus.first_window[slot] + n_win):
+                rows.append(lead + corpus.windows[w].tokens)
+                win_ids.append(w)
+                doc_of_row.append(j)
+        ids, mask = _pad_rows(rows, pad, device)
+        counted = mask.bool().clone()
+        if lead:
+            counted[:, 0] = False
+        return Batch(ids, mask, counted, win_ids, torch.tensor(doc_of_row, device=device), len(slots), slots)
+
+    rows_pending = 0
+    for slot in order:
+        n_win = math.ceil(len(corpus.tokens[slot]) / corpus.chunk)
+        w = min(len(corpus.tokens[slot]), corpus.chunk) + len(lead)
+        new_width = max(width, w)
+        if pending and (rows_pending + n_win) * new_width > batch_tokens:
+            yield make(pending)
+            pending, rows_pending, new_width = [], 0, w
+        pending.append(slot)
+        rows_pending += n_win
+        width = new_width
+    if pending:
+        yield make(pending)
+
+
+@contextmanager
+def capture_coefficients(
+    value_projs: Sequence[nn.Module], on_layer: Callable[[int, torch.Tensor], None], shape: list[int]
+) -> Iterator[None]:
+    """Call ``on_layer(layer, coefficients [batch, pos, d_mlp])`` during each forward pass.
+
+    ``shape`` holds the current [batch, pos]; OPT flattens the MLP input to [batch*pos, d_mlp].
+    """
+
+    def hook_for(layer: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            on_layer(layer, args[0].detach().reshape(shape[0], shape[1], -1))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(value_projs)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class TopState:
+    """Running top-N of one layer and sign: [d_mlp, N] tensors, strongest first, distinct documents.
+
+    Merging two states (``merge``) is associative and commutative, so shards can be combined in any
+    order. Ties are broken by lower document index (and lower position within a document).
+    """
+
+    values: torch.Tensor  # coefficient (sign-adjusted: larger is stronger); -inf = empty slot
+    documents: torch.Tensor  # corpus document index; -1 = empty
+    positions: torch.Tensor  # position in the document
+    previous: torch.Tensor  # coefficient one position earlier in the window (the prefix without its last token)
+
+    @classmethod
+    def empty(cls, d_mlp: int, n: int, device: torch.device) -> TopState:
+        return cls(
+            torch.full((d_mlp, n), -math.inf, device=device),
+            torch.full((d_mlp, n), -1, dtype=torch.long, device=device),
+            torch.zeros((d_mlp, n), dtype=torch.long, device=device),
+            torch.full((d_mlp, n), math.nan, device=device),
+        )
+
+    def merge(self, other: TopState) -> TopState:
+        n = self.values.shape[1]
+        values = torch.cat([self.values, other.values], dim=1)
+        docs = torch.cat([self.documents, other.documents], dim=1)
+        # Empty slots sort after every real document.
+        doc_key = torch.where(docs < 0, torch.iinfo(torch.long).max, docs)
+        by_doc = doc_key.argsort(dim=1, stable=True)
+        by_value = values.gather(1, by_doc).argsort(dim=1, descending=True, stable=True)
+        order = by_doc.gather(1, by_value)[:, :n]
+        cat = torch.cat
+        return TopState(
+            values.gather(1, order),
+            docs.gather(1, order),
+            cat([self.positions, other.positions], dim=1).gather(1, order),
+            cat([self.previous, other.previous], dim=1).gather(1, order),
+        )
+
+
+@dataclass
+class RunningStats:
+    """Sums over every counted position, in float64: mean, std, positive fraction, max."""
+
+    total: torch.Tensor
+    total_sq: torch.Tensor
+    positive: torch.Tensor
+    maximum: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def empty(cls, d_mlp: int, device: torch.device) -> RunningStats:
+        z = torch.zeros(d_mlp, dtype=torch.float64, device=device)
+        return cls(z.clone(), z.clone(), z.clone(), torch.full((d_mlp,), -math.inf, dtype=torch.float64, device=device))
+
+    def update(self, coeffs: torch.Tensor) -> None:  # coeffs: [n_counted, d_mlp]
+        c = coeffs.double()
+        self.total += c.sum(0)
+        self.total_sq += (c * c).sum(0)
+        self.positive += (c > 0).sum(0)
+        self.maximum = torch.maximum(self.maximum, c.max(0).values)
+        self.count += c.shape[0]
+
+    def merge(self, other: RunningStats) -> RunningStats:
+        return RunningStats(
+            self.total + other.total, self.total_sq + other.total_sq, self.positive + other.positive,
+            torch.maximum(self.maximum, other.maximum), self.count + other.count,
+        )
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        n = max(self.count, 1)
+        mean = self.total / n
+        var = (self.total_sq / n - mean * mean).clamp(min=0)
+        return {"mean": mean, "std": var.sqrt(), "positive_fraction": self.positive / n, "max": self.maximum}
+
+
+def batch_candidates(coeffs: torch.Tensor, batch: Batch, corpus: TokenisedCorpus, lead: int) -> TopState:
+    """Per-document maxima of one batch as a TopState of [d_mlp, n_docs] candidates.
+
+    coeffs: [batch, pos, d_mlp], already sign-adjusted (larger is stronger).
+    """
+    masked = coeffs.masked_fill(~batch.counted.unsqueeze(-1), -math.inf)
+    best = masked.max(dim=1).values  # [batch, d_mlp]
+    # First position holding the maximum: deterministic tie-break towards the shorter prefix.
+    at = (masked == best.unsqueeze(1)).to(torch.uint8).argmax(dim=1)  # [batch, d_mlp]
+    prev_idx = at - 1  # BOS (index 0) when the trigger is the window's first token
+    has_prev = prev_idx >= 0
+    prev = coeffs.gather(1, prev_idx.clamp(min=0).unsqueeze(1)).squeeze(1)
+    prev = torch.where(has_prev, prev, torch.full_like(prev, math.nan))
+    starts = torch.tensor([corpus.windows[w].start for w in batch.windows], device=coeffs.device)
+    pos = at - lead + starts.unsqueeze(1)  # position in the document
+    d_mlp = coeffs.shape[2]
+    docs_idx = torch.tensor([corpus.documents[s] for s in batch.doc_slots], device=coeffs.device)
+    if batch.n_docs == coeffs.shape[0]:  # one window per document: rows are documents
+        values, positions, previous = best, pos, prev
+    else:
+        values = torch.full((batch.n_docs, d_mlp), -math.inf, device=coeffs.device)
+        positions = torch.zeros((batch.n_docs, d_mlp), dtype=torch.long, device=coeffs.device)
+        previous = torch.full((batch.n_docs, d_mlp), math.nan, device=coeffs.device)
+        # Rows of a document are consecutive and in window order; a strict '>' keeps the earliest window on ties.
+        for row in range(coeffs.shape[0]):
+            j = int(batch.doc_of_row[row])
+            better = best[row] > values[j]
+            values[j] = torch.where(better, best[row], values[j])
+            positions[j] = torch.where(better, pos[row], positions[j])
+            previous[j] = torch.where(better, prev[row], previous[j])
+    return TopState(
+        values.T.contiguous(),
+        docs_idx.unsqueeze(0).expand(d_mlp, -1).contiguous(),
+        positions.T.contiguous(),
+        previous.T.contiguous(),
+    )
+
+
+@dataclass
+class PassResult:
+    """Per layer: statistics and top-N states (signs +1 and, for gated models, -1)."""
+
+    stats: list[RunningStats]
+    top: list[TopState]
+    bottom: list[TopState] | None
+    tokens: int = 0
+    seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def corpus_pass(
+    model: nn.Module,
+    value_projs: Sequence[nn.Module],
+    corpus: TokenisedCorpus,
+    *,
+    top_n: int,
+    gated: bool,
+    batch_tokens: int,
+    pad: int,
+    progress: Callable[[int], None] | None = None,
+) -> PassResult:
+    """Run the model once over the corpus and fold every layer's coefficients into top-N and stats."""
+    import time
+
+    device = next(model.parameters()).device
+    d_mlp = _d_mlp(value_projs[0])
+    n_layers = len(value_projs)
+    lead = 1 if corpus.bos is not None else 0
+    stats = [RunningStats.empty(d_mlp, device) for _ in range(n_layers)]
+    top = [TopState.empty(d_mlp, top_n, device) for _ in range(n_layers)]
+    bottom = [TopState.empty(d_mlp, top_n, device) for _ in range(n_layers)] if gated else None
+    shape = [0, 0]
+    current: list[Batch] = []
+
+    def on_layer(layer: int, coeffs: torch.Tensor) -> None:
+        coeffs = coeffs.float()
+        batch = current[0]
+        stats[layer].update(coeffs[batch.counted])
+        top[layer] = top[layer].merge(batch_candidates(coeffs, batch, corpus, lead))
+        if bottom is not None:
+            neg = batch_candidates(-coeffs, batch, corpus, lead)
+            bottom[layer] = bottom[layer].merge(neg)
+
+    t0 = time.perf_counter()
+    tokens = 0
+    with torch.inference_mode(), capture_coefficients(value_projs, on_layer, shape):
+        for batch in batches(corpus, batch_tokens=batch_tokens, pad=pad, device=device):
+            shape[:] = list(batch.input_ids.shape)
+            current[:] = [batch]
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            tokens += batch.n_tokens
+            if progress is not None:
+                progress(batch.n_tokens)
+    return PassResult(stats, top, bottom, tokens, time.perf_counter() - t0)
+
+
+def _d_mlp(value_proj: nn.Module) -> int:
+    # nn.Linear weight is [out, in]; GPT-2's Conv1D is [in, out].
+    weight = value_proj.weight
+    return int(weight.shape[0] if type(value_proj).__name__ == "Conv1D" else weight.shape[1])
+
+
+def plain_pass(
+    model: nn.Module, corpus: TokenisedCorpus, *, batch_tokens: int, pad: int
+) -> tuple[int, float]:
+    """The same batches through the model with no hooks: the baseline of the corpus-pass benchmark."""
+    import time
+
+    device = next(model.parameters()).device
+    tokens = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches(corpus, batch_tokens=batch_tokens, pad=pad, device=device):
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            tokens += batch.n_tokens
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return tokens, time.perf_counter() - t0

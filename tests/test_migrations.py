@@ -1,0 +1,154 @@
+"""The Alembic migrations against a real Postgres, and connection failure reporting."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, make_url, pool, select, text
+from sqlalchemy.orm import Session
+
+from catalog.store import migrate
+from catalog.store.database import (
+    DatabaseUnavailable,
+    check_connection,
+    dispose_engine,
+    get_engine,
+    normalize_url,
+    safe_url,
+    session_scope,
+)
+from catalog.store.models import Base, CatalogModel, ExtractionRun, Neuron, RunStatus
+
+TABLES = {"catalog_models", "extraction_runs", "tokens", "layers", "neurons", "value_tokens", "prefixes", "triggers"}
+
+
+@pytest.fixture
+def empty_db_url(database_url: str) -> Iterator[str]:
+    """A freshly created database on the test server, dropped afterwards (the shared one is untouched)."""
+    name = f"mig_test_{uuid.uuid4().hex[:12]}"
+    # CREATE/DROP DATABASE cannot run inside a transaction.
+    admin = create_engine(database_url, poolclass=pool.NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        dispose_engine(url)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _schema(url: str) -> tuple[set[str], dict[str, set[str]], set[str], set[str]]:
+    """Tables, columns per table, installed extensions and enum types of the database at ``url``."""
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            insp = inspect(conn)
+            tables = set(insp.get_table_names())
+            columns = {t: {c["name"] for c in insp.get_columns(t)} for t in tables}
+            extensions = set(conn.scalars(text("SELECT extname FROM pg_extension")))
+            enums = set(conn.scalars(text("SELECT typname FROM pg_type WHERE typtype = 'e'")))
+    finally:
+        engine.dispose()
+    return tables, columns, extensions, enums
+
+
+def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
+    assert migrate.current(empty_db_url) is None
+
+    migrate.upgrade(empty_db_url)
+    assert migrate.current(empty_db_url) == "0001"
+    tables, columns, extensions, enums = _schema(empty_db_url)
+    assert TABLES <= tables
+    assert "vector" in extensions
+    assert "run_status" in enums
+    for table in Base.metadata.sorted_tables:
+        assert columns[table.name] == {c.name for c in table.columns}, table.name
+
+    migrate.downgrade(empty_db_url)
+    assert migrate.current(empty_db_url) is None
+    tables, _, extensions, enums = _schema(empty_db_url)
+    assert not (TABLES & tables)
+    assert "run_status" not in enums
+    assert "vector" in extensions  # deliberately kept by the downgrade (see 0001_initial.py)
+
+    migrate.upgrade(empty_db_url)
+    assert migrate.current(empty_db_url) == "0001"
+    assert TABLES <= _schema(empty_db_url)[0]
+
+
+def test_orm_matches_migrated_schema(migrated_db: str) -> None:
+    # No filtering needed: with compare_type=True the migrated schema shows no differences at all
+    # (pgvector registers "vector" for reflection, so Vector columns compare equal).
+    engine = create_engine(migrated_db, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True})
+            assert compare_metadata(ctx, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_vectors_round_trip(migrated_db: str, db_session: Session) -> None:
+    model = CatalogModel(name="tiny", source="test", family="gpt2", model_type="gpt2", n_layers=1,
+                         d_model=3, d_mlp=4, vocab_size=10, gated=False)
+    db_session.add(model)
+    db_session.flush()
+    run = ExtractionRun(model_id=model.id)
+    db_session.add(run)
+    db_session.flush()
+    db_session.add(Neuron(run_id=run.id, layer=0, neuron=0, key_norm=1.0, value_norm=1.0, alignment=0.5,
+                          key_vector=[1.0, 2.0, 3.0], value_vector=[0.5, -0.5, 0.0]))
+    db_session.flush()
+    model.current_run_id = run.id
+    db_session.flush()
+    db_session.expire_all()
+
+    neuron = db_session.scalars(select(Neuron)).one()
+    assert list(neuron.key_vector) == [1.0, 2.0, 3.0]
+    assert run.status is RunStatus.running
+    # The circular foreign key: deleting the run clears the model's pointer.
+    db_session.delete(run)
+    db_session.flush()
+    db_session.expire_all()
+    assert db_session.get(CatalogModel, model.id).current_run_id is None  # type: ignore[union-attr]
+
+
+def test_session_scope_rolls_back(migrated_db: str) -> None:
+    with pytest.raises(RuntimeError), session_scope(get_engine(migrated_db)) as session:
+        session.add(CatalogModel(name="rolled-back", source="x", family="x", model_type="x", n_layers=1,
+                                 d_model=1, d_mlp=1, vocab_size=1, gated=False))
+        session.flush()
+        raise RuntimeError("boom")
+    with session_scope(get_engine(migrated_db)) as session:
+        assert session.scalars(select(CatalogModel).where(CatalogModel.name == "rolled-back")).first() is None
+
+
+def test_unreachable_database_fails_fast() -> None:
+    url = "postgresql+psycopg://u:s3cret-pw@127.0.0.1:1/x"
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailable) as info:
+        check_connection(get_engine(url))
+    dispose_engine(url)
+    assert time.monotonic() - started < 10
+    message = str(info.value)
+    assert "\n" not in message
+    assert "127.0.0.1:1" in message
+    assert "s3cret-pw" not in message
+    assert message.startswith("cannot connect to the database at postgresql+psycopg://u@127.0.0.1:1/x: ")
+
+
+def test_url_helpers() -> None:
+    assert normalize_url("postgres://a:b@h:5/d") == "postgresql+psycopg://a:b@h:5/d"
+    assert normalize_url("postgresql://postgres:@/postgres?host=/tmp/x") == (
+        "postgresql+psycopg://postgres:@/postgres?host=/tmp/x"
+    )
+    assert normalize_url("postgresql+psycopg://a@h/d") == "postgresql+psycopg://a@h/d"
+    assert safe_url("postgresql+psycopg://a:pw@h:5/d") == "postgresql+psycopg://a@h:5/d"
