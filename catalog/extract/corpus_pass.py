@@ -198,14 +198,11 @@ class TopState:
         )
 
     def merge(self, other: TopState) -> TopState:
+        """One ``topk`` over the union of both states' candidates (a document is never in both)."""
         n = self.values.shape[1]
         values = torch.cat([self.values, other.values], dim=1)
         docs = torch.cat([self.documents, other.documents], dim=1)
-        # Empty slots sort after every real document.
-        doc_key = torch.where(docs < 0, torch.iinfo(torch.long).max, docs)
-        by_doc = doc_key.argsort(dim=1, stable=True)
-        by_value = values.gather(1, by_doc).argsort(dim=1, descending=True, stable=True)
-        order = by_doc.gather(1, by_value)[:, :n]
+        order = sort_key(values, docs).topk(n, dim=1, sorted=True).indices
         cat = torch.cat
         return TopState(
             values.gather(1, order),
@@ -213,6 +210,17 @@ class TopState:
             cat([self.positions, other.positions], dim=1).gather(1, order),
             cat([self.previous, other.previous], dim=1).gather(1, order),
         )
+
+
+def sort_key(values: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+    """An int64 whose order is (value descending, document ascending): a total order, so topk is exact.
+
+    The float32 bits are mapped to an int32 of the same order (negative floats get their magnitude
+    bits flipped) and placed above 32 bits that decrease with the document index.
+    """
+    bits = values.float().contiguous().view(torch.int32)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+    return (ordered << 32) | (0x7FFFFFFF - documents)
 
 
 @dataclass
@@ -230,13 +238,19 @@ class RunningStats:
         z = torch.zeros(d_mlp, dtype=torch.float64, device=device)
         return cls(z.clone(), z.clone(), z.clone(), torch.full((d_mlp,), -math.inf, dtype=torch.float64, device=device))
 
-    def update(self, coeffs: torch.Tensor) -> None:  # coeffs: [n_counted, d_mlp]
-        c = coeffs.double()
-        self.total += c.sum(0)
-        self.total_sq += (c * c).sum(0)
-        self.positive += (c > 0).sum(0)
-        self.maximum = torch.maximum(self.maximum, c.max(0).values)
-        self.count += c.shape[0]
+    def update(self, coeffs: torch.Tensor, counted: torch.Tensor, best: torch.Tensor) -> None:
+        """coeffs [batch, pos, d_mlp]; counted [batch, pos] bool; best [rows, d_mlp] per-row maxima.
+
+        Per-batch sums are float32 matrix-vector products (a batch holds a few thousand positions);
+        the running totals are float64.
+        """
+        flat = coeffs.reshape(-1, coeffs.shape[-1])
+        m = counted.reshape(1, -1).to(flat.dtype)
+        self.total += (m @ flat).squeeze(0).double()
+        self.total_sq += (m @ (flat * flat)).squeeze(0).double()
+        self.positive += (m @ (flat > 0).to(flat.dtype)).squeeze(0).double()
+        self.maximum = torch.maximum(self.maximum, best.max(0).values.double())
+        self.count += int(counted.sum())
 
     def merge(self, other: RunningStats) -> RunningStats:
         return RunningStats(
@@ -251,19 +265,28 @@ class RunningStats:
         return {"mean": mean, "std": var.sqrt(), "positive_fraction": self.positive / n, "max": self.maximum}
 
 
-def batch_candidates(coeffs: torch.Tensor, batch: Batch, corpus: TokenisedCorpus, lead: int) -> TopState:
-    """Per-document maxima of one batch as a TopState of [d_mlp, n_docs] candidates.
+def row_extremes(coeffs: torch.Tensor, counted: torch.Tensor, *, lowest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and neuron: the extreme counted coefficient and its first position, [batch, d_mlp] each."""
+    fill = math.inf if lowest else -math.inf
+    masked = coeffs.masked_fill(~counted.unsqueeze(-1), fill)
+    # max/min along a dim return the index of the first extreme value: ties go to the shorter prefix.
+    out = masked.min(dim=1) if lowest else masked.max(dim=1)
+    return out.values, out.indices
 
-    coeffs: [batch, pos, d_mlp], already sign-adjusted (larger is stronger).
+
+def batch_candidates(
+    coeffs: torch.Tensor, best: torch.Tensor, at: torch.Tensor, batch: Batch, corpus: TokenisedCorpus, lead: int,
+    *, sign: int = 1,
+) -> TopState:
+    """Per-document extremes of one batch as a TopState of [d_mlp, n_docs] candidates.
+
+    best/at: each row's extreme coefficient and its index (from ``row_extremes``); values are stored
+    multiplied by ``sign`` so that larger is always stronger.
     """
-    masked = coeffs.masked_fill(~batch.counted.unsqueeze(-1), -math.inf)
-    best = masked.max(dim=1).values  # [batch, d_mlp]
-    # First position holding the maximum: deterministic tie-break towards the shorter prefix.
-    at = (masked == best.unsqueeze(1)).to(torch.uint8).argmax(dim=1)  # [batch, d_mlp]
     prev_idx = at - 1  # BOS (index 0) when the trigger is the window's first token
-    has_prev = prev_idx >= 0
     prev = coeffs.gather(1, prev_idx.clamp(min=0).unsqueeze(1)).squeeze(1)
-    prev = torch.where(has_prev, prev, torch.full_like(prev, math.nan))
+    prev = torch.where(prev_idx >= 0, prev, torch.full_like(prev, math.nan))
+    best = best * sign
     starts = torch.tensor([corpus.windows[w].start for w in batch.windows], device=coeffs.device)
     pos = at - lead + starts.unsqueeze(1)  # position in the document
     d_mlp = coeffs.shape[2]
@@ -281,12 +304,8 @@ def batch_candidates(coeffs: torch.Tensor, batch: Batch, corpus: TokenisedCorpus
             values[j] = torch.where(better, best[row], values[j])
             positions[j] = torch.where(better, pos[row], positions[j])
             previous[j] = torch.where(better, prev[row], previous[j])
-    return TopState(
-        values.T.contiguous(),
-        docs_idx.unsqueeze(0).expand(d_mlp, -1).contiguous(),
-        positions.T.contiguous(),
-        previous.T.contiguous(),
-    )
+    # Transposed views: the merge's torch.cat copies them anyway.
+    return TopState(values.T, docs_idx.unsqueeze(0).expand(d_mlp, -1), positions.T, previous.T)
 
 
 @dataclass
@@ -328,23 +347,33 @@ def corpus_pass(
     def on_layer(layer: int, coeffs: torch.Tensor) -> None:
         coeffs = coeffs.float()
         batch = current[0]
-        stats[layer].update(coeffs[batch.counted])
-        top[layer] = top[layer].merge(batch_candidates(coeffs, batch, corpus, lead))
+        best, at = row_extremes(coeffs, batch.counted)
+        stats[layer].update(coeffs, batch.counted, best)
+        top[layer] = top[layer].merge(batch_candidates(coeffs, best, at, batch, corpus, lead))
         if bottom is not None:
-            neg = batch_candidates(-coeffs, batch, corpus, lead)
-            bottom[layer] = bottom[layer].merge(neg)
+            low, low_at = row_extremes(coeffs, batch.counted, lowest=True)
+            bottom[layer] = bottom[layer].merge(batch_candidates(coeffs, low, low_at, batch, corpus, lead, sign=-1))
 
     t0 = time.perf_counter()
     tokens = 0
+    body = backbone(model)
     with torch.inference_mode(), capture_coefficients(value_projs, on_layer, shape):
         for batch in batches(corpus, batch_tokens=batch_tokens, pad=pad, device=device):
             shape[:] = list(batch.input_ids.shape)
             current[:] = [batch]
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             tokens += batch.n_tokens
             if progress is not None:
                 progress(batch.n_tokens)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return PassResult(stats, top, bottom, tokens, time.perf_counter() - t0)
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer without its LM head: coefficients need no logits, which cost ~a fifth of a
+    small model's forward pass (SmolLM2: 576 x 49152 per token)."""
+    return getattr(model, "base_model", model)
 
 
 def _d_mlp(value_proj: nn.Module) -> int:
@@ -354,17 +383,21 @@ def _d_mlp(value_proj: nn.Module) -> int:
 
 
 def plain_pass(
-    model: nn.Module, corpus: TokenisedCorpus, *, batch_tokens: int, pad: int
+    model: nn.Module, corpus: TokenisedCorpus, *, batch_tokens: int, pad: int, head: bool = True
 ) -> tuple[int, float]:
-    """The same batches through the model with no hooks: the baseline of the corpus-pass benchmark."""
+    """The same batches through the model with no hooks: the baseline of the corpus-pass benchmark.
+
+    ``head=False`` runs the backbone only, as the corpus pass does.
+    """
     import time
 
     device = next(model.parameters()).device
     tokens = 0
+    body = model if head else backbone(model)
     t0 = time.perf_counter()
     with torch.inference_mode():
         for batch in batches(corpus, batch_tokens=batch_tokens, pad=pad, device=device):
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             tokens += batch.n_tokens
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -124,6 +124,7 @@ def value_logits(values: torch.Tensor, unembedding: torch.Tensor) -> torch.Tenso
 
 
 def project_values(logits: torch.Tensor, top: int = 30, bottom: int = 10) -> TokenProjection:
+    top, bottom = min(top, logits.shape[1]), min(bottom, logits.shape[1])  # tiny test vocabularies
     hi = torch.topk(logits, top, dim=1, largest=True, sorted=True)
     lo = torch.topk(logits, bottom, dim=1, largest=False, sorted=True)
     return TokenProjection(hi.indices, hi.values, lo.indices, lo.values)

@@ -1,0 +1,225 @@
+"""The ``neuron-catalog`` command: thin wrappers around catalog.service, catalog.export and migrations.
+
+Every known failure (bad model path, unsupported architecture, bad corpus, unreachable database,
+bad export target) is reported as one ``error:`` line on stderr with exit status 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Catalog what each FFN neuron of a transformer language model stores (Geva et al. 2021).",
+)
+db_app = typer.Typer(no_args_is_help=True, help="Database schema migrations (Alembic).")
+app.add_typer(db_app, name="db")
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from catalog.corpus import CorpusError
+    from catalog.export import ExportError
+    from catalog.extract.architectures import UnsupportedArchitecture
+    from catalog.loading import ModelSourceError
+    from catalog.store.database import DatabaseUnavailable
+
+    return (CorpusError, ExportError, UnsupportedArchitecture, ModelSourceError, DatabaseUnavailable)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _run(fn: Any) -> Any:
+    try:
+        return fn()
+    except _known_errors() as exc:
+        _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    except KeyboardInterrupt:
+        _fail("interrupted; the previous catalog is unchanged", 130)
+
+
+class _Bars:
+    """One tqdm bar per stage, created when the stage reports first."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self.tqdm = tqdm
+        self.bars: dict[str, Any] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        bar = self.bars.get(stage)
+        if bar is None:
+            for other in self.bars.values():
+                other.close()
+            unit = "layer" if stage.startswith("weights") else "tok"
+            bar = self.bars[stage] = self.tqdm(total=total, desc=stage, unit=unit, unit_scale=unit == "tok",
+                                               file=sys.stderr, dynamic_ncols=True)
+        bar.update(done)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@app.command()
+def extract(
+    model: Annotated[str, typer.Option(help="Hub id, local model directory or .gguf file; 'smollm2' is the packaged SmolLM2-135M-Instruct.")] = "smollm2",
+    name: Annotated[str | None, typer.Option(help="Catalog entry name (default: from the model id, directory or file name). Extracting the same name again replaces its catalog.")] = None,
+    corpus: Annotated[Path | None, typer.Option(help="Corpus for trigger prefixes: text (one document per line), .jsonl, .parquet or a `datasets` directory. Without it only weight-derived figures are stored.")] = None,
+    text_field: Annotated[str, typer.Option(help="Field holding the text in JSONL/Parquet/datasets corpora.")] = "text",
+    max_tokens: Annotated[int | None, typer.Option(min=1, help="Stop reading the corpus after this many tokens.")] = None,
+    max_documents: Annotated[int | None, typer.Option(min=1, help="Read at most this many documents.")] = None,
+    top_n: Annotated[int, typer.Option(min=1, max=1000, help="Trigger examples kept per neuron (and per sign for gated models).")] = 50,
+    window: Annotated[int, typer.Option(min=2, help="Context window in tokens (BOS included); longer documents are split.")] = 256,
+    batch_tokens: Annotated[int, typer.Option(min=64, help="Tokens per forward batch (padding included).")] = 4096,
+    seed: Annotated[int, typer.Option(help="Seed of the random-token ablation.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: CUDA when present).")] = None,
+) -> None:
+    """Extract a model's neuron catalog into Postgres (and, with --corpus, its trigger prefixes)."""
+    from dataclasses import replace
+
+    _quiet_transformers()
+    from catalog.config import settings
+    from catalog.extract.pipeline import Parameters
+    from catalog.service import ExtractRequest
+    from catalog.service import extract as run_extract
+
+    params = replace(
+        Parameters(), top_n=top_n, window=window, batch_tokens=batch_tokens, ablation_seed=seed,
+        shallow_last_drop=settings.shallow_last_drop, semantic_other_drop=settings.semantic_other_drop,
+    )
+    req = ExtractRequest(
+        model=model, name=name, corpus=str(corpus) if corpus is not None else None, text_field=text_field,
+        max_tokens=max_tokens, max_documents=max_documents, device=device, params=params,
+    )
+    bars = _Bars()
+    try:
+        summary = _run(lambda: run_extract(req, progress=bars, log=lambda m: typer.echo(m, err=True)))
+    finally:
+        bars.close()
+    t = summary.timings
+    typer.echo(
+        f"catalog {summary.name!r}: {summary.n_layers} layers x {summary.d_mlp} neurons (run {summary.run_id}); "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
+    )
+    typer.echo(f"  export it: neuron-catalog export --model {summary.name} --out {summary.name}.jsonl")
+    typer.echo(f"  look at one neuron: neuron-catalog show --model {summary.name} --layer 0 --neuron 0")
+
+
+@app.command("export")
+def export_cmd(
+    model: Annotated[str, typer.Option(help="Catalog entry name (as given to or derived by `extract`).")],
+    out: Annotated[Path, typer.Option(help="Output file: .jsonl or .parquet.")],
+    vectors: Annotated[bool, typer.Option(help="Also write key and value vectors.")] = False,
+) -> None:
+    """Write a catalog out as one record per neuron (JSONL or Parquet)."""
+    from catalog.export import export
+    from catalog.store.database import check_connection, session_scope
+
+    def go() -> int:
+        check_connection()
+        with session_scope() as s:
+            return export(s, model, out, vectors=vectors)
+
+    count = _run(go)
+    typer.echo(f"wrote {count} neuron records to {out}")
+
+
+@app.command()
+def show(
+    model: Annotated[str, typer.Option(help="Catalog entry name.")],
+    layer: Annotated[int, typer.Option(min=0, help="0-based layer.")],
+    neuron: Annotated[int, typer.Option(min=0, help="0-based neuron.")],
+    triggers: Annotated[int, typer.Option(min=0, help="How many trigger prefixes to print.")] = 5,
+) -> None:
+    """Print one neuron's record: weights, value tokens, triggers, agreement and ablation."""
+    from catalog.export import records
+    from catalog.store.database import check_connection, session_scope
+
+    def go() -> dict[str, Any] | None:
+        check_connection()
+        with session_scope() as s:
+            for rec in records(s, model, layers=[layer], neurons=[neuron]):
+                return rec
+        return None
+
+    rec = _run(go)
+    if rec is None:
+        _fail(f"catalog {model!r} has no neuron {layer}/{neuron}")
+    assert rec is not None
+    skip = {"value_top_tokens", "value_bottom_tokens", "triggers", "negative_triggers"}
+    for k, v in rec.items():
+        if k not in skip:
+            typer.echo(f"{k:>30}: {v}")
+    typer.echo(f"{'value top tokens':>30}: " + " ".join(repr(t["token"]) for t in rec["value_top_tokens"][:15]))
+    for t in rec["triggers"][:triggers]:
+        typer.echo(f"{t['activation']:>30.3f}: {t['text']!r} -> {t['next_token']!r}")
+
+
+@app.command()
+def runs() -> None:
+    """List catalog entries and their extraction runs."""
+    from sqlalchemy import select
+
+    from catalog.store.database import check_connection, session_scope
+    from catalog.store.models import CatalogModel, ExtractionRun
+
+    def go() -> None:
+        check_connection()
+        with session_scope() as s:
+            names = dict(s.execute(select(CatalogModel.id, CatalogModel.name)).tuples().all())
+            current = set(s.scalars(select(CatalogModel.current_run_id)))
+            for r in s.scalars(select(ExtractionRun).order_by(ExtractionRun.id)):
+                mark = "*" if r.id in current else " "
+                corpus = (r.corpus or {}).get("source", "-")
+                typer.echo(f"{mark} run {r.id:>4}  {names.get(r.model_id, '?'):<30} {r.status.value:<10} "
+                           f"started {r.started_at:%Y-%m-%d %H:%M}  corpus {corpus}"
+                           + (f"  error: {r.error}" if r.error else ""))
+
+    _run(go)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Upgrade the schema (creates it in an empty database)."""
+    from catalog.store import migrate
+
+    _run(lambda: migrate.upgrade(None, revision))
+    typer.echo(f"database at revision {_run(lambda: migrate.current(None))}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision ('base' drops everything).")]) -> None:
+    """Downgrade the schema."""
+    from catalog.store import migrate
+
+    _run(lambda: migrate.downgrade(None, revision))
+    typer.echo(f"database at revision {_run(lambda: migrate.current(None))}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the schema revision of the database."""
+    from catalog.store import migrate
+
+    typer.echo(_run(lambda: migrate.current(None)) or "empty (no revision)")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,236 @@
+"""Trigger prefixes after the corpus pass: their table, prefix ablation and key-value agreement (seed 001).
+
+Every (document, position) that is some neuron's trigger becomes one *prefix*, shared by all the
+neurons it triggers. Ablations re-run the model on shortened prefixes, batched, and read each
+neuron's coefficient at the prefix's last token:
+
+- ``last``: the last token removed. It costs nothing: the coefficient one position earlier in the
+  same forward pass (kept by the corpus pass as ``TopState.previous``).
+- ``first``: the window's first token removed. One forward pass per window serves every prefix in it.
+- ``random``: one token other than the last removed, uniformly at random. Each document draws one
+  u in [0, 1) from (seed, document); a prefix of length L loses token floor(u * (L - 1)). For one
+  prefix that is uniform over its first L - 1 tokens, and prefixes of a document that lose the same
+  token share one forward pass.
+
+A single-token prefix has nothing left to ablate: its ablated coefficients are NaN (stored null).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from catalog.extract.corpus_pass import TokenisedCorpus, TopState, _pad_rows, backbone, capture_coefficients
+from catalog.extract.weights import token_ranks
+
+ABLATIONS = ("last", "first", "random")
+
+
+@dataclass
+class PrefixTable:
+    """Unique trigger prefixes of a pass and, per layer, which prefix each neuron's trigger is."""
+
+    slots: torch.Tensor  # [P] tokenised-document slot
+    documents: torch.Tensor  # [P] corpus document index
+    positions: torch.Tensor  # [P] position among the document's tokens
+    top_ids: list[torch.Tensor]  # per layer [d_mlp, N] prefix id, -1 = no trigger
+    bottom_ids: list[torch.Tensor] | None
+
+    def __len__(self) -> int:
+        return int(self.slots.shape[0])
+
+
+def prefix_table(corpus: TokenisedCorpus, top: Sequence[TopState], bottom: Sequence[TopState] | None) -> PrefixTable:
+    doc_index = torch.tensor(corpus.documents, dtype=torch.long)
+    stride = max((len(t) for t in corpus.tokens), default=1) + 1
+    states = list(top) + (list(bottom) if bottom is not None else [])
+    keys = []
+    for s in states:
+        docs, pos = s.documents.cpu(), s.positions.cpu()
+        slot = torch.searchsorted(doc_index, docs.clamp(min=0))  # corpus.documents is ascending
+        keys.append(torch.where(docs >= 0, slot * stride + pos, torch.full_like(docs, -1)))
+    flat = torch.cat([k.flatten() for k in keys]) if keys else torch.empty(0, dtype=torch.long)
+    unique, inverse = torch.unique(flat, return_inverse=True)
+    if unique.numel() and unique[0] < 0:  # the empty-slot key sorts first
+        unique, inverse = unique[1:], inverse - 1
+    ids = [part.view_as(k) for part, k in zip(inverse.split([k.numel() for k in keys]), keys, strict=True)]
+    slots, positions = unique // stride, unique % stride
+    n_top = len(top)
+    return PrefixTable(
+        slots, doc_index[slots], positions, ids[:n_top], ids[n_top:] if bottom is not None else None
+    )
+
+
+def prefix_texts(corpus: TokenisedCorpus, table: PrefixTable, tokenizer: object) -> list[str]:
+    """Decoded prefix of each entry: its window's tokens up to and including the trigger token."""
+    seqs = []
+    for slot, pos in zip(table.slots.tolist(), table.positions.tolist(), strict=True):
+        start = pos - pos % corpus.chunk
+        seqs.append(corpus.tokens[slot][start : pos + 1])
+    return tokenizer.batch_decode(seqs, skip_special_tokens=False)  # type: ignore[attr-defined,no-any-return]
+
+
+def token_at(corpus: TokenisedCorpus, table: PrefixTable, offset: int) -> torch.Tensor:
+    """Token id at position + offset of each prefix's document; -1 outside the document."""
+    out = []
+    for slot, pos in zip(table.slots.tolist(), table.positions.tolist(), strict=True):
+        toks = corpus.tokens[slot]
+        out.append(toks[pos + offset] if 0 <= pos + offset < len(toks) else -1)
+    return torch.tensor(out, dtype=torch.long)
+
+
+@dataclass
+class AblationJob:
+    """Sequences to run (document tokens, no BOS) and, per sequence, (prefix id, index in the sequence)."""
+
+    rows: list[list[int]]
+    reads: list[list[tuple[int, int]]]
+
+
+def _document_u(seed: int, document: int) -> float:
+    return float(np.random.default_rng([seed, document]).random())
+
+
+def ablation_jobs(corpus: TokenisedCorpus, table: PrefixTable, prefix_ids: torch.Tensor, *, seed: int) -> dict[str, AblationJob]:
+    """The 'first' and 'random' ablation sequences for the prefixes in ``prefix_ids`` (-1 ignored)."""
+    wanted = torch.unique(prefix_ids[prefix_ids >= 0]).tolist()
+    first: dict[int, list[tuple[int, int]]] = {}  # window -> reads
+    random: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (window, removed position) -> reads
+    u_cache: dict[int, float] = {}
+    for pid in wanted:
+        slot, pos = int(table.slots[pid]), int(table.positions[pid])
+        w = corpus.window_of(slot, pos)
+        start = corpus.windows[w].start
+        length = pos - start + 1
+        if length < 2:
+            continue
+        first.setdefault(w, []).append((pid, length - 2))
+        doc = corpus.documents[slot]
+        if doc not in u_cache:
+            u_cache[doc] = _document_u(seed, doc)
+        removed = start + math.floor(u_cache[doc] * (length - 1))
+        random.setdefault((w, removed), []).append((pid, length - 2))
+    jobs = {"first": AblationJob([], []), "random": AblationJob([], [])}
+    for w, reads in first.items():
+        end = max(i for _, i in reads) + 2
+        jobs["first"].rows.append(corpus.windows[w].tokens[1:end])
+        jobs["first"].reads.append(reads)
+    for (w, removed), reads in random.items():
+        win = corpus.windows[w]
+        end = max(i for _, i in reads) + 2
+        r = removed - win.start
+        jobs["random"].rows.append(win.tokens[:r] + win.tokens[r + 1 : end])
+        jobs["random"].reads.append(reads)
+    return jobs
+
+
+def run_ablation(
+    model: nn.Module,
+    value_projs: Sequence[nn.Module],
+    job: AblationJob,
+    prefix_ids: Sequence[torch.Tensor],
+    *,
+    n_prefixes: int,
+    bos: int | None,
+    pad: int,
+    batch_tokens: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[torch.Tensor]:
+    """Per layer [d_mlp, N]: each trigger's coefficient on its ablated prefix (NaN where there is none)."""
+    device = next(model.parameters()).device
+    lead = [bos] if bos is not None else []
+    ids_dev = [p.to(device) for p in prefix_ids]
+    out = [torch.full(p.shape, math.nan, device=device) for p in prefix_ids]
+    neuron_idx = [torch.arange(p.shape[0], device=device).unsqueeze(1).expand_as(p) for p in prefix_ids]
+    loc = torch.full((n_prefixes,), -1, dtype=torch.long, device=device)
+    shape = [0, 0]
+
+    def on_layer(layer: int, coeffs: torch.Tensor) -> None:
+        ids = ids_dev[layer]
+        at = torch.where(ids >= 0, loc[ids.clamp(min=0)], -1)
+        hit = at >= 0
+        flat = coeffs.reshape(-1, coeffs.shape[-1]).float()
+        out[layer][hit] = flat[at[hit], neuron_idx[layer][hit]]
+
+    body = backbone(model)
+    order = sorted(range(len(job.rows)), key=lambda i: -len(job.rows[i]))
+    with torch.inference_mode(), capture_coefficients(value_projs, on_layer, shape):
+        i = 0
+        while i < len(order):
+            width = len(job.rows[order[i]]) + len(lead)
+            take = max(1, batch_tokens // width)
+            chunk = order[i : i + take]
+            i += take
+            ids, mask = _pad_rows([lead + job.rows[j] for j in chunk], pad, device)
+            shape[:] = list(ids.shape)
+            loc.fill_(-1)
+            pid, flat_at = [], []
+            for row, j in enumerate(chunk):
+                for p, t in job.reads[j]:
+                    pid.append(p)
+                    flat_at.append(row * ids.shape[1] + t + len(lead))
+            loc[torch.tensor(pid, device=device)] = torch.tensor(flat_at, device=device)
+            body(input_ids=ids, attention_mask=mask, use_cache=False)
+            if progress is not None:
+                progress(int(mask.sum()))
+    return [o.cpu() for o in out]
+
+
+def relative_change(original: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
+    """(a' - a) / |a| per trigger; NaN where either is missing or a is zero."""
+    denom = original.abs()
+    rel = (ablated - original) / denom
+    return torch.where(denom > 0, rel, torch.full_like(rel, math.nan))
+
+
+def nanmean_rows(x: torch.Tensor) -> torch.Tensor:
+    """Mean of each row over its non-NaN entries (NaN for a row with none)."""
+    return x.nanmean(dim=1)
+
+
+def suggested_labels(drop_last: torch.Tensor, drop_first: torch.Tensor, drop_random: torch.Tensor,
+                     *, shallow: float, semantic: float) -> list[str | None]:
+    """The README rule, on drops (= minus the mean relative change):
+
+    - ``shallow``: the coefficient falls by at least ``shallow`` when only the last token goes and by
+      less than ``semantic`` when the first or a random token goes;
+    - ``shallow+semantic``: it falls by at least ``shallow`` without the last token and by at least
+      ``semantic`` without the first or a random one;
+    - ``semantic``: it survives losing the last token (falls by less than ``shallow``);
+    - null when the neuron has no ablated trigger.
+    """
+    other = torch.fmax(drop_first, drop_random)
+    labels: list[str | None] = []
+    for last, oth in zip(drop_last.tolist(), other.tolist(), strict=True):
+        if math.isnan(last):
+            labels.append(None)
+        elif last >= shallow:
+            labels.append("shallow+semantic" if not math.isnan(oth) and oth >= semantic else "shallow")
+        else:
+            labels.append("semantic")
+    return labels
+
+
+@dataclass(frozen=True)
+class Agreement:
+    agreement: torch.Tensor  # [d_mlp] fraction of triggers whose next token is the value's top token
+    mean_rank: torch.Tensor  # [d_mlp] mean 1-based rank of the triggers' next tokens in v . E^T
+
+
+def agreement(logits: torch.Tensor, next_ids: torch.Tensor) -> Agreement:
+    """Seed 001's precision@N: next_ids [d_mlp, N] (-1: no trigger or end of document) against logits [d_mlp, vocab]."""
+    valid = next_ids >= 0
+    n = valid.sum(dim=1).double()
+    top1 = logits.argmax(dim=1, keepdim=True)
+    hits = ((next_ids == top1) & valid).sum(dim=1).double()
+    ranks = token_ranks(logits, next_ids).double()
+    nan = torch.full_like(n, math.nan)
+    return Agreement(
+        torch.where(n > 0, hits / n.clamp(min=1), nan),
+        torch.where(n > 0, ranks.sum(dim=1) / n.clamp(min=1), nan),
+    )

@@ -1,0 +1,256 @@
+"""Extraction runs end to end: model (+ corpus) -> pipeline -> COPY -> one publishing commit.
+
+The run row is committed first (status ``running``) so that progress and failures are visible; all
+catalog rows go in inside one transaction that also marks the run ``complete`` and points the
+catalog entry at it. Anything that goes wrong before that commit (an exception, Ctrl-C, a killed
+process) leaves the previous catalog exactly as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from catalog.corpus import Corpus, load_corpus
+from catalog.extract.corpus_pass import tokenise
+from catalog.extract.pipeline import CorpusAnalysis, Parameters, Progress, analyse_corpus, layer_records
+from catalog.loading import LoadedModel, load, resolve, tokenizer_sha256, weights_sha256
+from catalog.store import migrate
+from catalog.store.database import check_connection, get_engine, session_scope
+from catalog.store.ingest import RunWriter
+from catalog.store.models import CatalogModel, ExtractionRun, RunStatus
+
+PROJECTION_CONVENTION = "raw_unembedding"
+
+
+@dataclass
+class ExtractRequest:
+    model: str
+    name: str | None = None
+    corpus: str | None = None
+    text_field: str = "text"
+    max_tokens: int | None = None
+    max_documents: int | None = None
+    device: str | None = None
+    params: Parameters = field(default_factory=Parameters)
+
+
+@dataclass
+class RunSummary:
+    run_id: int
+    name: str
+    n_layers: int
+    d_mlp: int
+    timings: dict[str, float]
+    counts: dict[str, Any]
+
+
+# Test hook: called with a stage name as each stage starts (lets tests interrupt a run mid-way).
+StageHook = Callable[[str], None]
+
+
+def _set_progress(engine: Engine, run_id: int, stage: str) -> None:
+    with session_scope(engine) as s:
+        s.execute(update(ExtractionRun).where(ExtractionRun.id == run_id).values(progress={"stage": stage}))
+
+
+def _register(engine: Engine, name: str, loaded: LoadedModel, req: ExtractRequest, corpus: Corpus | None) -> tuple[int, bool]:
+    """Create the run row (and the catalog entry if new); returns (run id, whether the entry is new)."""
+    view = loaded.view
+    with session_scope(engine) as s:
+        entry = s.scalar(select(CatalogModel).where(CatalogModel.name == name))
+        created = entry is None
+        if entry is None:
+            entry = CatalogModel(
+                name=name, source=loaded.source.location, family=view.family.name,
+                model_type=loaded.model.config.model_type, n_layers=view.n_layers, d_model=view.d_model,
+                d_mlp=view.d_mlp, vocab_size=int(view.unembedding().shape[0]), gated=view.gated,
+            )
+            s.add(entry)
+            s.flush()
+        run = ExtractionRun(
+            model_id=entry.id,
+            status=RunStatus.running,
+            parameters={
+                **asdict(req.params), "model": req.model, "source_kind": loaded.source.kind,
+                "device": str(loaded.device), "max_tokens": req.max_tokens, "max_documents": req.max_documents,
+                "text_field": req.text_field if corpus is not None else None,
+            },
+            projection_convention=PROJECTION_CONVENTION,
+            corpus_sha256=corpus.sha256 if corpus is not None else None,
+            corpus=None if corpus is None else {
+                "source": corpus.source, "format": corpus.format, "documents": len(corpus.documents),
+                "undecodable": corpus.undecodable, "provenance": corpus.provenance,
+            },
+            progress={"stage": "starting"},
+        )
+        s.add(run)
+        s.flush()
+        return run.id, created
+
+
+def _fail(engine: Engine, run_id: int, created_entry: bool, error: BaseException) -> None:
+    message = f"{type(error).__name__}: {error}".strip()
+    with session_scope(engine) as s:
+        run = s.get(ExtractionRun, run_id)
+        if run is None:
+            return
+        run.status = RunStatus.failed
+        run.error = message[:2000]
+        run.finished_at = datetime.now(UTC)
+        if created_entry:
+            entry = s.get(CatalogModel, run.model_id)
+            if entry is not None and entry.current_run_id is None:
+                s.delete(entry)  # an entry that never had a catalog goes with its failed run
+
+
+def extract(
+    req: ExtractRequest,
+    *,
+    engine: Engine | None = None,
+    progress: Progress | None = None,
+    on_stage: StageHook | None = None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> RunSummary:
+    """Extract a catalog and publish it atomically under ``req.name`` (default: from the model spec)."""
+    stage = on_stage or (lambda _s: None)
+    timings: dict[str, float] = {}
+    source = resolve(req.model)  # a bad path fails before anything else starts
+    name = req.name or source.name
+    corpus = None
+    if req.corpus is not None:
+        corpus = load_corpus(req.corpus, text_field=req.text_field, max_documents=req.max_documents)
+        if corpus.undecodable:
+            log(f"corpus: {corpus.undecodable} undecodable line(s) skipped and counted")
+    engine = engine or get_engine()
+    check_connection(engine)
+    migrate.upgrade(str(engine.url.render_as_string(hide_password=False)))
+
+    t = time.perf_counter()
+    loaded = load(req.model, device=req.device)
+    timings["load"] = time.perf_counter() - t
+    log(f"loaded {source.location} ({loaded.view.family.name}, {loaded.view.n_layers} layers x "
+        f"{loaded.view.d_mlp} neurons) on {loaded.device} in {timings['load']:.1f}s")
+
+    run_id, created = _register(engine, name, loaded, req, corpus)
+    try:
+        counts: dict[str, Any] = {}
+        analysis: CorpusAnalysis | None = None
+        if corpus is not None:
+            stage("corpus")
+            _set_progress(engine, run_id, "corpus pass")
+            tokenised = tokenise(corpus.documents, loaded.tokenizer, window=req.params.window, max_tokens=req.max_tokens)
+            if tokenised.n_tokens == 0:
+                raise ValueError(f"corpus {corpus.source} has no tokens after tokenisation")
+            analysis = analyse_corpus(loaded.view, loaded.tokenizer, tokenised, req.params, progress)
+            timings.update(analysis.timings)
+            counts.update(analysis.counts)
+        stage("weights")
+        _set_progress(engine, run_id, "weights, projections and ingest")
+        timings.update(_write_and_publish(engine, run_id, name, loaded, req, analysis, progress, stage, counts))
+    except BaseException as exc:  # KeyboardInterrupt included: the run is marked failed, then re-raised
+        _fail(engine, run_id, created, exc)
+        raise
+    _drop_superseded(engine, name)
+    return RunSummary(run_id, name, loaded.view.n_layers, loaded.view.d_mlp, timings, counts)
+
+
+def _write_and_publish(
+    engine: Engine, run_id: int, name: str, loaded: LoadedModel, req: ExtractRequest,
+    analysis: CorpusAnalysis | None, progress: Progress | None, stage: StageHook, counts: dict[str, Any],
+) -> dict[str, float]:
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    weights_hash, tok_hash = weights_sha256(loaded.model), tokenizer_sha256(loaded.tokenizer)
+    timings["hashes"] = time.perf_counter() - t0
+    vocab = int(loaded.view.unembedding().shape[0])
+    texts = loaded.tokenizer.batch_decode([[i] for i in range(vocab)], skip_special_tokens=False)
+    compute = 0.0
+    with engine.connect() as conn:
+        with conn.begin():
+            dbapi = conn.connection.driver_connection
+            writer = RunWriter(dbapi, run_id)
+            writer.tokens(texts)
+            if analysis is not None:
+                writer.prefixes(analysis)
+            records = layer_records(loaded.view, req.params, analysis, progress)
+            while True:
+                t = time.perf_counter()
+                rec = next(records, None)
+                compute += time.perf_counter() - t
+                if rec is None:
+                    break
+                stage(f"layer {rec.layer}")
+                row = dict(rec.stats)
+                writer.layer(rec, row)
+            timings["weights_and_projections"] = compute
+            timings["ingest"] = writer.seconds
+            counts["rows"] = dict(writer.rows)
+            counts["copy_bytes"] = writer.bytes
+            stage("publish")
+            # Serialise publishers of one catalog entry (two extractions of the same name).
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
+            with Session(bind=conn, join_transaction_mode="create_savepoint") as s:
+                run = s.get(ExtractionRun, run_id)
+                assert run is not None
+                entry = s.get(CatalogModel, run.model_id)
+                assert entry is not None
+                view = loaded.view
+                entry.source, entry.family = loaded.source.location, view.family.name
+                entry.model_type, entry.n_layers, entry.d_model = loaded.model.config.model_type, view.n_layers, view.d_model
+                entry.d_mlp, entry.vocab_size, entry.gated = view.d_mlp, vocab, view.gated
+                s.execute(
+                    update(ExtractionRun)
+                    .where(ExtractionRun.model_id == entry.id, ExtractionRun.status == RunStatus.complete)
+                    .values(status=RunStatus.superseded)
+                )
+                run.status = RunStatus.complete
+                run.weights_sha256, run.tokenizer_sha256 = weights_hash, tok_hash
+                run.timings = {**timings, "total": sum(timings.values())}
+                run.progress = {"stage": "complete", **{k: v for k, v in counts.items() if k != "rows"}, "rows": counts["rows"]}
+                run.finished_at = datetime.now(UTC)
+                entry.current_run_id = run_id
+                s.commit()  # releases the savepoint; the outer transaction commits below
+    return timings
+
+
+def _drop_superseded(engine: Engine, name: str) -> None:
+    """Delete the runs this one replaced, with their rows (cascade): invisible already.
+
+    Failed runs stay, with their error; they never had rows.
+    """
+    with session_scope(engine) as s:
+        entry = s.scalar(select(CatalogModel).where(CatalogModel.name == name))
+        if entry is None:
+            return
+        s.execute(
+            delete(ExtractionRun).where(
+                ExtractionRun.model_id == entry.id,
+                ExtractionRun.status == RunStatus.superseded,
+            )
+        )
+
+
+def current_run(session: Session, name: str) -> tuple[CatalogModel, ExtractionRun] | None:
+    entry = session.scalar(select(CatalogModel).where(CatalogModel.name == name))
+    if entry is None or entry.current_run_id is None:
+        return None
+    run = session.get(ExtractionRun, entry.current_run_id)
+    assert run is not None
+    return entry, run
+
+
+def catalog_names(session: Session) -> list[str]:
+    return list(session.scalars(select(CatalogModel.name).where(CatalogModel.current_run_id.is_not(None)).order_by(CatalogModel.name)))
+
+
+def run_count(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(ExtractionRun)) or 0)
+
