@@ -195,11 +195,19 @@ def runs() -> None:
     _run(go)
 
 
+def _check_database() -> None:
+    # Alembic would otherwise surface an unreachable server as a raw OperationalError traceback.
+    from catalog.store.database import check_connection
+
+    _run(check_connection)
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Upgrade the schema (creates it in an empty database)."""
     from catalog.store import migrate
 
+    _check_database()
     _run(lambda: migrate.upgrade(None, revision))
     typer.echo(f"database at revision {_run(lambda: migrate.current(None))}")
 
@@ -209,6 +217,7 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision (
     """Downgrade the schema."""
     from catalog.store import migrate
 
+    _check_database()
     _run(lambda: migrate.downgrade(None, revision))
     typer.echo(f"database at revision {_run(lambda: migrate.current(None))}")
 
@@ -218,6 +227,7 @@ def db_current() -> None:
     """Print the schema revision of the database."""
     from catalog.store import migrate
 
+    _check_database()
     typer.echo(_run(lambda: migrate.current(None)) or "empty (no revision)")
 
 

@@ -87,8 +87,9 @@ def records(
             if entry.gated:
                 rec["negative_triggers"] = triggers[n][-1]
             if vectors:
-                rec["key_vector"] = row[-2].tolist()
-                rec["value_vector"] = row[-1].tolist()
+                # pgvector's SQLAlchemy type returns a list (numpy array in older versions)
+                rec["key_vector"] = [float(x) for x in row[-2]]
+                rec["value_vector"] = [float(x) for x in row[-1]]
             yield rec
 
 

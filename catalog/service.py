@@ -154,7 +154,7 @@ def extract(
             counts.update(analysis.counts)
         stage("weights")
         _set_progress(engine, run_id, "weights, projections and ingest")
-        timings.update(_write_and_publish(engine, run_id, name, loaded, req, analysis, progress, stage, counts))
+        timings.update(_write_and_publish(engine, run_id, name, loaded, req, analysis, progress, stage, counts, timings))
     except BaseException as exc:  # KeyboardInterrupt included: the run is marked failed, then re-raised
         _fail(engine, run_id, created, exc)
         raise
@@ -165,6 +165,7 @@ def extract(
 def _write_and_publish(
     engine: Engine, run_id: int, name: str, loaded: LoadedModel, req: ExtractRequest,
     analysis: CorpusAnalysis | None, progress: Progress | None, stage: StageHook, counts: dict[str, Any],
+    earlier: dict[str, float],
 ) -> dict[str, float]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -213,7 +214,9 @@ def _write_and_publish(
                 )
                 run.status = RunStatus.complete
                 run.weights_sha256, run.tokenizer_sha256 = weights_hash, tok_hash
-                run.timings = {**timings, "total": sum(timings.values())}
+                # the stored timings cover the whole run (load, corpus pass, ablation), not just this stage
+                run_timings = {**earlier, **timings}
+                run.timings = {**run_timings, "total": sum(run_timings.values())}
                 run.progress = {"stage": "complete", **{k: v for k, v in counts.items() if k != "rows"}, "rows": counts["rows"]}
                 run.finished_at = datetime.now(UTC)
                 entry.current_run_id = run_id

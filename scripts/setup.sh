@@ -6,11 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
-# WordNet's plain data files are the offline demo corpus (see catalog/demo_corpus.py).
-if [ ! -d /usr/share/wordnet ]; then
+# Debian packages: WordNet's plain data files are the offline demo corpus (see
+# catalog/demo_corpus.py); redis-server is the Celery broker the worker tests start themselves.
+APT=()
+[ -d /usr/share/wordnet ] || APT+=(wordnet-base)
+command -v redis-server >/dev/null || APT+=(redis-server)
+if [ ${#APT[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wordnet-base >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${APT[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3.11}

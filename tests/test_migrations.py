@@ -97,7 +97,7 @@ def test_orm_matches_migrated_schema(migrated_db: str) -> None:
 
 
 def test_vectors_round_trip(migrated_db: str, db_session: Session) -> None:
-    model = CatalogModel(name="tiny", source="test", family="gpt2", model_type="gpt2", n_layers=1,
+    model = CatalogModel(name="vectors-round-trip", source="test", family="gpt2", model_type="gpt2", n_layers=1,
                          d_model=3, d_mlp=4, vocab_size=10, gated=False)
     db_session.add(model)
     db_session.flush()
@@ -111,7 +111,8 @@ def test_vectors_round_trip(migrated_db: str, db_session: Session) -> None:
     db_session.flush()
     db_session.expire_all()
 
-    neuron = db_session.scalars(select(Neuron)).one()
+    # other test modules share this database: look at this run's rows only
+    neuron = db_session.scalars(select(Neuron).where(Neuron.run_id == run.id)).one()
     assert list(neuron.key_vector) == [1.0, 2.0, 3.0]
     assert run.status is RunStatus.running
     # The circular foreign key: deleting the run clears the model's pointer.

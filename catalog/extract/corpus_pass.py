@@ -218,7 +218,8 @@ def sort_key(values: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
     The float32 bits are mapped to an int32 of the same order (negative floats get their magnitude
     bits flipped) and placed above 32 bits that decrease with the document index.
     """
-    bits = values.float().contiguous().view(torch.int32)
+    # + 0.0 turns -0.0 into +0.0: the two are equal coefficients and must tie (then lower document wins).
+    bits = (values.float() + 0.0).contiguous().view(torch.int32)
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
     return (ordered << 32) | (0x7FFFFFFF - documents)
 

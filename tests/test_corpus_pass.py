@@ -1,0 +1,559 @@
+"""The corpus pass end to end (service -> Postgres -> export) against a brute-force reference.
+
+For tiny random models of every family (and one tokenizer without BOS) over a small corpus written
+here, the reference runs every prefix on its own (no batching, no padding: BOS + the window's tokens
+up to the position) and reads the MLP hidden activation with its own hook on the value projection.
+Everything stored (triggers, negative triggers, activation statistics, agreement, ablations,
+suggested labels, per-layer means) is compared with what the reference derives from those runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tiny_models
+import torch
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from catalog.cli import app
+from catalog.export import records
+from catalog.extract.ablation import relative_change
+from catalog.extract.corpus_pass import TopState
+from catalog.extract.pipeline import Parameters
+from catalog.service import ExtractRequest, current_run, extract
+from catalog.store.database import get_engine
+from catalog.store.models import CatalogModel, Layer, Trigger
+
+WINDOW = 8
+TOP_N = 5
+BATCH_TOKENS = 64  # several batches, so the running top-N is merged across batches
+SEED = 7
+PARAMS = Parameters(top_n=TOP_N, window=WINDOW, batch_tokens=BATCH_TOKENS, ablation_seed=SEED)
+# (family, tokenizer has BOS)
+CASES = [("gpt2", True), ("gpt_neox", True), ("opt", True), ("llama", True), ("llama", False)]
+VOCAB = {w: i for i, w in enumerate(tiny_models.SPECIAL + tiny_models.WORDS)}
+BOS = VOCAB["<s>"]
+
+VALUE_PROJS: dict[str, Callable[[Any], list[nn.Module]]] = {
+    "gpt2": lambda m: [b.mlp.c_proj for b in m.transformer.h],
+    "gpt_neox": lambda m: [b.mlp.dense_4h_to_h for b in m.gpt_neox.layers],
+    "opt": lambda m: [b.fc2 for b in m.model.decoder.layers],
+    "llama": lambda m: [b.mlp.down_proj for b in m.model.layers],
+}
+
+
+# --- the corpus -----------------------------------------------------------------------------
+
+
+def corpus_lines() -> list[str]:
+    """~45 lines: short and long (split into windows) documents, blank lines, identical lines."""
+    rng = random.Random(1234)
+
+    def line(n: int) -> str:
+        return " ".join(rng.choice(tiny_models.WORDS) for _ in range(n))
+
+    lines = [line(rng.randint(2, 12)) for _ in range(40)]
+    lines[3] = ""  # blank: skipped, but later documents keep their line numbers
+    lines[21] = "   "  # whitespace only: blank too
+    lines[6] = "cat"  # a single-token document: its only prefix has nothing to ablate
+    for i, n in ((2, 17), (10, 23), (15, 30), (33, 16)):
+        lines[i] = line(n)  # longer than a window
+    lines[25] = lines[8]  # identical short documents
+    lines[37] = lines[8]
+    lines[29] = lines[10]  # identical long documents
+    return lines
+
+
+@dataclass
+class Doc:
+    index: int  # line number
+    words: list[str]
+    ids: list[int]
+
+
+def documents(lines: list[str]) -> list[Doc]:
+    return [Doc(i, s.split(), [VOCAB[w] for w in s.split()]) for i, s in enumerate(lines) if s.strip()]
+
+
+# --- the brute-force reference --------------------------------------------------------------
+
+
+class Reference:
+    """Coefficients of single unbatched prefixes, [n_layers, d_mlp] at the prefix's last token."""
+
+    def __init__(self, model: Any, family: str) -> None:
+        self.model = model
+        self.projs = VALUE_PROJS[family](model)
+        self.cache: dict[tuple[int, ...], np.ndarray] = {}
+
+    def run(self, ids: list[int]) -> np.ndarray:
+        key = tuple(ids)
+        if key not in self.cache:
+            got: list[np.ndarray] = []
+
+            def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+                got.append(args[0].reshape(-1, args[0].shape[-1])[-1].float().numpy().copy())
+
+            handles = [p.register_forward_pre_hook(hook) for p in self.projs]
+            try:
+                with torch.inference_mode():  # the backbone: the coefficients need no logits
+                    self.model.base_model(input_ids=torch.tensor([ids]), use_cache=False)
+            finally:
+                for h in handles:
+                    h.remove()
+            self.cache[key] = np.stack(got)
+        return self.cache[key]
+
+
+@dataclass
+class Case:
+    family: str
+    bos: bool
+    name: str
+    model_dir: Path
+    tokenizer: Any
+    docs: list[Doc]
+    chunk: int  # document tokens per window
+    coef: dict[int, np.ndarray]  # document -> [L, n_layers, d_mlp]
+    ref: Reference
+    values: list[np.ndarray]  # per layer [d_mlp, d_model] value vectors
+    unembedding: np.ndarray  # [vocab, d_model]
+    records: list[dict[str, Any]]
+    layers: list[Layer]
+    triggers: list[Trigger]
+    scale: float = 1.0  # typical coefficient magnitude, for tolerances
+    by_doc: dict[int, Doc] = field(default_factory=dict)
+
+    def lead(self) -> list[int]:
+        return [BOS] if self.bos else []
+
+    def window_prefix(self, doc: int, pos: int) -> list[int]:
+        """The document's tokens in the window of ``pos``, up to and including it (no BOS)."""
+        start = pos - pos % self.chunk
+        return self.by_doc[doc].ids[start : pos + 1]
+
+    def close(self, a: float, b: float, rel: float = 1e-4) -> bool:
+        return abs(a - b) <= rel * max(self.scale, abs(a), abs(b))
+
+
+def _value_vectors(projs: list[nn.Module]) -> list[np.ndarray]:
+    out = []
+    for p in projs:
+        w = torch.as_tensor(p.weight).detach().float().numpy()
+        # GPT-2's Conv1D is [d_mlp, d_model]; nn.Linear is [d_model, d_mlp].
+        out.append(w if w.shape[0] == tiny_models.D_MLP else w.T)
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny matmuls: thread hand-offs would cost far more than the maths (and the machine is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    p.write_text("\n".join(corpus_lines()) + "\n", encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_models.save("gpt2", tmp_path_factory.mktemp("models") / "gpt2")
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}{'' if b else '-nobos'}" for f, b in CASES])
+def case(request: pytest.FixtureRequest, migrated_db: str, corpus_file: Path,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Case]:
+    family, bos = request.param
+    name = f"corpus-{family}{'' if bos else '-nobos'}"
+    model_dir = tiny_models.save(family, tmp_path_factory.mktemp("models") / name, seed=3, bos=bos)
+    engine = get_engine(migrated_db)
+    extract(ExtractRequest(model=str(model_dir), name=name, corpus=str(corpus_file), params=PARAMS), engine=engine)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ref = Reference(model, family)
+    docs = documents(corpus_lines())
+    chunk = WINDOW - 1 if bos else WINDOW
+    lead = [BOS] if bos else []
+    coef = {}
+    for d in docs:
+        rows = []
+        for pos in range(len(d.ids)):
+            start = pos - pos % chunk
+            rows.append(ref.run(lead + d.ids[start : pos + 1]))
+        coef[d.index] = np.stack(rows)
+    with Session(engine) as s:
+        found = current_run(s, name)
+        assert found is not None
+        run_id = found[1].id
+        recs = list(records(s, name))
+        layers = list(s.scalars(select(Layer).where(Layer.run_id == run_id).order_by(Layer.layer)))
+        trig = list(s.scalars(select(Trigger).where(Trigger.run_id == run_id)))
+        s.expunge_all()
+    all_coef = np.concatenate(list(coef.values()))
+    yield Case(
+        family, bos, name, model_dir, AutoTokenizer.from_pretrained(model_dir), docs, chunk, coef, ref, _value_vectors(ref.projs),
+        model.get_output_embeddings().weight.detach().float().numpy(), recs, layers, trig,
+        scale=float(np.abs(all_coef).max()), by_doc={d.index: d for d in docs},
+    )
+    # Leave the shared session database as other test modules expect to find it.
+    with Session(engine) as s, s.begin():
+        s.execute(delete(CatalogModel).where(CatalogModel.name == name))  # cascades to its runs and rows
+
+
+def record(case: Case, layer: int, neuron: int) -> dict[str, Any]:
+    rec = case.records[layer * tiny_models.D_MLP + neuron]
+    assert (rec["layer"], rec["neuron"]) == (layer, neuron)
+    return rec
+
+
+def neurons() -> Iterator[tuple[int, int]]:
+    for layer in range(tiny_models.N_LAYERS):
+        for n in range(tiny_models.D_MLP):
+            yield layer, n
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+
+def test_corpus_is_what_the_tests_assume(case: Case) -> None:
+    lines = corpus_lines()
+    assert not lines[3].strip() and not lines[21].strip()
+    assert lines[8] == lines[25] == lines[37] and lines[10] == lines[29]
+    assert sum(len(d.ids) > case.chunk for d in case.docs) >= 4
+    # The reference tokenises by looking words up; the saved tokenizer must agree.
+    tok = case.tokenizer
+    assert tok.bos_token_id == (BOS if case.bos else None)
+    assert tok([" ".join(d.words) for d in case.docs], add_special_tokens=False)["input_ids"] == [d.ids for d in case.docs]
+    assert len(case.records) == tiny_models.N_LAYERS * tiny_models.D_MLP
+
+
+def _extremes(case: Case, layer: int, neuron: int, sign: int) -> list[tuple[float, int, int]]:
+    """(per-document extreme coefficient, document, its first position) ranked strongest first,
+    ties to the lower document."""
+    out = []
+    for d in case.docs:
+        col = case.coef[d.index][:, layer, neuron] * sign
+        pos = int(np.argmax(col))  # first position of the maximum
+        out.append((float(col[pos]) * sign, d.index, pos))
+    return sorted(out, key=lambda t: (-t[0] * sign, t[1]))
+
+
+def _check_top(case: Case, layer: int, neuron: int, sign: int, stored: list[dict[str, Any]]) -> None:
+    ranked = _extremes(case, layer, neuron, sign)
+    where = f"{case.name} layer {layer} neuron {neuron} sign {sign}"
+    assert len(stored) == TOP_N, where
+    docs = [t["document"] for t in stored]
+    assert len(set(docs)) == TOP_N, f"{where}: documents repeat {docs}"
+    acts = [t["activation"] for t in stored]
+    # Strongest first; among equal coefficients the lower document first.
+    for a, b, da, db in zip(acts, acts[1:], docs, docs[1:], strict=False):
+        assert a * sign >= b * sign, where
+        if a == b:
+            assert da < db, f"{where}: tie not broken by document"
+    # The k-th stored coefficient is the k-th reference one (robust to near-ties swapping places).
+    for k, (t, r) in enumerate(zip(stored, ranked, strict=False)):
+        assert case.close(t["activation"], r[0]), f"{where} rank {k}: {t['activation']} vs {r[0]}"
+    # The same documents, except that near-ties at the cut-off may go either way.
+    cut = ranked[TOP_N - 1][0]
+    ref_value = {doc: v for v, doc, _ in ranked}
+    for v, doc, _ in ranked:
+        if (v - cut) * sign > 0 and not case.close(v, cut):
+            assert doc in docs, f"{where}: document {doc} ({v}) missing from {docs}"
+    for t in stored:
+        assert (ref_value[t["document"]] - cut) * sign >= 0 or case.close(ref_value[t["document"]], cut), where
+    # Each trigger sits at its document's extreme (the first position among exact ties).
+    for t in stored:
+        col = case.coef[t["document"]][:, layer, neuron]
+        p = t["position"]
+        assert 0 <= p < len(col), f"{where}: position {p} outside the document"
+        assert case.close(float(col[p]), t["activation"]), where
+        assert case.close(float(col[p]), ref_value[t["document"]]), where
+        first_near = next(i for i, c in enumerate(col) if case.close(float(c), ref_value[t["document"]]))
+        assert p >= first_near, where
+        if (col == col[p]).sum() > 1 and float(col[p]) == t["activation"]:
+            assert p == int(np.flatnonzero(col == col[p])[0]), f"{where}: exact tie inside a document"
+
+
+def test_triggers_equal_brute_force(case: Case) -> None:
+    for layer, n in neurons():
+        _check_top(case, layer, n, 1, record(case, layer, n)["triggers"])
+
+
+def test_negative_triggers_of_gated_models(case: Case) -> None:
+    for layer, n in neurons():
+        rec = record(case, layer, n)
+        if case.family != "llama":
+            assert "negative_triggers" not in rec
+            continue
+        neg = rec["negative_triggers"]
+        assert all(t["activation"] < 0 for t in neg)
+        _check_top(case, layer, n, -1, neg)
+    signs = {t.sign for t in case.triggers}
+    assert signs == ({1, -1} if case.family == "llama" else {1})
+    for t in case.triggers:
+        if t.sign < 0:  # ablations belong to the top triggers only
+            assert t.coefficient_without_last is None and t.coefficient_without_first is None
+            assert t.coefficient_without_random is None
+
+
+def test_identical_documents_tie_to_the_lower_one(case: Case) -> None:
+    """Identical lines give bit-identical coefficients; the lower document must win every tie."""
+    pairs = [(8, 25), (8, 37), (25, 37), (10, 29)]
+    for lo, hi in pairs:
+        np.testing.assert_array_equal(case.coef[lo], case.coef[hi])
+    checked = 0
+    for layer, n in neurons():
+        rec = record(case, layer, n)
+        for key in ("triggers", "negative_triggers"):
+            stored = rec.get(key, [])
+            rank = {t["document"]: i for i, t in enumerate(stored)}
+            for lo, hi in pairs:
+                if hi in rank:
+                    assert lo in rank and rank[lo] < rank[hi], f"{case.name} {layer}/{n} {key}: {lo} vs {hi}"
+                    assert stored[rank[lo]]["activation"] == stored[rank[hi]]["activation"]
+                    assert stored[rank[lo]]["position"] == stored[rank[hi]]["position"]
+                    checked += 1
+    assert checked > 0, "no identical pair among any top-N: the tie rule went unchecked"
+
+
+def test_positions_windows_and_texts(case: Case) -> None:
+    second_window = 0
+    for rec in case.records:
+        for t in rec["triggers"] + rec.get("negative_triggers", []):
+            d = case.by_doc[t["document"]]  # a document is a line number of a non-blank line
+            p = t["position"]
+            assert 0 <= p < len(d.ids)
+            start = p - p % case.chunk
+            # The prefix is what the model saw: that window's tokens up to the trigger, no BOS
+            # (decoded by the tokenizer, which may drop the space before punctuation).
+            assert t["text"] == case.tokenizer.decode(d.ids[start : p + 1])
+            assert t["text"].replace(" ", "") == "".join(d.words[start : p + 1])
+            assert "<s>" not in t["text"]
+            assert t["next_token_id"] == (d.ids[p + 1] if p + 1 < len(d.ids) else None)
+            assert t["next_token"] == (d.words[p + 1] if p + 1 < len(d.ids) else None)
+            if p >= case.chunk:
+                second_window += 1
+                assert p >= WINDOW - 1
+                assert start >= case.chunk  # the text starts at this window, not at the document
+    assert second_window > 0, "no trigger beyond a document's first window"
+    # Blank lines are never documents; documents after them keep their line numbers.
+    docs = {t.document for t in case.triggers}
+    assert not docs & {3, 21}
+    assert docs <= set(case.by_doc)
+    assert max(docs) > 21
+
+
+def test_activation_statistics(case: Case) -> None:
+    allc = np.concatenate([case.coef[d.index] for d in case.docs]).astype(np.float64)  # [positions, L, d_mlp]
+    count = allc.shape[0]
+    tol = 1e-5 * case.scale
+    for layer, n in neurons():
+        x = allc[:, layer, n]
+        rec = record(case, layer, n)
+        where = f"{case.name} {layer}/{n}"
+        assert rec["activation_mean"] == pytest.approx(x.mean(), rel=1e-4, abs=1e-5 * case.scale), where
+        assert rec["activation_std"] == pytest.approx(x.std(), rel=1e-3, abs=1e-5 * case.scale), where
+        assert rec["activation_max"] == pytest.approx(x.max(), rel=1e-5, abs=1e-6 * case.scale), where
+        # Counting positives is exact except for coefficients within float noise of zero.
+        lo, hi = (x > tol).sum() / count, (x > -tol).sum() / count
+        assert lo - 1e-12 <= rec["activation_positive_fraction"] <= hi + 1e-12, where
+
+
+def test_agreement_and_next_token_rank(case: Case) -> None:
+    for layer, n in neurons():
+        rec = record(case, layer, n)
+        logits = case.values[layer][n].astype(np.float64) @ case.unembedding.astype(np.float64).T
+        top = int(np.argmax(logits))
+        nexts = [t["next_token_id"] for t in rec["triggers"] if t["next_token_id"] is not None]
+        if not nexts:
+            assert rec["agreement"] is None and rec["next_token_mean_rank"] is None
+            continue
+        assert rec["agreement"] == pytest.approx(sum(t == top for t in nexts) / len(nexts))
+        ranks = [1 + int((logits > logits[t]).sum()) for t in nexts]
+        assert rec["next_token_mean_rank"] == pytest.approx(np.mean(ranks))
+
+
+def _ablated(case: Case, doc: int, pos: int) -> dict[str, np.ndarray | None]:
+    """Coefficient vectors of the trigger's prefix with its last, first or a random token removed."""
+    wt = case.window_prefix(doc, pos)
+    n = len(wt)
+    if n < 2:
+        return {"last": None, "first": None, "random": None}
+    u = np.random.default_rng([SEED, doc]).random()
+    r = math.floor(u * (n - 1))
+    lead = case.lead()
+    return {
+        "last": case.ref.run(lead + wt[:-1]),
+        "first": case.ref.run(lead + wt[1:]),
+        "random": case.ref.run(lead + wt[:r] + wt[r + 1 :]),
+    }
+
+
+def _label(last: float, first: float, rand: float, p: Parameters) -> str | None:
+    """ablation.suggested_labels' rule on drops (minus mean relative change)."""
+    d_last, others = -last, [-x for x in (first, rand) if not math.isnan(x)]
+    if math.isnan(d_last):
+        return None
+    if d_last >= p.shallow_last_drop:
+        return "shallow+semantic" if others and max(others) >= p.semantic_other_drop else "shallow"
+    return "semantic"
+
+
+def test_ablation(case: Case) -> None:
+    single = 0
+    labels_checked = 0
+    for layer, n in neurons():
+        rec = record(case, layer, n)
+        where = f"{case.name} {layer}/{n}"
+        rel: dict[str, list[float]] = {"last": [], "first": [], "random": []}
+        err: dict[str, float] = {"last": 0.0, "first": 0.0, "random": 0.0}
+        for t in rec["triggers"]:
+            a = t["activation"]
+            abl = _ablated(case, t["document"], t["position"])
+            for kind, changes in rel.items():
+                got = t[f"without_{kind}"]
+                vec = abl[kind]
+                if vec is None:
+                    single += kind == "last"
+                    assert got is None, f"{where}: single-token prefix has an ablation"
+                    continue
+                want = float(vec[layer, n])
+                assert got is not None and case.close(got, want), f"{where} {kind}: {got} vs {want}"
+                if a != 0:
+                    changes.append((want - a) / abs(a))
+                    err[kind] += 1e-4 * max(case.scale, abs(want)) / abs(a)
+        means = {}
+        for kind, xs in rel.items():
+            stored = rec[f"ablation_{kind}"]
+            if not xs:
+                assert stored is None, where
+                means[kind] = math.nan
+                continue
+            means[kind] = float(np.mean(xs))
+            assert stored == pytest.approx(means[kind], abs=err[kind] / len(xs) + 1e-5), f"{where} {kind}"
+        # The label from the reference means, unless one of them is within noise of a threshold.
+        p = Parameters()
+        near = any(
+            abs(-means[k] - thr) < 1e-3 for k in means for thr in (p.shallow_last_drop, p.semantic_other_drop)
+        )
+        if not near:
+            assert rec["suggested_label"] == _label(means["last"], means["first"], means["random"], p), where
+            labels_checked += 1
+    assert single > 0, "no single-token prefix among the triggers"
+    assert labels_checked > tiny_models.D_MLP
+
+
+def test_per_layer_means(case: Case) -> None:
+    assert [x.layer for x in case.layers] == list(range(tiny_models.N_LAYERS))
+    for row in case.layers:
+        agreements = [r["agreement"] for r in case.records if r["layer"] == row.layer and r["agreement"] is not None]
+        assert row.mean_agreement == pytest.approx(np.mean(agreements), rel=1e-9)
+        tops = [t for t in case.triggers if t.layer == row.layer and t.sign == 1]
+        for kind in ("last", "first", "random"):
+            changes = [
+                (getattr(t, f"coefficient_without_{kind}") - t.coefficient) / abs(t.coefficient)
+                for t in tops if getattr(t, f"coefficient_without_{kind}") is not None and t.coefficient != 0
+            ]
+            assert getattr(row, f"mean_ablation_{kind}") == pytest.approx(np.mean(changes), rel=1e-5, abs=1e-6)
+
+
+def test_export_record_fields(case: Case) -> None:
+    rec = record(case, 0, 0)
+    for f in ("agreement", "next_token_mean_rank", "activation_mean", "activation_std",
+              "activation_positive_fraction", "activation_max", "ablation_last", "ablation_first",
+              "ablation_random", "suggested_label"):
+        assert f in rec
+    assert rec["activation_max"] is not None and rec["activation_std"] is not None
+    for t in rec["triggers"]:
+        assert {"document", "position", "text", "activation", "next_token_id"} <= set(t)
+    acts = [t["activation"] for t in rec["triggers"]]
+    assert acts == sorted(acts, reverse=True)
+
+
+# --- pieces the tiny models rarely reach -----------------------------------------------------
+
+
+def test_signed_zeros_tie() -> None:
+    """-0.0 == 0.0 (GELU/SiLU of a very negative input, or a sign flip of 0.0): the lower document wins."""
+    nan = torch.tensor([[math.nan]])
+
+    def state(value: float, doc: int) -> TopState:
+        return TopState(torch.tensor([[value]]), torch.tensor([[doc]]), torch.tensor([[0]]), nan)
+
+    empty = TopState.empty(1, 1, torch.device("cpu"))
+    for first, second in ((state(0.0, 5), state(-0.0, 2)), (state(-0.0, 2), state(0.0, 5))):
+        assert empty.merge(first).merge(second).documents.item() == 2
+
+
+def test_relative_change_of_negative_coefficients() -> None:
+    """(a' - a) / |a|: a negative top coefficient that moves towards zero has a positive change."""
+    got = relative_change(torch.tensor([-2.0, 4.0, 0.0, 1.0]), torch.tensor([-1.0, 2.0, 1.0, math.nan]))
+    assert got[:2].tolist() == [0.5, -0.5]
+    assert got[2:].isnan().all()
+
+
+# --- the CLI --------------------------------------------------------------------------------
+
+
+def test_cli_export_jsonl(case: Case, tmp_path: Path) -> None:
+    if case.family != "gpt2":
+        pytest.skip("one family is enough for the CLI round trip")
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(app, ["export", "--model", case.name, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert lines == json.loads(json.dumps(case.records))
+
+
+BAD_CORPORA: list[tuple[str, bytes | None, str]] = [
+    ("missing.txt", None, "not found"),
+    ("empty.txt", b"", "empty"),
+    ("binary.txt", b"PK\x03\x04\x00\x00\x00zip data\n", "binary"),
+    ("latin1.txt", "caf\u00e9 cr\u00e8me\nna\u00efve\n".encode("latin-1"), "not UTF-8"),
+    ("nofield.jsonl", b'{"text": "the cat"}\n{"body": "a dog"}\n', "line 2 has no field 'text'"),
+]
+
+
+@pytest.mark.parametrize(("file", "content", "message"), BAD_CORPORA, ids=[b[0] for b in BAD_CORPORA])
+def test_cli_bad_corpus(tiny_dir: Path, tmp_path: Path, file: str, content: bytes | None, message: str) -> None:
+    path = tmp_path / file
+    if content is not None:
+        path.write_bytes(content)
+    result = CliRunner().invoke(app, ["extract", "--model", str(tiny_dir), "--corpus", str(path), "--window", "8"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0] and str(path) in lines[0]
+
+
+def test_console_script_bad_corpus(tiny_dir: Path, tmp_path: Path) -> None:
+    """The installed ``neuron-catalog`` entry point, as a user runs it: one error line, exit 1."""
+    script = Path(sys.executable).parent / "neuron-catalog"
+    missing = tmp_path / "missing.txt"
+    proc = subprocess.run(
+        [str(script), "extract", "--model", str(tiny_dir), "--corpus", str(missing)],
+        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"error: {missing}: corpus not found (no such file or directory)"]

@@ -1,0 +1,1 @@
+"""Celery workers: thin task shells around ``catalog.service`` (part 3 adds distributed extraction)."""
