@@ -18,7 +18,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from catalog.corpus import Corpus, load_corpus
+from catalog.corpus import Corpus, CorpusError, load_corpus
 from catalog.extract.corpus_pass import tokenise
 from catalog.extract.pipeline import CorpusAnalysis, Parameters, Progress, analyse_corpus, layer_records
 from catalog.loading import LoadedModel, load, resolve, tokenizer_sha256, weights_sha256
@@ -148,7 +148,7 @@ def extract(
             _set_progress(engine, run_id, "corpus pass")
             tokenised = tokenise(corpus.documents, loaded.tokenizer, window=req.params.window, max_tokens=req.max_tokens)
             if tokenised.n_tokens == 0:
-                raise ValueError(f"corpus {corpus.source} has no tokens after tokenisation")
+                raise CorpusError(f"corpus {corpus.source} has no tokens after tokenisation")
             analysis = analyse_corpus(loaded.view, loaded.tokenizer, tokenised, req.params, progress)
             timings.update(analysis.timings)
             counts.update(analysis.counts)
@@ -173,7 +173,8 @@ def _write_and_publish(
     timings["hashes"] = time.perf_counter() - t0
     vocab = int(loaded.view.unembedding().shape[0])
     texts = loaded.tokenizer.batch_decode([[i] for i in range(vocab)], skip_special_tokens=False)
-    compute = 0.0
+    compute = 0.0  # generator time not accounted in record.seconds (reading weights, CPU copies)
+    by_stage: dict[str, float] = {}
     with engine.connect() as conn:
         with conn.begin():
             dbapi = conn.connection.driver_connection
@@ -189,9 +190,12 @@ def _write_and_publish(
                 if rec is None:
                     break
                 stage(f"layer {rec.layer}")
-                row = dict(rec.stats)
-                writer.layer(rec, row)
-            timings["weights_and_projections"] = compute
+                for k, v in rec.seconds.items():
+                    by_stage[k] = by_stage.get(k, 0.0) + v
+                    compute -= v
+                writer.layer(rec, dict(rec.stats))
+            timings.update(by_stage)
+            timings["layer_other"] = compute
             timings["ingest"] = writer.seconds
             counts["rows"] = dict(writer.rows)
             counts["copy_bytes"] = writer.bytes

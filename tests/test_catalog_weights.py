@@ -223,8 +223,9 @@ def test_catalog_entry_and_run_row(extracted: Extracted, session: Session) -> No
     assert run.projection_convention == "raw_unembedding"
     assert run.corpus is None and run.corpus_sha256 is None
     assert run.parameters["value_top"] == VALUE_TOP and run.parameters["value_bottom"] == VALUE_BOTTOM
-    for stage in ("load", "weights_and_projections", "ingest", "total"):
+    for stage in ("load", "weight_statistics", "token_projections", "ingest", "total"):
         assert isinstance(run.timings.get(stage), float) and run.timings[stage] >= 0.0, stage
+    assert "corpus_figures" not in run.timings
     assert run.timings["total"] >= run.timings["ingest"]
     assert run.progress["stage"] == "complete"
     # weight-only runs: no corpus rows at all

@@ -400,8 +400,16 @@ def _ablated(case: Case, doc: int, pos: int) -> dict[str, np.ndarray | None]:
     n = len(wt)
     if n < 2:
         return {"last": None, "first": None, "random": None}
-    u = np.random.default_rng([SEED, doc]).random()
-    r = math.floor(u * (n - 1))
+    # The README's rule, restated: the window's chain r1 > r2 > ... (each uniform below the one
+    # before, r1 below T - 1); this prefix loses the first r <= n - 2.
+    start = pos - pos % case.chunk
+    bound = len(case.by_doc[doc].ids[start : start + case.chunk]) - 1
+    rng = np.random.default_rng([SEED, doc, start])
+    while True:
+        r = int(rng.integers(bound))
+        if r <= n - 2:
+            break
+        bound = r
     lead = case.lead()
     return {
         "last": case.ref.run(lead + wt[:-1]),

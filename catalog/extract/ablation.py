@@ -7,10 +7,14 @@ neuron's coefficient at the prefix's last token:
 - ``last``: the last token removed. It costs nothing: the coefficient one position earlier in the
   same forward pass (kept by the corpus pass as ``TopState.previous``).
 - ``first``: the window's first token removed. One forward pass per window serves every prefix in it.
-- ``random``: one token other than the last removed, uniformly at random. Each document draws one
-  u in [0, 1) from (seed, document); a prefix of length L loses token floor(u * (L - 1)). For one
-  prefix that is uniform over its first L - 1 tokens, and prefixes of a document that lose the same
-  token share one forward pass.
+- ``random``: one token other than the last removed, uniformly at random. Each window draws a
+  decreasing chain of indices from a generator seeded with (seed, document, window start):
+  r1 uniform over the first T - 1 of its T tokens, then r2 uniform below r1, r3 below r2, ... down
+  to 0. A prefix of length L loses the first r in the chain with r <= L - 2. Conditioned on
+  landing there, each draw is uniform over a range that covers 0..L-2, so for one prefix the removed
+  token is uniform over its first L - 1 tokens; and every prefix that loses the same r shares one
+  forward pass, whose length halves down the chain: about 2 T tokens per window in all, where
+  one pass per prefix would cost about T^2 / 2.
 
 A single-token prefix has nothing left to ablate: its ablated coefficients are NaN (stored null).
 """
@@ -92,38 +96,47 @@ class AblationJob:
     reads: list[list[tuple[int, int]]]
 
 
-def _document_u(seed: int, document: int) -> float:
-    return float(np.random.default_rng([seed, document]).random())
+def random_chain(seed: int, document: int, window_start: int, n_tokens: int) -> list[int]:
+    """The window's decreasing chain of candidate removal indices (module docstring, ``random``)."""
+    rng = np.random.default_rng([seed, document, window_start])
+    chain: list[int] = []
+    bound = n_tokens - 1
+    while bound > 0:
+        bound = int(rng.integers(bound))
+        chain.append(bound)
+    return chain
+
+
+def random_removed(chain: Sequence[int], length: int) -> int:
+    """Index (within the window) of the token a prefix of ``length`` >= 2 tokens loses."""
+    return next(r for r in chain if r <= length - 2)
 
 
 def ablation_jobs(corpus: TokenisedCorpus, table: PrefixTable, prefix_ids: torch.Tensor, *, seed: int) -> dict[str, AblationJob]:
     """The 'first' and 'random' ablation sequences for the prefixes in ``prefix_ids`` (-1 ignored)."""
     wanted = torch.unique(prefix_ids[prefix_ids >= 0]).tolist()
     first: dict[int, list[tuple[int, int]]] = {}  # window -> reads
-    random: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (window, removed position) -> reads
-    u_cache: dict[int, float] = {}
+    random: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (window, removed index) -> reads
+    chains: dict[int, list[int]] = {}
     for pid in wanted:
         slot, pos = int(table.slots[pid]), int(table.positions[pid])
         w = corpus.window_of(slot, pos)
-        start = corpus.windows[w].start
-        length = pos - start + 1
+        win = corpus.windows[w]
+        length = pos - win.start + 1
         if length < 2:
             continue
         first.setdefault(w, []).append((pid, length - 2))
-        doc = corpus.documents[slot]
-        if doc not in u_cache:
-            u_cache[doc] = _document_u(seed, doc)
-        removed = start + math.floor(u_cache[doc] * (length - 1))
-        random.setdefault((w, removed), []).append((pid, length - 2))
+        if w not in chains:
+            chains[w] = random_chain(seed, win.document, win.start, len(win.tokens))
+        random.setdefault((w, random_removed(chains[w], length)), []).append((pid, length - 2))
     jobs = {"first": AblationJob([], []), "random": AblationJob([], [])}
     for w, reads in first.items():
         end = max(i for _, i in reads) + 2
         jobs["first"].rows.append(corpus.windows[w].tokens[1:end])
         jobs["first"].reads.append(reads)
-    for (w, removed), reads in random.items():
+    for (w, r), reads in random.items():
         win = corpus.windows[w]
         end = max(i for _, i in reads) + 2
-        r = removed - win.start
         jobs["random"].rows.append(win.tokens[:r] + win.tokens[r + 1 : end])
         jobs["random"].reads.append(reads)
     return jobs

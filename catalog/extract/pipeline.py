@@ -127,6 +127,7 @@ class LayerRecord:
     values: torch.Tensor
     ups: torch.Tensor | None
     projection: TokenProjection
+    seconds: dict[str, float] = field(default_factory=dict)  # compute time by stage
     # corpus figures; None for a weight-only run
     activation: dict[str, torch.Tensor] | None = None
     agreement: abl.Agreement | None = None
@@ -149,10 +150,14 @@ def layer_records(
     unembedding = view.unembedding().detach()
     for layer in range(view.n_layers):
         with torch.inference_mode():
+            t0 = time.perf_counter()
             w = view.layer(layer)
             n = neuron_weights(w)
             stats = layer_weight_stats(w, n)
+            t1 = time.perf_counter()
             logits = value_logits(w.values, unembedding)
+            projection = _cpu(project_values(logits, params.value_top, params.value_bottom))
+            t2 = time.perf_counter()
             record = LayerRecord(
                 layer=layer,
                 stats=stats,
@@ -160,10 +165,12 @@ def layer_records(
                 keys=w.keys.detach().float().cpu(),
                 values=w.values.detach().float().cpu(),
                 ups=None if w.ups is None else w.ups.detach().float().cpu(),
-                projection=_cpu(project_values(logits, params.value_top, params.value_bottom)),
+                projection=projection,
+                seconds={"weight_statistics": t1 - t0, "token_projections": t2 - t1},
             )
             if analysis is not None:
                 _add_corpus_figures(record, logits, analysis, params)
+                record.seconds["corpus_figures"] = time.perf_counter() - t2
         if progress is not None:
             progress("weights and projections", 1, view.n_layers)
         yield record

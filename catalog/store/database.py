@@ -160,3 +160,13 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def stop_embedded() -> None:
+    """Stop the embedded Postgres this process started (if no other process still uses it)."""
+    global _embedded_server, _embedded_url
+    dispose_engine()
+    with _lock:
+        if _embedded_server is not None:
+            _embedded_server.cleanup()
+        _embedded_server, _embedded_url = None, None
