@@ -57,6 +57,7 @@ def main() -> None:
     from catalog.store.database import get_engine, stop_embedded
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     name = "bench-part1"
     print(f"# part 1 benchmark  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  {platform.node()}  "
           f"{os.cpu_count()} CPUs  torch {torch.__version__} threads {torch.get_num_threads()}  "
@@ -66,7 +67,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
     t = summary.timings
     print(f"\nmodel {args.model}: {summary.n_layers} layers x {summary.d_mlp} neurons, extract wall {wall:.1f} s")
-    for key in ("load", "weight_statistics", "token_projections", "hashes", "ingest", "total"):
+    for key in ("load", "weight_statistics", "token_projections", "hashes", "layer_other", "ingest"):
         if key in t:
             print(f"  {key:<20} {t[key]:8.2f} s")
     t1 = time.perf_counter()
@@ -96,8 +97,8 @@ def main() -> None:
             new_id = cur.fetchone()[0]
             payloads: dict[str, tuple[str, bytes]] = {}
             for tb in TABLES:
-                cur.execute("SELECT column_name FROM information_schema.columns WHERE table_name = %s "
-                            "ORDER BY ordinal_position", (tb,))
+                cur.execute("SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+                            "AND table_name = %s ORDER BY ordinal_position", (tb,))
                 cols = [c for (c,) in cur.fetchall()]
                 select = ", ".join(f"{new_id}::int4" if c == "run_id" else c for c in cols)
                 buf = bytearray()

@@ -50,6 +50,7 @@ def main() -> None:
     from catalog.store.database import stop_embedded
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     params = Parameters()
     print(f"# part 2 benchmark  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  {platform.node()}  "
           f"{os.cpu_count()} CPUs  torch {torch.__version__} threads {torch.get_num_threads()}")
