@@ -525,8 +525,6 @@ def test_relative_change_of_negative_coefficients() -> None:
 
 
 def test_cli_export_jsonl(case: Case, tmp_path: Path) -> None:
-    if case.family != "gpt2":
-        pytest.skip("one family is enough for the CLI round trip")
     out = tmp_path / "out.jsonl"
     result = CliRunner().invoke(app, ["export", "--model", case.name, "--out", str(out)])
     assert result.exit_code == 0, result.output
