@@ -11,13 +11,15 @@ mkdir -p out
 $NC extract --model smollm2 --name "$NAME" --corpus data/wordnet.txt --max-tokens "${DEMO_MAX_TOKENS:-20000}"
 $NC export --model "$NAME" --out "out/$NAME.jsonl"
 $NC show --model "$NAME" --layer 20 --neuron 7
+DB=${CATALOG_DATABASE_URL:-"the embedded Postgres in $(.venv/bin/python -c 'from catalog.config import settings; print(settings.embedded_pgdata)')"}
 cat <<MSG
 
-Done. The catalog of $NAME is in the embedded Postgres under
-  ${CATALOG_DATA_DIR:-$(.venv/bin/python -c 'from catalog.config import settings; print(settings.data_dir)')}
+Done: the catalog of $NAME is in $DB.
 Where to look:
-  out/$NAME.jsonl                               one record per neuron (also: --out FILE.parquet)
+  out/$NAME.jsonl
+      one record per neuron: weights, value tokens, triggers, agreement, ablation (README explains each field)
   .venv/bin/neuron-catalog show --model $NAME --layer L --neuron N
-  .venv/bin/neuron-catalog runs                 runs, timings and status
-  README.md                                     what every field means
+      one neuron, as above
+  .venv/bin/neuron-catalog runs
+      runs, their status and parameters
 MSG

