@@ -174,14 +174,16 @@ def show(
 
 @app.command()
 def runs() -> None:
-    """List catalog entries and their extraction runs."""
+    """List catalog entries and their extraction runs (runs whose process died are marked failed)."""
     from sqlalchemy import select
 
+    from catalog.service import reap_stale_runs
     from catalog.store.database import check_connection, session_scope
     from catalog.store.models import CatalogModel, ExtractionRun
 
     def go() -> None:
         check_connection()
+        reap_stale_runs()  # a 'running' run whose process died is shown as failed (interrupted)
         with session_scope() as s:
             names = dict(s.execute(select(CatalogModel.id, CatalogModel.name)).tuples().all())
             current = set(s.scalars(select(CatalogModel.current_run_id)))

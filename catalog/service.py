@@ -4,6 +4,10 @@ The run row is committed first (status ``running``) so that progress and failure
 catalog rows go in inside one transaction that also marks the run ``complete`` and points the
 catalog entry at it. Anything that goes wrong before that commit (an exception, Ctrl-C, a killed
 process) leaves the previous catalog exactly as it was.
+
+While a run is alive its process holds a session-level advisory lock keyed by the run id, taken in
+the very transaction that creates the run row. A ``running`` run whose lock is free therefore
+belongs to a process that died (SIGKILL, power loss): ``reap_stale_runs`` marks it failed.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select, text, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from catalog.corpus import Corpus, CorpusError, load_corpus
@@ -28,6 +32,9 @@ from catalog.store.ingest import RunWriter
 from catalog.store.models import CatalogModel, ExtractionRun, RunStatus
 
 PROJECTION_CONVENTION = "raw_unembedding"
+# First key of the two-int advisory lock a live run holds (the second is the run id).
+RUN_LOCK_CLASS = 0x4E43  # "NC"
+INTERRUPTED = "interrupted: the extracting process ended before finishing (killed or lost); nothing was published"
 
 
 @dataclass
@@ -61,10 +68,14 @@ def _set_progress(engine: Engine, run_id: int, stage: str) -> None:
         s.execute(update(ExtractionRun).where(ExtractionRun.id == run_id).values(progress={"stage": stage}))
 
 
-def _register(engine: Engine, name: str, loaded: LoadedModel, req: ExtractRequest, corpus: Corpus | None) -> tuple[int, bool]:
-    """Create the run row (and the catalog entry if new); returns (run id, whether the entry is new)."""
+def _register(conn: Connection, name: str, loaded: LoadedModel, req: ExtractRequest, corpus: Corpus | None) -> tuple[int, bool]:
+    """Create the run row (and the catalog entry if new) and take the run's liveness lock on ``conn``.
+
+    Returns (run id, whether the entry is new). The lock is taken before the row commits, so no
+    other process ever sees this run as ``running`` without its lock.
+    """
     view = loaded.view
-    with session_scope(engine) as s:
+    with Session(bind=conn) as s, s.begin():
         entry = s.scalar(select(CatalogModel).where(CatalogModel.name == name))
         created = entry is None
         if entry is None:
@@ -93,7 +104,39 @@ def _register(engine: Engine, name: str, loaded: LoadedModel, req: ExtractReques
         )
         s.add(run)
         s.flush()
+        s.execute(text("SELECT pg_advisory_lock(:c, :r)"), {"c": RUN_LOCK_CLASS, "r": run.id})
         return run.id, created
+
+
+def _release(conn: Connection, run_id: int) -> None:
+    # The pool would keep the connection, and a session-level lock with it: unlock explicitly. A
+    # connection that broke meanwhile took its lock with it, so errors here are moot.
+    try:
+        conn.execute(text("SELECT pg_advisory_unlock(:c, :r)"), {"c": RUN_LOCK_CLASS, "r": run_id})
+        conn.commit()
+    except Exception:
+        conn.invalidate()
+    finally:
+        conn.close()
+
+
+def reap_stale_runs(engine: Engine | None = None) -> list[int]:
+    """Mark ``running`` runs whose process is gone as failed; returns their ids."""
+    engine = engine or get_engine()
+    stale = []
+    with engine.connect() as conn:
+        for run_id in conn.scalars(select(ExtractionRun.id).where(ExtractionRun.status == RunStatus.running)).all():
+            if conn.scalar(text("SELECT pg_try_advisory_lock(:c, :r)"), {"c": RUN_LOCK_CLASS, "r": run_id}):
+                conn.execute(text("SELECT pg_advisory_unlock(:c, :r)"), {"c": RUN_LOCK_CLASS, "r": run_id})
+                stale.append(run_id)
+        if stale:
+            conn.execute(
+                update(ExtractionRun)
+                .where(ExtractionRun.id.in_(stale), ExtractionRun.status == RunStatus.running)
+                .values(status=RunStatus.failed, error=INTERRUPTED, finished_at=func.now())
+            )
+        conn.commit()
+    return stale
 
 
 def _fail(engine: Engine, run_id: int, created_entry: bool, error: BaseException) -> None:
@@ -139,7 +182,13 @@ def extract(
     log(f"loaded {source.location} ({loaded.view.family.name}, {loaded.view.n_layers} layers x "
         f"{loaded.view.d_mlp} neurons) on {loaded.device} in {timings['load']:.1f}s")
 
-    run_id, created = _register(engine, name, loaded, req, corpus)
+    reap_stale_runs(engine)
+    liveness = engine.connect()  # holds the run's liveness lock until this function returns
+    try:
+        run_id, created = _register(liveness, name, loaded, req, corpus)
+    except BaseException:
+        liveness.close()
+        raise
     try:
         counts: dict[str, Any] = {}
         analysis: CorpusAnalysis | None = None
@@ -158,6 +207,8 @@ def extract(
     except BaseException as exc:  # KeyboardInterrupt included: the run is marked failed, then re-raised
         _fail(engine, run_id, created, exc)
         raise
+    finally:
+        _release(liveness, run_id)
     _drop_superseded(engine, name)
     return RunSummary(run_id, name, loaded.view.n_layers, loaded.view.d_mlp, timings, counts)
 

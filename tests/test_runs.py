@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from tiny_models import D_MLP, N_LAYERS
 
 from catalog.export import records
-from catalog.service import ExtractRequest, catalog_names, extract
+from catalog.service import INTERRUPTED, RUN_LOCK_CLASS, ExtractRequest, catalog_names, extract, reap_stale_runs
 from catalog.store.database import get_engine, session_scope
 from catalog.store.models import (
     CatalogModel,
@@ -307,6 +307,16 @@ def assert_killed_run_invisible(engine: Engine, name: str, previous: int, before
     assert entries_named(engine, name) == 1
 
 
+def assert_reaped(engine: Engine, name: str) -> None:
+    """Once the dead process's connections are gone its run no longer holds its lock: reaped as failed."""
+    killed = runs_of(engine, name)[1]
+    _wait_for(lambda: killed.id in reap_stale_runs(engine) or runs_of(engine, name)[1].status != RunStatus.running,
+              None, "the killed run to be reaped")
+    reaped = runs_of(engine, name)[1]
+    assert reaped.status == RunStatus.failed and reaped.error == INTERRUPTED and reaped.finished_at is not None
+    assert_no_rows(engine, reaped.id)
+
+
 def test_process_killed_mid_ingest_leaves_the_previous_catalog(engine: Engine, models: dict[int, Path]) -> None:
     """SIGKILL after layer 0's rows are COPYed (the CLI test below kills one at the publish step)."""
     name, stage = unique("killed"), "layer 1"
@@ -318,6 +328,7 @@ def test_process_killed_mid_ingest_leaves_the_previous_catalog(engine: Engine, m
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert_killed_run_invisible(engine, name, previous, before)
+    assert_reaped(engine, name)
     # the server dropped the dead client's transaction: a new run publishes normally
     latest = run_extract(engine, models[1], name)
     assert snapshot(engine, name).entry[1] == latest
@@ -411,5 +422,32 @@ def test_cli_killed_while_publishing_leaves_the_previous_catalog(
     publish_lock.release()
     _wait_for(backend_gone, None, "the killed CLI's database session to end")
     assert_killed_run_invisible(engine, name, previous, before)
+    assert_reaped(engine, name)
     latest = run_extract(engine, models[1], name)
     assert snapshot(engine, name).entry[1] == latest
+
+
+def test_live_runs_are_not_reaped(engine: Engine, models: dict[int, Path]) -> None:
+    """A run whose process is alive (mid-stage, holding its lock) stays 'running'; reaping is a no-op."""
+    name = unique("live")
+    seen: dict[str, Any] = {}
+
+    def held(run_id: int) -> int:
+        with engine.connect() as c:
+            return int(c.scalar(text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND classid = :c AND objid = :r AND objsubid = 2"
+            ), {"c": RUN_LOCK_CLASS, "r": run_id}))
+
+    def hook(stage: str) -> None:
+        if stage == "weights":
+            live = runs_of(engine, name)[-1]
+            seen.update(id=live.id, held=held(live.id), reaped=reap_stale_runs(engine),
+                        status=runs_of(engine, name)[-1].status)
+
+    run_id = run_extract(engine, models[0], name, on_stage=hook)
+    assert seen["id"] == run_id and seen["held"] == 1 and run_id not in seen["reaped"]
+    assert seen["status"] == RunStatus.running
+    assert runs_of(engine, name)[-1].status == RunStatus.complete
+    # the finished run released its lock although its connection lives on in the pool
+    assert held(run_id) == 0
