@@ -27,7 +27,14 @@ from sqlalchemy.orm import Session
 from tiny_models import D_MLP, N_LAYERS
 
 from catalog.export import records
-from catalog.service import INTERRUPTED, RUN_LOCK_CLASS, ExtractRequest, catalog_names, extract, reap_stale_runs
+from catalog.service import (
+    INTERRUPTED,
+    RUN_LOCK_CLASS,
+    ExtractRequest,
+    catalog_names,
+    extract,
+    reap_stale_runs,
+)
 from catalog.store.database import get_engine, session_scope
 from catalog.store.models import (
     CatalogModel,

@@ -22,10 +22,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-WORDS = (
-    "the a cat dog sat on mat ran fast slow red blue green house tree river . , and of to in is was "
-    "big small bird sang sun moon"
-).split()
+WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "fast", "slow", "red", "blue", "green", "house", "tree", "river", ".", ",", "and", "of", "to", "in", "is", "was", "big", "small", "bird", "sang", "sun", "moon"]
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 FAMILIES = ("gpt2", "gpt_neox", "opt", "llama")
 D_MODEL, D_MLP, N_LAYERS, MAX_POS = 16, 24, 2, 64

@@ -6,6 +6,7 @@ so that stored figures do not depend on the model's dtype.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -130,14 +131,25 @@ def project_values(logits: torch.Tensor, top: int = 30, bottom: int = 10) -> Tok
     return TokenProjection(hi.indices, hi.values, lo.indices, lo.values)
 
 
-def token_ranks(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+def token_ranks(logits: torch.Tensor, token_ids: torch.Tensor, *, chunk: int = 256) -> torch.Tensor:
     """1-based rank of token_ids[i, j] in row i of logits (1 = highest); 0 where token_ids < 0.
 
-    Rank = 1 + number of tokens with a strictly higher logit, found by binary search in the sorted
-    row rather than by comparing against the whole vocabulary for every token.
+    Rank = 1 + number of tokens with a strictly higher logit. Rather than sorting each vocabulary-
+    sized row, the row's few targets are sorted and every logit is binary-searched among them: the
+    count of logits above each target is then a suffix sum of a histogram (about 2x faster on CPU).
     """
-    vocab = logits.shape[1]
-    sorted_rows = logits.sort(dim=1).values  # ascending
+    rows = logits.shape[0]
+    valid = token_ids >= 0
     target = logits.gather(1, token_ids.clamp(min=0))
-    ranks = vocab - torch.searchsorted(sorted_rows, target.contiguous(), right=True) + 1
-    return torch.where(token_ids >= 0, ranks, torch.zeros_like(ranks))
+    target = torch.where(valid, target, torch.full_like(target, math.inf))  # +inf: nothing is above it
+    targets, order = target.sort(dim=1)
+    n = targets.shape[1]
+    above = torch.empty_like(token_ids)
+    for a in range(0, rows, chunk):
+        b = min(a + chunk, rows)
+        # number of targets strictly below each logit: a logit is above target j (in sorted order) iff that exceeds j
+        below = torch.searchsorted(targets[a:b].contiguous(), logits[a:b].contiguous(), side="left", out_int32=True)
+        offsets = (torch.arange(b - a, dtype=torch.int32, device=logits.device) * (n + 1)).unsqueeze(1)
+        hist = torch.bincount((below + offsets).view(-1), minlength=(b - a) * (n + 1)).view(b - a, n + 1)
+        above[a:b].scatter_(1, order[a:b], hist.flip(1).cumsum(1).flip(1)[:, 1:])
+    return torch.where(valid, above + 1, torch.zeros_like(above))

@@ -1,12 +1,15 @@
-"""The random-token ablation rule: for any one prefix the removed token is uniform over its first L - 1."""
+"""Pure rules: the random-token ablation (for any one prefix the removed token is uniform over its
+first L - 1) and the next-token ranks behind agreement."""
 
 from __future__ import annotations
 
 from itertools import pairwise
 
 import numpy as np
+import torch
 
 from catalog.extract.ablation import random_chain, random_removed
+from catalog.extract.weights import token_ranks
 
 
 def test_chain_is_strictly_decreasing_and_ends_at_zero() -> None:
@@ -38,3 +41,19 @@ def test_chain_costs_about_two_window_lengths() -> None:
     window = 255
     costs = [window + sum(random_chain(0, d, 0, window)) for d in range(500)]
     assert np.mean(costs) < 2.2 * window
+
+
+def test_token_ranks_equal_brute_force_with_ties_and_gaps() -> None:
+    g = torch.Generator().manual_seed(0)
+    # coarse values: many ties inside rows and between targets
+    logits = torch.randint(-5, 6, (37, 300), generator=g).float()
+    ids = torch.randint(0, 300, (37, 9), generator=g)
+    ids[3] = ids[3, 0]  # the same token nine times
+    ids[5, :4] = -1  # no trigger
+    ids[6] = -1
+    got = token_ranks(logits, ids, chunk=8)  # several chunks, the last one partial
+    for i in range(37):
+        for j in range(9):
+            t = int(ids[i, j])
+            want = 0 if t < 0 else 1 + int((logits[i] > logits[i, t]).sum())
+            assert int(got[i, j]) == want, (i, j)
