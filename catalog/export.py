@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, true
 from sqlalchemy.orm import Session
 
 from catalog.service import current_run
@@ -47,7 +47,7 @@ def records(
     rid = run.id
     vocab = dict(session.execute(select(Token.token_id, Token.text).where(Token.run_id == rid)).tuples().all())
     for layer in (range(entry.n_layers) if layers is None else [x for x in layers if 0 <= x < entry.n_layers]):
-        only = (lambda col: col.in_(neurons)) if neurons is not None else (lambda col: True)
+        only = (lambda col: col.in_(neurons)) if neurons is not None else (lambda col: true())
         tokens: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: {"top": [], "bottom": []})
         for n, kind, tid, logit in session.execute(
             select(ValueToken.neuron, ValueToken.kind, ValueToken.token_id, ValueToken.logit)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,29 +33,29 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     gated: bool
-    blocks: Callable[[nn.Module], nn.ModuleList]
+    blocks: Callable[[Any], nn.ModuleList]
     # The module whose forward input is the vector of memory coefficients ([..., d_mlp]).
-    value_proj: Callable[[nn.Module], nn.Module]
-    layer_weights: Callable[[nn.Module], LayerWeights]
-    final_norm: Callable[[nn.Module], nn.Module]
+    value_proj: Callable[[Any], nn.Module]
+    layer_weights: Callable[[Any], LayerWeights]
+    final_norm: Callable[[Any], nn.Module]
 
 
-def _gpt2_weights(block: nn.Module) -> LayerWeights:
+def _gpt2_weights(block: Any) -> LayerWeights:
     # Conv1D stores weight as [in, out]: keys are the columns of c_fc, values the rows of c_proj.
     mlp = block.mlp
     return LayerWeights(mlp.c_fc.weight.T, mlp.c_proj.weight, mlp.c_fc.bias, None)
 
 
-def _neox_weights(block: nn.Module) -> LayerWeights:
+def _neox_weights(block: Any) -> LayerWeights:
     mlp = block.mlp
     return LayerWeights(mlp.dense_h_to_4h.weight, mlp.dense_4h_to_h.weight.T, mlp.dense_h_to_4h.bias, None)
 
 
-def _opt_weights(block: nn.Module) -> LayerWeights:
+def _opt_weights(block: Any) -> LayerWeights:
     return LayerWeights(block.fc1.weight, block.fc2.weight.T, block.fc1.bias, None)
 
 
-def _llama_weights(block: nn.Module) -> LayerWeights:
+def _llama_weights(block: Any) -> LayerWeights:
     mlp = block.mlp
     return LayerWeights(mlp.gate_proj.weight, mlp.down_proj.weight.T, mlp.gate_proj.bias, mlp.up_proj.weight)
 
@@ -107,11 +108,11 @@ def family_for(model_type: str) -> Family:
 class MlpView:
     """A loaded causal LM seen as a stack of FFN key-value memories."""
 
-    model: nn.Module
+    model: Any  # a transformers PreTrainedModel (attributes differ per family)
     family: Family
 
     @classmethod
-    def of(cls, model: nn.Module) -> MlpView:
+    def of(cls, model: Any) -> MlpView:
         return cls(model, family_for(model.config.model_type))
 
     @property

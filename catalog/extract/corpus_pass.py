@@ -379,7 +379,7 @@ def backbone(model: nn.Module) -> nn.Module:
 
 def _d_mlp(value_proj: nn.Module) -> int:
     # nn.Linear weight is [out, in]; GPT-2's Conv1D is [in, out].
-    weight = value_proj.weight
+    weight: torch.Tensor = value_proj.weight  # type: ignore[assignment]
     return int(weight.shape[0] if type(value_proj).__name__ == "Conv1D" else weight.shape[1])
 
 
