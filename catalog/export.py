@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, true
+from sqlalchemy import func, select, true
 from sqlalchemy.orm import Session
 
 from catalog.service import current_run
-from catalog.store.models import Neuron, Prefix, Token, Trigger, ValueToken
+from catalog.store.models import Layer, Neuron, Prefix, Token, Trigger, ValueToken
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
 
@@ -145,3 +145,35 @@ def parquet_schema(*, vectors: bool) -> Any:
     if vectors:
         fields += [("key_vector", pa.list_(pa.float32())), ("value_vector", pa.list_(pa.float32()))]
     return pa.schema(fields)
+
+
+LAYER_FIELDS = (
+    "mean_bias", "mean_alignment", "corr_bias_key_norm", "corr_bias_value_norm", "corr_bias_alignment",
+    "bias_alignment_slope", "bias_alignment_intercept", "key_cosine_mean", "value_cosine_mean",
+    "mean_agreement", "mean_ablation_last", "mean_ablation_first", "mean_ablation_random",
+)
+LABELS = ("shallow", "semantic", "shallow+semantic")
+
+
+def layer_summaries(session: Session, name: str, *, histograms: bool = False) -> list[dict[str, Any]]:
+    """One row per layer of ``name``'s current run: seed 000 and seed 001 figures, label counts."""
+    found = current_run(session, name)
+    if found is None:
+        raise ExportError(f"no completed catalog named {name!r} (see `neuron-catalog runs`)")
+    _, run = found
+    counts: dict[int, dict[str, int]] = defaultdict(dict)
+    for layer, label, n in session.execute(
+        select(Neuron.layer, Neuron.suggested_label, func.count())
+        .where(Neuron.run_id == run.id, Neuron.suggested_label.is_not(None))
+        .group_by(Neuron.layer, Neuron.suggested_label)
+    ).tuples():
+        counts[layer][label] = n
+    rows = []
+    for layer in session.scalars(select(Layer).where(Layer.run_id == run.id).order_by(Layer.layer)):
+        row: dict[str, Any] = {"model": name, "run_id": run.id, "layer": layer.layer}
+        row.update({f: _clean(getattr(layer, f)) for f in LAYER_FIELDS})
+        row.update({f"labels_{k}": counts[layer.layer].get(k, 0) for k in LABELS})
+        if histograms:
+            row["histograms"] = layer.histograms
+        rows.append(row)
+    return rows

@@ -186,7 +186,7 @@ COMMANDS = _commands()
 
 def test_every_command_is_covered() -> None:
     paths = {" ".join(p) for p, _ in COMMANDS}
-    assert {"extract", "export", "show", "runs", "db", "db upgrade", "db downgrade", "db current"} <= paths
+    assert {"extract", "export", "layers", "show", "runs", "db", "db upgrade", "db downgrade", "db current"} <= paths
 
 
 @pytest.fixture(scope="module")

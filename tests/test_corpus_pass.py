@@ -9,6 +9,7 @@ suggested labels, per-layer means) is compared with what the reference derives f
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -530,6 +531,36 @@ def test_cli_export_jsonl(case: Case, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     assert lines == json.loads(json.dumps(case.records))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_cli_layers(case: Case, tmp_path: Path, suffix: str) -> None:
+    """`neuron-catalog layers`: the stored per-layer rows, with label counts over the exported neurons."""
+    out = tmp_path / f"layers{suffix}"
+    result = CliRunner().invoke(app, ["layers", "--model", case.name, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    if suffix == ".jsonl":
+        rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    else:
+        with out.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    assert [int(r["layer"]) for r in rows] == [layer.layer for layer in case.layers]
+    for row, layer in zip(rows, case.layers, strict=True):
+        for field_name in ("mean_agreement", "mean_ablation_last", "mean_ablation_first", "mean_ablation_random",
+                           "mean_alignment", "key_cosine_mean"):
+            stored = getattr(layer, field_name)
+            got = row[field_name]
+            if stored is None or (isinstance(stored, float) and math.isnan(stored)):
+                assert got in (None, "")
+            else:
+                assert float(got) == pytest.approx(stored)
+        for label in ("shallow", "semantic", "shallow+semantic"):
+            want = sum(1 for rec in case.records if rec["layer"] == layer.layer and rec["suggested_label"] == label)
+            assert int(row[f"labels_{label}"]) == want
+        if suffix == ".jsonl":
+            assert row["histograms"] == layer.histograms
+    table = CliRunner().invoke(app, ["layers", "--model", case.name])
+    assert table.exit_code == 0 and len(table.stdout.strip().splitlines()) == len(case.layers) + 1
 
 
 BAD_CORPORA: list[tuple[str, bytes | None, str]] = [
