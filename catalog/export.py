@@ -162,18 +162,18 @@ def layer_summaries(session: Session, name: str, *, histograms: bool = False) ->
         raise ExportError(f"no completed catalog named {name!r} (see `neuron-catalog runs`)")
     _, run = found
     counts: dict[int, dict[str, int]] = defaultdict(dict)
-    for layer, label, n in session.execute(
+    for index, label, n in session.execute(
         select(Neuron.layer, Neuron.suggested_label, func.count())
         .where(Neuron.run_id == run.id, Neuron.suggested_label.is_not(None))
         .group_by(Neuron.layer, Neuron.suggested_label)
     ).tuples():
-        counts[layer][label] = n
+        counts[index][str(label)] = n
     rows = []
-    for layer in session.scalars(select(Layer).where(Layer.run_id == run.id).order_by(Layer.layer)):
-        row: dict[str, Any] = {"model": name, "run_id": run.id, "layer": layer.layer}
-        row.update({f: _clean(getattr(layer, f)) for f in LAYER_FIELDS})
-        row.update({f"labels_{k}": counts[layer.layer].get(k, 0) for k in LABELS})
+    for stored in session.scalars(select(Layer).where(Layer.run_id == run.id).order_by(Layer.layer)):
+        row: dict[str, Any] = {"model": name, "run_id": run.id, "layer": stored.layer}
+        row.update({f: _clean(getattr(stored, f)) for f in LAYER_FIELDS})
+        row.update({f"labels_{k}": counts[stored.layer].get(k, 0) for k in LABELS})
         if histograms:
-            row["histograms"] = layer.histograms
+            row["histograms"] = stored.histograms
         rows.append(row)
     return rows
