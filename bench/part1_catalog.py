@@ -67,7 +67,7 @@ def main() -> None:
     wall = time.perf_counter() - t0
     t = summary.timings
     print(f"\nmodel {args.model}: {summary.n_layers} layers x {summary.d_mlp} neurons, extract wall {wall:.1f} s")
-    for key in ("load", "weight_statistics", "token_projections", "hashes", "layer_other", "ingest"):
+    for key in ("load", "weight_statistics", "token_projections", "hashes", "ingest"):
         if key in t:
             print(f"  {key:<20} {t[key]:8.2f} s")
     t1 = time.perf_counter()

@@ -141,46 +141,39 @@ def export_cmd(
     typer.echo(f"wrote {count} neuron records to {out}")
 
 
+# `layers` table: (field, title, width, decimals or None for integers)
+LAYER_COLUMNS = (
+    ("layer", "layer", 5, None), ("mean_alignment", "align", 7, 3), ("key_cosine_mean", "key cos", 7, 3),
+    ("value_cosine_mean", "val cos", 7, 3), ("mean_agreement", "agree", 6, 3),
+    ("mean_ablation_last", "dLast", 6, 2), ("mean_ablation_first", "dFirst", 6, 2),
+    ("mean_ablation_random", "dRandom", 7, 2), ("labels_shallow", "shallow", 7, None),
+    ("labels_semantic", "semantic", 8, None), ("labels_shallow+semantic", "both", 5, None),
+)
+
+
 @app.command()
 def layers(
     model: Annotated[str, typer.Option(help="Catalog entry name.")],
     out: Annotated[Path | None, typer.Option(help="Write the rows to a .jsonl (histograms included) or .csv file instead of printing a table.")] = None,
 ) -> None:
     """Per-layer figures: seed 000 weight statistics, mean agreement and ablation changes, label counts."""
-    import csv
-    import json
-
-    from catalog.export import ExportError, layer_summaries
+    from catalog.export import export_layers, layer_summaries
     from catalog.store.database import check_connection, session_scope
 
-    def go() -> list[dict[str, Any]]:
+    def go() -> Any:
         check_connection()
-        if out is not None and out.suffix.lower() not in (".jsonl", ".csv"):
-            raise ExportError(f"cannot write {out}: the file name must end in .jsonl or .csv")
         with session_scope() as s:
-            return layer_summaries(s, model, histograms=out is not None and out.suffix.lower() == ".jsonl")
+            return export_layers(s, model, out) if out is not None else layer_summaries(s, model)
 
-    rows = _run(go)
+    result = _run(go)
     if out is not None:
-        with out.open("w", encoding="utf-8", newline="") as f:
-            if out.suffix.lower() == ".jsonl":
-                f.writelines(json.dumps(r) + "\n" for r in rows)
-            else:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["layer"])
-                w.writeheader()
-                w.writerows(rows)
-        typer.echo(f"wrote {len(rows)} layer rows to {out}")
+        typer.echo(f"wrote {result} layer rows to {out}")
         return
-    cols = [("layer", "layer", "{:>5}"), ("mean_alignment", "align", "{:>7.3f}"), ("key_cosine_mean", "key cos", "{:>7.3f}"),
-            ("value_cosine_mean", "val cos", "{:>7.3f}"), ("mean_agreement", "agree", "{:>6.3f}"),
-            ("mean_ablation_last", "dLast", "{:>6.2f}"), ("mean_ablation_first", "dFirst", "{:>6.2f}"),
-            ("mean_ablation_random", "dRandom", "{:>7.2f}"), ("labels_shallow", "shallow", "{:>7}"),
-            ("labels_semantic", "semantic", "{:>8}"), ("labels_shallow+semantic", "both", "{:>5}")]
-    typer.echo(" ".join(f"{title:>{len(fmt.format(0.0 if 'f' in fmt else 0))}}" for _, title, fmt in cols))
-    for r in rows:
+    typer.echo(" ".join(f"{title:>{width}}" for _, title, width, _ in LAYER_COLUMNS))
+    for row in result:
         typer.echo(" ".join(
-            fmt.format(r[key]) if r[key] is not None else f"{'-':>{len(fmt.format(0.0 if 'f' in fmt else 0))}}"
-            for key, _, fmt in cols
+            f"{'-':>{width}}" if row[key] is None else f"{row[key]:>{width}.{dec}f}" if dec is not None else f"{row[key]:>{width}}"
+            for key, _, width, dec in LAYER_COLUMNS
         ))
 
 

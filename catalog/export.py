@@ -177,3 +177,24 @@ def layer_summaries(session: Session, name: str, *, histograms: bool = False) ->
             row["histograms"] = stored.histograms
         rows.append(row)
     return rows
+
+
+LAYER_FORMATS = (".jsonl", ".csv")
+
+
+def export_layers(session: Session, name: str, out: Path) -> int:
+    """Write ``layer_summaries`` to .jsonl (histograms included) or .csv; returns the row count."""
+    import csv
+
+    suffix = out.suffix.lower()
+    if suffix not in LAYER_FORMATS:
+        raise ExportError(f"cannot write {out}: the file name must end in .jsonl or .csv")
+    rows = layer_summaries(session, name, histograms=suffix == ".jsonl")
+    with out.open("w", encoding="utf-8", newline="") as f:
+        if suffix == ".jsonl":
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        else:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["layer"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return len(rows)

@@ -224,7 +224,6 @@ def _write_and_publish(
     timings["hashes"] = time.perf_counter() - t0
     vocab = int(loaded.view.unembedding().shape[0])
     texts = loaded.tokenizer.batch_decode([[i] for i in range(vocab)], skip_special_tokens=False)
-    compute = 0.0  # generator time not accounted in record.seconds (reading weights, CPU copies)
     by_stage: dict[str, float] = {}
     with engine.connect() as conn:
         with conn.begin():
@@ -234,19 +233,12 @@ def _write_and_publish(
             if analysis is not None:
                 writer.prefixes(analysis)
             records = layer_records(loaded.view, req.params, analysis, progress)
-            while True:
-                t = time.perf_counter()
-                rec = next(records, None)
-                compute += time.perf_counter() - t
-                if rec is None:
-                    break
+            for rec in records:
                 stage(f"layer {rec.layer}")
                 for k, v in rec.seconds.items():
                     by_stage[k] = by_stage.get(k, 0.0) + v
-                    compute -= v
                 writer.layer(rec, dict(rec.stats))
             timings.update(by_stage)
-            timings["layer_other"] = compute
             timings["ingest"] = writer.seconds
             counts["rows"] = dict(writer.rows)
             counts["copy_bytes"] = writer.bytes

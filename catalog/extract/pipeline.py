@@ -154,18 +154,14 @@ def layer_records(
             w = view.layer(layer)
             n = neuron_weights(w)
             stats = layer_weight_stats(w, n)
+            keys, values = w.keys.detach().float().cpu(), w.values.detach().float().cpu()
+            ups = None if w.ups is None else w.ups.detach().float().cpu()
             t1 = time.perf_counter()
             logits = value_logits(w.values, unembedding)
             projection = _cpu(project_values(logits, params.value_top, params.value_bottom))
             t2 = time.perf_counter()
             record = LayerRecord(
-                layer=layer,
-                stats=stats,
-                weights=n,
-                keys=w.keys.detach().float().cpu(),
-                values=w.values.detach().float().cpu(),
-                ups=None if w.ups is None else w.ups.detach().float().cpu(),
-                projection=projection,
+                layer=layer, stats=stats, weights=n, keys=keys, values=values, ups=ups, projection=projection,
                 seconds={"weight_statistics": t1 - t0, "token_projections": t2 - t1},
             )
             if analysis is not None:
