@@ -1,4 +1,5 @@
-"""The ``neuron-catalog`` command: thin wrappers around catalog.service, catalog.export and migrations.
+"""The ``neuron-catalog`` command: thin wrappers around catalog.service, catalog.read, catalog.export,
+the API server and migrations.
 
 Every known failure (bad model path, unsupported architecture, bad corpus, unreachable database,
 bad export target) is reported as one ``error:`` line on stderr with exit status 1.
@@ -26,9 +27,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from catalog.export import ExportError
     from catalog.extract.architectures import UnsupportedArchitecture
     from catalog.loading import ModelSourceError
+    from catalog.read.errors import ReadError
     from catalog.store.database import DatabaseUnavailable
 
-    return (CorpusError, ExportError, UnsupportedArchitecture, ModelSourceError, DatabaseUnavailable)
+    return (CorpusError, ExportError, UnsupportedArchitecture, ModelSourceError, DatabaseUnavailable, ReadError)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -92,18 +94,11 @@ def extract(
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: CUDA when present).")] = None,
 ) -> None:
     """Extract a model's neuron catalog into Postgres (and, with --corpus, its trigger prefixes)."""
-    from dataclasses import replace
-
     _quiet_transformers()
-    from catalog.config import settings
-    from catalog.extract.pipeline import Parameters
-    from catalog.service import ExtractRequest
+    from catalog.service import ExtractRequest, default_parameters
     from catalog.service import extract as run_extract
 
-    params = replace(
-        Parameters(), top_n=top_n, window=window, batch_tokens=batch_tokens, ablation_seed=seed,
-        shallow_last_drop=settings.shallow_last_drop, semantic_other_drop=settings.semantic_other_drop,
-    )
+    params = default_parameters(top_n=top_n, window=window, batch_tokens=batch_tokens, ablation_seed=seed)
     req = ExtractRequest(
         model=model, name=name, corpus=str(corpus) if corpus is not None else None, text_field=text_field,
         max_tokens=max_tokens, max_documents=max_documents, device=device, params=params,
@@ -157,13 +152,13 @@ def layers(
     out: Annotated[Path | None, typer.Option(help="Write the rows to a .jsonl (histograms included) or .csv file instead of printing a table.")] = None,
 ) -> None:
     """Per-layer figures: seed 000 weight statistics, mean agreement and ablation changes, label counts."""
-    from catalog.export import export_layers, layer_summaries
+    from catalog.export import export_layers, flat_layer_rows
     from catalog.store.database import check_connection, session_scope
 
     def go() -> Any:
         check_connection()
         with session_scope() as s:
-            return export_layers(s, model, out) if out is not None else layer_summaries(s, model)
+            return export_layers(s, model, out) if out is not None else flat_layer_rows(s, model)
 
     result = _run(go)
     if out is not None:
@@ -185,7 +180,7 @@ def show(
     triggers: Annotated[int, typer.Option(min=0, help="How many trigger prefixes to print.")] = 5,
 ) -> None:
     """Print one neuron's record: weights, value tokens, triggers, agreement and ablation."""
-    from catalog.export import records
+    from catalog.read.catalog import records
     from catalog.store.database import check_connection, session_scope
 
     def go() -> dict[str, Any] | None:
@@ -231,6 +226,25 @@ def runs() -> None:
                            + (f"  error: {r.error}" if r.error else ""))
 
     _run(go)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes (each loads the probe model on its first probe).")] = 1,
+) -> None:
+    """Serve the search API (OpenAPI docs at /docs, health at /healthz) on the catalog's database."""
+    import uvicorn
+
+    from catalog.store import migrate
+    from catalog.store.database import check_connection, database_url, safe_url
+
+    _run(check_connection)
+    _run(lambda: migrate.upgrade(None))  # a new database gets the schema (and answers "no catalog yet")
+    typer.echo(f"serving {safe_url(database_url())} on http://{host}:{port} (docs: http://{host}:{port}/docs)", err=True)
+    uvicorn.run("catalog.api.app:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="warning", access_log=False)
 
 
 def _check_database() -> None:

@@ -24,6 +24,16 @@ class Settings(BaseSettings):
     shallow_last_drop: float = 0.5
     semantic_other_drop: float = 0.25
 
+    # Search API (part 3). Token ranking and similar neurons score every vector exactly when the
+    # layers asked for hold at most this many neurons, and go through the HNSW index otherwise.
+    exact_vector_scan_max: int = 20_000
+    # HNSW candidates examined per query (pgvector's hnsw.ef_search; at least 2k is used).
+    hnsw_ef_search: int = 200
+    # A search query running longer than this is cancelled (503) rather than holding a connection.
+    statement_timeout_ms: int = 10_000
+    # Longest text POST /probe accepts, in tokens (the run's window caps it too).
+    probe_max_tokens: int = 256
+
     @property
     def model_cache_dir(self) -> Path:
         return self.data_dir / "models"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,19 +22,33 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from catalog.config import settings
 from catalog.corpus import Corpus, CorpusError, load_corpus
 from catalog.extract.corpus_pass import tokenise
 from catalog.extract.pipeline import CorpusAnalysis, Parameters, Progress, analyse_corpus, layer_records
+from catalog.read.catalog import catalog_names, current_run  # noqa: F401  (re-exported for callers)
 from catalog.loading import LoadedModel, load, resolve, tokenizer_sha256, weights_sha256
 from catalog.store import migrate
 from catalog.store.database import check_connection, get_engine, session_scope
 from catalog.store.ingest import RunWriter
+from catalog.store.search_index import drop_orphan_vector_indexes
 from catalog.store.models import CatalogModel, ExtractionRun, RunStatus
 
 PROJECTION_CONVENTION = "raw_unembedding"
 # First key of the two-int advisory lock a live run holds (the second is the run id).
 RUN_LOCK_CLASS = 0x4E43  # "NC"
 INTERRUPTED = "interrupted: the extracting process ended before finishing (killed or lost); nothing was published"
+
+
+def default_parameters(**overrides: Any) -> Parameters:
+    """Extraction parameters: the dataclass defaults, the label thresholds from settings, then ``overrides``.
+
+    Every entry point (CLI, Celery task, Python callers) goes through here, so ``CATALOG_*``
+    settings apply wherever an extraction starts.
+    """
+    base = replace(Parameters(), shallow_last_drop=settings.shallow_last_drop,
+                   semantic_other_drop=settings.semantic_other_drop)
+    return replace(base, **overrides)
 
 
 @dataclass
@@ -46,7 +60,7 @@ class ExtractRequest:
     max_tokens: int | None = None
     max_documents: int | None = None
     device: str | None = None
-    params: Parameters = field(default_factory=Parameters)
+    params: Parameters = field(default_factory=default_parameters)
 
 
 @dataclass
@@ -229,7 +243,7 @@ def _write_and_publish(
         with conn.begin():
             dbapi = conn.connection.driver_connection
             writer = RunWriter(dbapi, run_id)
-            writer.tokens(texts)
+            writer.tokens(texts, loaded.view.unembedding().detach().float().cpu().numpy())
             if analysis is not None:
                 writer.prefixes(analysis)
             records = layer_records(loaded.view, req.params, analysis, progress)
@@ -239,7 +253,10 @@ def _write_and_publish(
                     by_stage[k] = by_stage.get(k, 0.0) + v
                 writer.layer(rec, dict(rec.stats))
             timings.update(by_stage)
+            stage("vector indexes")
+            timings.update(writer.vector_indexes(loaded.view.d_model))
             timings["ingest"] = writer.seconds
+            timings["search_terms"] = writer.search_seconds
             counts["rows"] = dict(writer.rows)
             counts["copy_bytes"] = writer.bytes
             stage("publish")
@@ -286,21 +303,8 @@ def _drop_superseded(engine: Engine, name: str) -> None:
                 ExtractionRun.status == RunStatus.superseded,
             )
         )
-
-
-def current_run(session: Session, name: str) -> tuple[CatalogModel, ExtractionRun] | None:
-    entry = session.scalar(select(CatalogModel).where(CatalogModel.name == name))
-    if entry is None or entry.current_run_id is None:
-        return None
-    run = session.get(ExtractionRun, entry.current_run_id)
-    assert run is not None
-    return entry, run
-
-
-def catalog_names(session: Session) -> list[str]:
-    return list(session.scalars(select(CatalogModel.name).where(CatalogModel.current_run_id.is_not(None)).order_by(CatalogModel.name)))
+    drop_orphan_vector_indexes(engine)
 
 
 def run_count(session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(ExtractionRun)) or 0)
-

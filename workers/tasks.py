@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from catalog.extract.pipeline import Parameters
-from catalog.service import ExtractRequest, extract
+from catalog.service import ExtractRequest, default_parameters, extract
 from workers.celery_app import app
 
 # Stable names: messages name the task, so moving a function must not strand queued work.
@@ -14,9 +13,13 @@ EXTRACT_CATALOG = "catalog.extract_catalog"
 
 
 def request_from_message(request: dict[str, Any]) -> ExtractRequest:
-    """The inverse of ``dataclasses.asdict(ExtractRequest(...))``; unknown keys raise ``TypeError``."""
+    """The inverse of ``dataclasses.asdict(ExtractRequest(...))``; unknown keys raise ``TypeError``.
+
+    Parameters the message leaves out come from this worker's settings (``CATALOG_*``), not from
+    the dataclass defaults.
+    """
     fields = dict(request)
-    params = Parameters(**(fields.pop("params", None) or {}))
+    params = default_parameters(**(fields.pop("params", None) or {}))
     return ExtractRequest(**fields, params=params)
 
 

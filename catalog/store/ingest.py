@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from catalog.extract.pipeline import CorpusAnalysis, LayerRecord
+from catalog.store import search_index
 from catalog.store.copy import Column, encode
 
 CHUNK_ROWS = 250_000
@@ -41,6 +42,7 @@ class RunWriter:
         self.seconds = 0.0
         self.rows: dict[str, int] = {}
         self.bytes = 0
+        self.search_seconds = 0.0  # deriving neuron_search rows (part of ``seconds``)
 
     def _copy_binary(self, table: str, columns: Sequence[Column]) -> None:
         t0 = time.perf_counter()
@@ -66,11 +68,18 @@ class RunWriter:
         self.rows[table] = self.rows.get(table, 0) + count
         self.seconds += time.perf_counter() - t0
 
-    def tokens(self, texts: Sequence[str]) -> None:
+    def tokens(self, texts: Sequence[str], unembedding: np.ndarray | None = None) -> None:
+        """The vocabulary; ``unembedding`` [vocab, d_model] float32 (rows of E) for token ranking."""
         rid = self.run_id
+        if unembedding is None:
+            self._copy_rows(
+                "tokens", ("run_id", "token_id", "text"), ("int4", "int4", "text"),
+                ((rid, i, clean_text(t)) for i, t in enumerate(texts)),
+            )
+            return
         self._copy_rows(
-            "tokens", ("run_id", "token_id", "text"), ("int4", "int4", "text"),
-            ((rid, i, clean_text(t)) for i, t in enumerate(texts)),
+            "tokens", ("run_id", "token_id", "text", "unembedding"), ("int4", "int4", "text", "vector"),
+            ((rid, i, clean_text(t), unembedding[i]) for i, t in enumerate(texts)),
         )
 
     def prefixes(self, a: CorpusAnalysis) -> None:
@@ -92,6 +101,17 @@ class RunWriter:
         self._value_tokens(rec)
         if rec.top is not None:
             self._triggers(rec)
+            t0 = time.perf_counter()
+            with self.conn.cursor() as cur:
+                self.rows["neuron_search"] = self.rows.get("neuron_search", 0) + search_index.build_neuron_search(
+                    cur, self.run_id, rec.layer
+                )
+            self.search_seconds += time.perf_counter() - t0
+
+    def vector_indexes(self, dim: int) -> dict[str, float]:
+        """The run's HNSW indexes, once every layer is in; seconds per index."""
+        with self.conn.cursor() as cur:
+            return search_index.create_vector_indexes(cur, self.run_id, dim)
 
     def _layer_row(self, rec: LayerRecord, row: dict[str, Any]) -> None:
         from psycopg.types.json import Jsonb

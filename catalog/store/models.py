@@ -29,7 +29,7 @@ from sqlalchemy import (
     Text,
     func,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TSVECTOR
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING_CONVENTION = {
@@ -39,6 +39,20 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+# The numeric per-neuron figures, in API and export order: the one list that search filters
+# (min_/max_), sorts, per-statistic indexes and export fields are built from.
+NEURON_STATS = (
+    "key_norm", "value_norm", "up_norm", "bias", "alignment", "up_alignment",
+    "activation_mean", "activation_std", "activation_positive_fraction", "activation_max",
+    "agreement", "next_token_mean_rank", "ablation_last", "ablation_first", "ablation_random",
+)
+# Suggested (automatic) labels; annotators' labels (part 4) add "none".
+LABELS = ("shallow", "semantic", "shallow+semantic")
+# Postgres text-search configuration of pattern search: no stemming, no stop words, so a pattern
+# matches the words of the prefix as written ("ends with 'substitutes'" is a shallow pattern).
+TEXT_SEARCH_CONFIG = "simple"
 
 
 class Base(DeclarativeBase):
@@ -101,6 +115,11 @@ class Token(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("extraction_runs.id", ondelete="CASCADE"), primary_key=True)
     token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     text: Mapped[str] = mapped_column(Text)
+    # Row of the unembedding E as stored (the run's projection convention): token ranking scores
+    # v_i . e_token over every value vector. Null for runs made before revision 0002.
+    unembedding: Mapped[Any | None] = mapped_column(Vector())
+
+    __table_args__ = (Index("ix_tokens_run_text", "run_id", "text"),)  # token given as text
 
 
 class Layer(Base):
@@ -128,6 +147,9 @@ class Layer(Base):
 
 class Neuron(Base):
     __tablename__ = "neurons"
+    # One btree per statistic: range filters, and sorts with keyset pagination (stat, layer, neuron)
+    # read in index order in either direction.
+    __table_args__ = tuple(Index(f"ix_neurons_run_{s}", "run_id", s, "layer", "neuron") for s in NEURON_STATS)
 
     run_id: Mapped[int] = mapped_column(ForeignKey("extraction_runs.id", ondelete="CASCADE"), primary_key=True)
     layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
@@ -226,3 +248,31 @@ class Trigger(Base):
     coefficient_without_last: Mapped[float | None] = mapped_column(Float)
     coefficient_without_first: Mapped[float | None] = mapped_column(Float)
     coefficient_without_random: Mapped[float | None] = mapped_column(Float)
+
+
+class NeuronSearch(Base):
+    """Per-neuron search terms over its positive trigger prefixes, derived from triggers + prefixes at ingest.
+
+    ``terms`` holds the lexemes (no positions) of all the neuron's trigger prefixes: a GIN-indexed
+    necessary condition for a pattern that one prefix must match, checked exactly per prefix after.
+    ``trigger_tokens`` / ``next_tokens``: the distinct tokens its trigger prefixes end with / are
+    followed by.
+    """
+
+    __tablename__ = "neuron_search"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["run_id", "layer", "neuron"], ["neurons.run_id", "neurons.layer", "neurons.neuron"],
+            ondelete="CASCADE",
+        ),
+        Index("ix_neuron_search_terms", "terms", postgresql_using="gin"),
+        Index("ix_neuron_search_trigger_tokens", "trigger_tokens", postgresql_using="gin"),
+        Index("ix_neuron_search_next_tokens", "next_tokens", postgresql_using="gin"),
+    )
+
+    run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    terms: Mapped[Any] = mapped_column(TSVECTOR, nullable=False)
+    trigger_tokens: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+    next_tokens: Mapped[list[int]] = mapped_column(ARRAY(Integer))

@@ -1,0 +1,78 @@
+"""The FastAPI application: routers, the health check, and errors as JSON ``{"detail": ...}``.
+
+``neuron-catalog serve`` runs ``create_app()`` under uvicorn. Nothing here imports torch; the
+probe route loads it on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+
+from catalog import __version__
+from catalog.api import probe, routes
+from catalog.read.catalog import NO_SCHEMA
+from catalog.read.errors import ReadError
+from catalog.store.database import DatabaseUnavailable, get_engine
+
+log = logging.getLogger("catalog.api")
+API_PREFIX = "/api/v1"
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(x) for x in err.get("loc", ()) if x not in ("query", "path", "body")]
+    where = ".".join(loc) or "request"
+    if err.get("type") == "extra_forbidden":
+        return f"{where}: unknown parameter (see /docs for the parameters, e.g. min_<statistic>)"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="Neuron Catalog",
+        version=__version__,
+        description="Search what each feed-forward neuron of a transformer stores (Geva et al. 2021): "
+                    "by trigger pattern, promoted token, layer or statistic. Layers and neurons are 0-based.",
+    )
+    app.include_router(routes.router, prefix=API_PREFIX)
+    app.include_router(probe.router, prefix=API_PREFIX)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The service is up and its database answers."""
+        with get_engine().connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return {"status": "ok"}
+
+    @app.exception_handler(ReadError)
+    def read_error(_: Request, exc: ReadError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": "; ".join(_describe(e) for e in exc.errors())}, status_code=422)
+
+    @app.exception_handler(DatabaseUnavailable)
+    def unavailable(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    @app.exception_handler(DBAPIError)
+    def database_error(_: Request, exc: DBAPIError) -> JSONResponse:
+        code = getattr(exc.orig, "sqlstate", None) or ""
+        if isinstance(exc, ProgrammingError) and code == "42P01":  # undefined table: no schema yet
+            return JSONResponse({"detail": NO_SCHEMA}, status_code=503)
+        if code == "57014":  # query_canceled: statement_timeout
+            return JSONResponse({"detail": "the query took too long and was cancelled; narrow the search"},
+                                status_code=503)
+        if isinstance(exc, OperationalError):
+            return JSONResponse({"detail": "the database is unavailable"}, status_code=503)
+        log.exception("database error", exc_info=exc)
+        return JSONResponse({"detail": f"database error ({code or type(exc.orig).__name__})"}, status_code=500)
+
+    return app

@@ -1,0 +1,32 @@
+"""The request-scoped database session: read-only work, rolled back at the end of every request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from catalog.config import settings
+from catalog.store.database import get_engine
+
+
+def get_session() -> Iterator[Session]:
+    session = Session(bind=get_engine(), expire_on_commit=False)
+    try:
+        # A runaway query is cancelled (answered 503), and every query is planned for its own
+        # parameters: a generic plan would treat a rare and a common word alike.
+        session.execute(
+            text("SELECT set_config('statement_timeout', :t, true), "
+                 "set_config('plan_cache_mode', 'force_custom_plan', true)"),
+            {"t": str(int(settings.statement_timeout_ms))},
+        )
+        yield session
+    finally:
+        session.rollback()
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]

@@ -1,0 +1,149 @@
+"""Routes under /api/v1: argument mapping onto catalog.read, nothing else."""
+
+from __future__ import annotations
+
+import base64
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Path, Query
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from catalog.api.deps import SessionDep
+from catalog.read import catalog, search, vectors
+from catalog.read.errors import InvalidParameter
+from catalog.read.schemas import (
+    STAT_MEANINGS,
+    LayerInfo,
+    ModelInfo,
+    NeuronRecord,
+    Page,
+    RunInfo,
+    SearchPage,
+    SimilarPage,
+    TokenRanking,
+)
+from catalog.store.models import LABELS, NEURON_STATS
+
+router = APIRouter()
+
+ModelName = Annotated[str, Path(max_length=200, description="Catalog entry name (GET /models lists them).")]
+LayerIndex = Annotated[int, Path(ge=0, le=32767, description="0-based layer.")]
+NeuronIndex = Annotated[int, Path(ge=0, le=2**31 - 1, description="0-based neuron within the layer.")]
+LayerBound = Annotated[int | None, Query(ge=0, le=32767)]
+SORTS = tuple(k for key in search.SORT_KEYS for k in (key, "-" + key))
+Sort = Literal[SORTS]  # type: ignore[valid-type]
+Label = Literal[LABELS]  # type: ignore[valid-type]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+_search_fields: dict[str, Any] = {
+    "layer": (list[Annotated[int, Field(ge=0, le=32767)]], Field(
+        default_factory=list, description="0-based layer; repeat for several.")),
+    "layer_min": (int | None, Field(None, ge=0, le=32767, description="Lowest layer (inclusive).")),
+    "layer_max": (int | None, Field(None, ge=0, le=32767, description="Highest layer (inclusive).")),
+}
+for _stat in NEURON_STATS:
+    _search_fields[f"min_{_stat}"] = (Finite | None, Field(None, description=f"{_stat} >= this. {STAT_MEANINGS[_stat]}"))
+    _search_fields[f"max_{_stat}"] = (Finite | None, Field(None, description=f"{_stat} <= this."))
+_search_fields.update({
+    "label": (Label | None, Field(None, description="The suggested label.")),
+    "q": (str | None, Field(None, max_length=search.MAX_Q, description=(
+        "Text pattern over the trigger prefixes, web-search syntax (Postgres websearch_to_tsquery, 'simple' "
+        "configuration: no stemming): words, \"quoted phrases\", OR, -exclusion. A neuron matches when one of "
+        "its positive trigger prefixes matches."))),
+    "token": (str | None, Field(None, max_length=200, description=(
+        "The value promotes this token: it is among the neuron's top token_rank tokens of v_i.E^T. id:N, "
+        "text:EXACT, ' word' (space-marked form only) or word (with and without the space marker)."))),
+    "token_rank": (int, Field(30, ge=1, le=1000, description="How deep in the value's top tokens token may be.")),
+    "trigger_token": (str | None, Field(None, max_length=200, description="A trigger prefix ends with this token.")),
+    "next_token": (str | None, Field(None, max_length=200, description="A trigger prefix is followed by this token.")),
+    "sort": (Sort | None, Field(None, description=(
+        "A figure to sort by, '-' first for descending; ties by (layer, neuron) in the same direction; neurons "
+        "without the figure come last. Default: layer, neuron."))),
+    "limit": (int, Field(50, ge=1, le=search.MAX_LIMIT, description="Page size.")),
+    "cursor": (str | None, Field(None, max_length=2000, description="next_cursor of the previous page.")),
+})
+SearchParams: type[BaseModel] = create_model(  # type: ignore[call-overload]
+    "SearchParams", __config__=ConfigDict(extra="forbid"), **_search_fields
+)
+
+
+def _run_info(run: Any) -> RunInfo:
+    return RunInfo.model_validate(run, from_attributes=True) if run is not None else None  # type: ignore[return-value]
+
+
+@router.get("/models", response_model=Page[ModelInfo], tags=["catalog"])
+def list_models(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    cursor: Annotated[str | None, Query(max_length=400)] = None,
+) -> Page[ModelInfo]:
+    """Catalog entries with their current run (parameters, corpus, projection convention)."""
+    after = None
+    if cursor:
+        try:
+            after = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        except ValueError as exc:
+            raise InvalidParameter("cursor: not a cursor of this list") from exc
+    rows = catalog.list_models(session, after=after, limit=limit + 1)
+    items = [
+        ModelInfo(name=e.name, source=e.source, family=e.family, model_type=e.model_type, n_layers=e.n_layers,
+                  d_model=e.d_model, d_mlp=e.d_mlp, vocab_size=e.vocab_size, gated=e.gated,
+                  current_run=_run_info(r) if r is not None else None)
+        for e, r in rows[:limit]
+    ]
+    nxt = base64.urlsafe_b64encode(items[-1].name.encode()).decode().rstrip("=") if len(rows) > limit else None
+    return Page[ModelInfo](items=items, next_cursor=nxt)
+
+
+@router.get("/models/{model}/layers", response_model=Page[LayerInfo], tags=["catalog"])
+def layers(model: ModelName, session: SessionDep) -> Page[LayerInfo]:
+    """Per-layer figures (seed 000 weight statistics, seed 001 corpus figures) with histograms; one page."""
+    rows = catalog.layer_summaries(session, model, histograms=True)
+    return Page[LayerInfo](items=[LayerInfo.model_validate(r) for r in rows])
+
+
+@router.get("/models/{model}/neurons/{layer}/{neuron}", response_model=NeuronRecord,
+            response_model_exclude_none=False, tags=["neurons"])
+def neuron(model: ModelName, layer: LayerIndex, neuron: NeuronIndex, session: SessionDep,
+           vectors: Annotated[bool, Query(description="Add the key, value (and up) vectors.")] = False) -> NeuronRecord:
+    """Everything stored about one neuron: the fields of an export record."""
+    return NeuronRecord.model_validate(catalog.neuron_record(session, model, layer, neuron, vectors=vectors))
+
+
+@router.get("/models/{model}/neurons", response_model=SearchPage, tags=["neurons"])
+def search_neurons(model: ModelName, params: Annotated[SearchParams, Query()], session: SessionDep) -> SearchPage:  # type: ignore[valid-type]
+    """Search neurons by layer, statistic ranges, label, text pattern and tokens; sorted; keyset pages."""
+    p = params.model_dump()  # type: ignore[attr-defined]
+    ranges = tuple((s, b, p[f"{b}_{s}"]) for s in NEURON_STATS for b in ("min", "max") if p[f"{b}_{s}"] is not None)
+    query = search.SearchQuery(
+        layers=tuple(p["layer"]), layer_min=p["layer_min"], layer_max=p["layer_max"], ranges=ranges,
+        label=p["label"], q=p["q"], token=p["token"], token_rank=p["token_rank"], trigger_token=p["trigger_token"],
+        next_token=p["next_token"], sort=p["sort"], limit=p["limit"], cursor=p["cursor"],
+    )
+    return search.search(session, model, query)
+
+
+@router.get("/models/{model}/tokens/{token}/neurons", response_model=TokenRanking, tags=["neurons"])
+def token_ranking(
+    model: ModelName,
+    token: Annotated[str, Path(max_length=200, description="id:N, text:EXACT, ' word' or word (both forms).")],
+    session: SessionDep,
+    k: Annotated[int, Query(ge=1, le=vectors.MAX_K)] = 50,
+    layer_min: LayerBound = None,
+    layer_max: LayerBound = None,
+) -> TokenRanking:
+    """The neurons whose value vector gives this token the highest logit v_i.e_token, over every value
+    vector of the layers asked for (not only each neuron's stored top tokens)."""
+    return vectors.token_ranking(session, model, token, k=k, layer_min=layer_min, layer_max=layer_max)
+
+
+@router.get("/models/{model}/neurons/{layer}/{neuron}/similar", response_model=SimilarPage, tags=["neurons"])
+def similar(
+    model: ModelName, layer: LayerIndex, neuron: NeuronIndex, session: SessionDep,
+    space: Annotated[Literal["key", "value"], Query(description="Compare keys or values.")] = "value",
+    k: Annotated[int, Query(ge=1, le=vectors.MAX_K)] = 20,
+    layer_min: LayerBound = None,
+    layer_max: LayerBound = None,
+) -> SimilarPage:
+    """Nearest neighbours of one neuron by cosine of their key or value vectors (the neuron itself left out)."""
+    return vectors.similar(session, model, layer, neuron, space=space, k=k, layer_min=layer_min, layer_max=layer_max)

@@ -1,0 +1,1 @@
+"""The read side: pydantic schemas (the API contract), queries, search and export. Imports no torch."""

@@ -1,0 +1,186 @@
+"""Catalog entries, their current runs, layers and full neuron records: the queries that the API,
+the CLI's ``show``/``layers``/``export`` and the review UI share.
+
+Records are read layer by layer (three queries per layer) so memory stays bounded by one layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+from sqlalchemy import func, select, true
+from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.orm import Session
+
+from catalog.read.errors import CatalogMissing, NotFound
+from catalog.store.models import (
+    NEURON_STATS,
+    CatalogModel,
+    ExtractionRun,
+    Layer,
+    Neuron,
+    Prefix,
+    Token,
+    Trigger,
+    ValueToken,
+)
+
+NEURON_FIELDS = (*NEURON_STATS, "suggested_label")
+LAYER_FIELDS = (
+    "mean_bias", "mean_alignment", "corr_bias_key_norm", "corr_bias_value_norm", "corr_bias_alignment",
+    "bias_alignment_slope", "bias_alignment_intercept", "key_cosine_mean", "value_cosine_mean",
+    "mean_agreement", "mean_ablation_last", "mean_ablation_first", "mean_ablation_random",
+)
+NO_SCHEMA = "the database has no catalog yet (no schema): run `neuron-catalog extract` first"
+
+
+def clean(v: Any) -> Any:
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def current_run(session: Session, name: str) -> tuple[CatalogModel, ExtractionRun] | None:
+    """The entry named ``name`` and its published run, or None."""
+    try:
+        entry = session.scalar(select(CatalogModel).where(CatalogModel.name == name))
+    except ProgrammingError as exc:  # relation "catalog_models" does not exist: a new database
+        session.rollback()
+        raise CatalogMissing(NO_SCHEMA) from exc
+    if entry is None or entry.current_run_id is None:
+        return None
+    run = session.get(ExtractionRun, entry.current_run_id)
+    assert run is not None
+    return entry, run
+
+
+def require_run(session: Session, name: str) -> tuple[CatalogModel, ExtractionRun]:
+    found = current_run(session, name)
+    if found is None:
+        raise NotFound(f"no completed catalog named {name!r} (GET /api/v1/models or `neuron-catalog runs` lists them)")
+    return found
+
+
+def catalog_names(session: Session) -> list[str]:
+    return list(session.scalars(
+        select(CatalogModel.name).where(CatalogModel.current_run_id.is_not(None)).order_by(CatalogModel.name)
+    ))
+
+
+def list_models(session: Session, *, after: str | None = None, limit: int = 100) -> list[tuple[CatalogModel, ExtractionRun | None]]:
+    """Catalog entries by name, each with its current run (None while its first run is in progress)."""
+    try:
+        stmt = select(CatalogModel).order_by(CatalogModel.name).limit(limit)
+        if after is not None:
+            stmt = stmt.where(CatalogModel.name > after)
+        entries = list(session.scalars(stmt))
+    except ProgrammingError as exc:
+        session.rollback()
+        raise CatalogMissing(NO_SCHEMA) from exc
+    run_ids = [e.current_run_id for e in entries if e.current_run_id is not None]
+    runs = {r.id: r for r in session.scalars(select(ExtractionRun).where(ExtractionRun.id.in_(run_ids)))}
+    return [(e, runs.get(e.current_run_id) if e.current_run_id is not None else None) for e in entries]
+
+
+def layer_summaries(session: Session, name: str, *, histograms: bool = False) -> list[dict[str, Any]]:
+    """One row per layer of ``name``'s current run: seed 000 and seed 001 figures, label counts."""
+    _, run = require_run(session, name)
+    counts: dict[int, dict[str, int]] = defaultdict(dict)
+    for index, label, n in session.execute(
+        select(Neuron.layer, Neuron.suggested_label, func.count())
+        .where(Neuron.run_id == run.id, Neuron.suggested_label.is_not(None))
+        .group_by(Neuron.layer, Neuron.suggested_label)
+    ).tuples():
+        counts[index][str(label)] = n
+    rows = []
+    for stored in session.scalars(select(Layer).where(Layer.run_id == run.id).order_by(Layer.layer)):
+        row: dict[str, Any] = {"model": name, "run_id": run.id, "layer": stored.layer}
+        row.update({f: clean(getattr(stored, f)) for f in LAYER_FIELDS})
+        row["label_counts"] = dict(counts[stored.layer])
+        if histograms:
+            row["histograms"] = stored.histograms
+        rows.append(row)
+    return rows
+
+
+def records(
+    session: Session, name: str, *, vectors: bool = False,
+    layers: list[int] | None = None, neurons: list[int] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Records of ``name``'s current run, by layer then neuron (optionally only some of them)."""
+    entry, run = require_run(session, name)
+    rid = run.id
+    only_layers = range(entry.n_layers) if layers is None else [x for x in layers if 0 <= x < entry.n_layers]
+    # The whole vocabulary is only worth reading when many neurons are wanted.
+    vocab: dict[int, str] | None = None
+    if neurons is None or len(neurons) * len(only_layers) > 64:
+        vocab = dict(session.execute(select(Token.token_id, Token.text).where(Token.run_id == rid)).tuples().all())
+    for layer in only_layers:
+        only = (lambda col: col.in_(neurons)) if neurons is not None else (lambda col: true())
+        top_rows = session.execute(
+            select(ValueToken.neuron, ValueToken.kind, ValueToken.token_id, ValueToken.logit)
+            .where(ValueToken.run_id == rid, ValueToken.layer == layer, only(ValueToken.neuron))
+            .order_by(ValueToken.neuron, ValueToken.kind, ValueToken.rank)
+        ).tuples().all()
+        trigger_rows = session.execute(
+            select(
+                Trigger.neuron, Trigger.sign, Trigger.document, Trigger.position, Trigger.coefficient,
+                Trigger.coefficient_without_last, Trigger.coefficient_without_first,
+                Trigger.coefficient_without_random, Prefix.text, Prefix.next_token_id,
+            )
+            .join(Prefix, (Prefix.run_id == Trigger.run_id) & (Prefix.document == Trigger.document)
+                  & (Prefix.position == Trigger.position))
+            .where(Trigger.run_id == rid, Trigger.layer == layer, only(Trigger.neuron))
+            .order_by(Trigger.neuron, Trigger.sign.desc(), Trigger.rank)
+        ).tuples().all()
+        names = vocab
+        if names is None:
+            wanted = {r[2] for r in top_rows} | {r[9] for r in trigger_rows if r[9] is not None}
+            names = dict(session.execute(
+                select(Token.token_id, Token.text).where(Token.run_id == rid, Token.token_id.in_(wanted))
+            ).tuples().all())
+        tokens: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: {"top": [], "bottom": []})
+        for n, kind, tid, logit in top_rows:
+            tokens[n][kind].append({"token_id": tid, "token": names.get(tid), "logit": logit})
+        triggers: dict[int, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: {1: [], -1: []})
+        for n, sign, doc, pos, coef, wl, wf, wr, txt, nxt in trigger_rows:
+            item: dict[str, Any] = {"document": doc, "position": pos, "text": txt, "activation": coef,
+                                    "next_token_id": nxt, "next_token": names.get(nxt) if nxt is not None else None}
+            if sign > 0:
+                item.update(without_last=clean(wl), without_first=clean(wf), without_random=clean(wr))
+            triggers[n][sign].append(item)
+        cols = [Neuron.neuron, *(getattr(Neuron, f) for f in NEURON_FIELDS)]
+        if vectors:
+            cols += [Neuron.key_vector, Neuron.value_vector, Neuron.up_vector]
+        for row in session.execute(
+            select(*cols).where(Neuron.run_id == rid, Neuron.layer == layer, only(Neuron.neuron)).order_by(Neuron.neuron)
+        ).tuples():
+            n = row[0]
+            rec: dict[str, Any] = {"model": name, "run_id": rid, "layer": layer, "neuron": n}
+            rec.update({f: clean(v) for f, v in zip(NEURON_FIELDS, row[1 : 1 + len(NEURON_FIELDS)], strict=True)})
+            positive = triggers[n][1]
+            # agreement and next_token_mean_rank are computed over the triggers that have a next token
+            rec["agreement_triggers"] = sum(1 for t in positive if t["next_token_id"] is not None)
+            rec["value_top_tokens"] = tokens[n]["top"]
+            rec["value_bottom_tokens"] = tokens[n]["bottom"]
+            rec["triggers"] = positive
+            if entry.gated:
+                rec["negative_triggers"] = triggers[n][-1]
+            if vectors:
+                # pgvector's SQLAlchemy type returns a numpy array or a list, by version
+                rec["key_vector"] = [float(x) for x in row[-3]]
+                rec["value_vector"] = [float(x) for x in row[-2]]
+                if row[-1] is not None:
+                    rec["up_vector"] = [float(x) for x in row[-1]]
+            yield rec
+
+
+def neuron_record(session: Session, name: str, layer: int, neuron: int, *, vectors: bool = False) -> dict[str, Any]:
+    entry, _ = require_run(session, name)
+    if not 0 <= layer < entry.n_layers or not 0 <= neuron < entry.d_mlp:
+        raise NotFound(f"catalog {name!r} has no neuron {layer}/{neuron} "
+                       f"(layers 0-{entry.n_layers - 1}, neurons 0-{entry.d_mlp - 1})")
+    for rec in records(session, name, vectors=vectors, layers=[layer], neurons=[neuron]):
+        return rec
+    raise NotFound(f"catalog {name!r} has no neuron {layer}/{neuron}")

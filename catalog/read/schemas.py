@@ -1,0 +1,226 @@
+"""Pydantic schemas: the contract of the HTTP API (and of export records, which use the same fields).
+
+Layer and neuron indices are 0-based everywhere.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+T = TypeVar("T")
+
+# One line per figure: what it means. Shown in the OpenAPI schema (and, later, the review UI).
+STAT_MEANINGS: dict[str, str] = {
+    "key_norm": "L2 norm of the key k_i (the input-side row whose dot product with x gives the pre-activation).",
+    "value_norm": "L2 norm of the value v_i (the output-side row the coefficient scales).",
+    "up_norm": "Gated models: L2 norm of the up-projection row u_i; null otherwise.",
+    "bias": "Bias of the input projection for this neuron; null where the model has none (LLaMA family).",
+    "alignment": "cos(k_i, v_i): key-value alignment (for gated models the gate row is the key).",
+    "up_alignment": "Gated models: cos(u_i, v_i); null otherwise.",
+    "activation_mean": "Mean memory coefficient over every counted corpus position.",
+    "activation_std": "Standard deviation of the memory coefficient over the corpus.",
+    "activation_positive_fraction": "Fraction of corpus positions where the coefficient is > 0.",
+    "activation_max": "Highest memory coefficient seen in the corpus (the top trigger's).",
+    "agreement": "Precision@N: fraction of the triggers with a next token whose next token is the value's "
+                 "top token (see agreement_triggers for N).",
+    "next_token_mean_rank": "Mean 1-based rank of the triggers' next tokens in v_i . E^T (vocabulary/2 = chance).",
+    "ablation_last": "Mean relative change (a'-a)/|a| of the trigger coefficient when the prefix's last token "
+                     "is removed.",
+    "ablation_first": "Mean relative change when the window's first token is removed.",
+    "ablation_random": "Mean relative change when one random token other than the last is removed.",
+}
+
+
+class Page(BaseModel, Generic[T]):
+    """A page of a list; ``next_cursor`` (opaque) fetches the next one, null on the last page."""
+
+    items: list[T]
+    next_cursor: str | None = None
+
+
+class RunInfo(BaseModel):
+    id: int
+    status: str
+    parameters: dict[str, Any]
+    weights_sha256: str | None
+    tokenizer_sha256: str | None
+    projection_convention: str = Field(description="How value vectors were projected to tokens: "
+                                       "'raw_unembedding' = v . E^T with E as stored.")
+    corpus_sha256: str | None
+    corpus: dict[str, Any] | None
+    timings: dict[str, Any]
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    source: str
+    family: str
+    model_type: str
+    n_layers: int
+    d_model: int
+    d_mlp: int
+    vocab_size: int
+    gated: bool
+    current_run: RunInfo | None
+
+
+class LayerInfo(BaseModel):
+    layer: int
+    mean_bias: float | None = None
+    mean_alignment: float | None = None
+    corr_bias_key_norm: float | None = None
+    corr_bias_value_norm: float | None = None
+    corr_bias_alignment: float | None = None
+    bias_alignment_slope: float | None = None
+    bias_alignment_intercept: float | None = None
+    key_cosine_mean: float | None = None
+    value_cosine_mean: float | None = None
+    mean_agreement: float | None = None
+    mean_ablation_last: float | None = None
+    mean_ablation_first: float | None = None
+    mean_ablation_random: float | None = None
+    label_counts: dict[str, int] = Field(default_factory=dict, description="Suggested labels in this layer.")
+    histograms: dict[str, Any] = Field(default_factory=dict)
+
+
+class TokenLogit(BaseModel):
+    token_id: int
+    token: str | None
+    logit: float
+
+
+class Trigger(BaseModel):
+    document: int = Field(description="0-based index of the document in corpus order.")
+    position: int = Field(description="0-based index of the trigger token among the document's tokens.")
+    text: str = Field(description="The prefix the model saw: the window's tokens up to and including the "
+                      "trigger (untrusted corpus text).")
+    activation: float = Field(description="The memory coefficient at the trigger.")
+    next_token_id: int | None
+    next_token: str | None
+    without_last: float | None = None
+    without_first: float | None = None
+    without_random: float | None = None
+
+
+class NeuronStats(BaseModel):
+    key_norm: float | None = Field(None, description=STAT_MEANINGS["key_norm"])
+    value_norm: float | None = Field(None, description=STAT_MEANINGS["value_norm"])
+    up_norm: float | None = Field(None, description=STAT_MEANINGS["up_norm"])
+    bias: float | None = Field(None, description=STAT_MEANINGS["bias"])
+    alignment: float | None = Field(None, description=STAT_MEANINGS["alignment"])
+    up_alignment: float | None = Field(None, description=STAT_MEANINGS["up_alignment"])
+    activation_mean: float | None = Field(None, description=STAT_MEANINGS["activation_mean"])
+    activation_std: float | None = Field(None, description=STAT_MEANINGS["activation_std"])
+    activation_positive_fraction: float | None = Field(None, description=STAT_MEANINGS["activation_positive_fraction"])
+    activation_max: float | None = Field(None, description=STAT_MEANINGS["activation_max"])
+    agreement: float | None = Field(None, description=STAT_MEANINGS["agreement"])
+    next_token_mean_rank: float | None = Field(None, description=STAT_MEANINGS["next_token_mean_rank"])
+    ablation_last: float | None = Field(None, description=STAT_MEANINGS["ablation_last"])
+    ablation_first: float | None = Field(None, description=STAT_MEANINGS["ablation_first"])
+    ablation_random: float | None = Field(None, description=STAT_MEANINGS["ablation_random"])
+    suggested_label: str | None = Field(None, description="shallow | semantic | shallow+semantic, from the "
+                                        "ablation figures (README); null without a corpus.")
+
+
+class NeuronRecord(NeuronStats):
+    """Everything stored about one neuron: the fields of an export record."""
+
+    model: str
+    run_id: int
+    layer: int
+    neuron: int
+    agreement_triggers: int = Field(description="How many positive triggers have a next token: the N that "
+                                    "agreement and next_token_mean_rank are computed over.")
+    value_top_tokens: list[TokenLogit]
+    value_bottom_tokens: list[TokenLogit]
+    triggers: list[Trigger]
+    negative_triggers: list[Trigger] | None = Field(None, description="Gated models: the most negative coefficients.")
+    key_vector: list[float] | None = None
+    value_vector: list[float] | None = None
+    up_vector: list[float] | None = None
+
+
+class TopTrigger(BaseModel):
+    text: str
+    activation: float
+    next_token: str | None
+
+
+class NeuronSummary(NeuronStats):
+    """A search hit: the figures, the value's five top tokens and the strongest trigger."""
+
+    layer: int
+    neuron: int
+    top_tokens: list[TokenLogit]
+    top_trigger: TopTrigger | None
+
+
+class ResolvedToken(BaseModel):
+    """How a token argument was read: the vocabulary entries it names."""
+
+    given: str
+    token_ids: list[int]
+    tokens: list[str]
+
+
+class SearchPage(Page[NeuronSummary]):
+    resolved_tokens: dict[str, ResolvedToken] = Field(
+        default_factory=dict, description="For token, trigger_token and next_token: the token ids they matched.")
+
+
+class RankedNeuron(BaseModel):
+    layer: int
+    neuron: int
+    logit: float = Field(description="v_i . e_token with E as stored (raw unembedding).")
+    token_id: int = Field(description="Which of the resolved tokens this logit is for.")
+    value_norm: float
+
+
+class TokenRanking(Page[RankedNeuron]):
+    token: ResolvedToken
+    method: Literal["exact", "hnsw"] = Field(description="exact: every value vector in range was scored; "
+                                              "hnsw: candidates from the HNSW index, re-scored exactly.")
+
+
+class SimilarNeuron(BaseModel):
+    layer: int
+    neuron: int
+    cosine: float
+
+
+class SimilarPage(Page[SimilarNeuron]):
+    space: Literal["key", "value"]
+    method: Literal["exact", "hnsw"]
+
+
+class ProbeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=20_000, description="Text to run the model on (at most one window of tokens).")
+    k: int = Field(10, ge=1, le=100, description="Neurons per token and overall.")
+
+
+class ProbeNeuron(BaseModel):
+    layer: int
+    neuron: int
+    coefficient: float
+
+
+class ProbeToken(BaseModel):
+    position: int
+    token_id: int
+    token: str
+    neurons: list[ProbeNeuron]
+
+
+class ProbeResult(BaseModel):
+    model: str
+    run_id: int
+    tokens: list[ProbeToken] = Field(description="Per token of the text (BOS not included): the neurons with "
+                                     "the highest coefficients there.")
+    top: list[ProbeNeuron] = Field(description="The neurons with the highest maximum coefficient over the text.")
