@@ -304,6 +304,11 @@ def _drop_superseded(engine: Engine, name: str) -> None:
             )
         )
     drop_orphan_vector_indexes(engine)
+    # Fresh statistics for the planner: a pattern search picks its plan (prefix index or neurons in
+    # order) by how common the words are in the new rows.
+    with engine.connect() as conn:
+        conn.execute(text("ANALYZE neurons, neuron_search, prefixes, triggers, value_tokens, tokens"))
+        conn.commit()
 
 
 def run_count(session: Session) -> int:

@@ -13,6 +13,7 @@ from pgvector.sqlalchemy import VECTOR
 from sqlalchemy import Connection, create_engine, pool, text
 
 from catalog.store.models import Base
+from catalog.store.search_index import alembic_include_name
 
 config = context.config
 target_metadata = Base.metadata
@@ -34,6 +35,7 @@ def _configure(**kwargs: Any) -> None:
         target_metadata=target_metadata,
         compare_type=True,
         render_item=render_item,
+        include_name=alembic_include_name,
         **kwargs,
     )
 

@@ -7,10 +7,13 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
 # Debian packages: WordNet's plain data files are the offline demo corpus (see
-# catalog/demo_corpus.py); redis-server is the Celery broker the worker tests start themselves.
+# catalog/demo_corpus.py); redis-server is the Celery broker the worker tests start themselves;
+# docker-compose (when no Compose is present) lets tests/test_compose.py check docker-compose.yml
+# (`config` needs no running Docker engine).
 APT=()
 [ -d /usr/share/wordnet ] || APT+=(wordnet-base)
 command -v redis-server >/dev/null || APT+=(redis-server)
+{ docker-compose version || docker compose version; } >/dev/null 2>&1 || APT+=(docker-compose)
 if [ ${#APT[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq

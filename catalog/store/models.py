@@ -28,6 +28,8 @@ from sqlalchemy import (
     String,
     Text,
     func,
+    literal_column,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TSVECTOR
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -208,6 +210,12 @@ class Prefix(Base):
     """
 
     __tablename__ = "prefixes"
+    # Pattern search: finds the prefixes of a rare word directly, and gives the planner statistics
+    # (ANALYZE samples the expression) to choose between that and walking neurons in order.
+    __table_args__ = (
+        Index("ix_prefixes_text_tsv", func.to_tsvector(literal_column(f"'{TEXT_SEARCH_CONFIG}'::regconfig"), text("text")),
+              postgresql_using="gin"),
+    )
 
     run_id: Mapped[int] = mapped_column(ForeignKey("extraction_runs.id", ondelete="CASCADE"), primary_key=True)
     document: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # 0-based index in corpus order

@@ -100,3 +100,8 @@ def drop_orphan_vector_indexes(engine: Engine) -> list[str]:
             conn.execute(text(f'DROP INDEX CONCURRENTLY IF EXISTS "{name}"'))
             dropped.append(name)
     return dropped
+
+
+def alembic_include_name(name: str | None, type_: str, parent_names: Any) -> bool:
+    """Alembic autogenerate filter: the per-run HNSW indexes belong to runs, not to the schema."""
+    return not (type_ == "index" and name is not None and name.startswith("ix_neurons_hnsw_"))

@@ -71,6 +71,7 @@ def upgrade() -> None:
                     postgresql_using="gin")
     op.create_index("ix_neuron_search_next_tokens", "neuron_search", ["next_tokens"], unique=False,
                     postgresql_using="gin")
+    op.execute("CREATE INDEX ix_prefixes_text_tsv ON prefixes USING gin (to_tsvector('simple'::regconfig, text))")
     bind = op.get_bind()
     runs = bind.execute(sa.text(
         "SELECT r.id, m.d_model FROM extraction_runs r JOIN catalog_models m ON m.id = r.model_id "
@@ -92,6 +93,7 @@ def downgrade() -> None:
     for (name,) in bind.execute(sa.text("SELECT relname FROM pg_class WHERE relname LIKE 'ix_neurons_hnsw_%'")):
         op.execute(f'DROP INDEX IF EXISTS "{name}"')
     op.drop_table("neuron_search")
+    op.drop_index("ix_prefixes_text_tsv", table_name="prefixes")
     for stat in STATS:
         op.drop_index(f"ix_neurons_run_{stat}", table_name="neurons")
     op.drop_index("ix_tokens_run_text", table_name="tokens")

@@ -1,0 +1,400 @@
+"""Part 3 benchmark: the search API on a GPT-2-XL-sized synthetic catalog, through HTTP.
+
+    .venv/bin/python bench/part3_search.py [--data-dir DIR] [--duration 60] [--clients 8] [--workers 2]
+
+1. Build (once; reused while the catalog exists in DIR): 48 layers x 6,400 neurons = 307,200 neurons
+   with 1,600-dim key and value vectors, 50 triggers and 30 top tokens each, trigger prefixes cut
+   from the WordNet demo corpus, tokens from the SmolLM2 vocabulary, written by the normal ingest
+   path (``RunWriter``: binary COPY, neuron_search, HNSW) and published like an extraction. Vectors
+   are structured, not white noise: a shared 128-dim subspace plus noise and log-normal norms
+   (unstructured 1,600-dim Gaussians are the worst case for any ANN index and unlike real
+   weights). Reports the time of each stage and index, and the database size.
+   Also extracts SmolLM2 weights-only into the same database, for the probe.
+2. Serve: ``neuron-catalog serve --workers N`` as a subprocess; start time and RSS.
+3. Load: ``--clients`` concurrent clients per request kind (p50 / p99 ms), then a mixed load for
+   ``--duration`` s (requests/s, errors). Token-ranking recall@50 against an exact numpy
+   computation over the same vectors; probe latency for a 64-token text on SmolLM2 (warm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+NAME = "synthetic-gpt2-xl"
+# BENCH3_SCALE < 1 shrinks layers and neurons for a quick trial of the script itself.
+_SCALE = float(os.environ.get("BENCH3_SCALE", "1"))
+N_LAYERS, D_MLP, D_MODEL, TOP_N, VALUE_TOP, RANK = max(2, int(48 * _SCALE)), max(64, int(6400 * _SCALE)), 1600, 50, 30, 128
+N_PREFIXES = max(5000, int(500_000 * _SCALE))
+SEED = 1234
+
+
+def basis() -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(SEED)
+    return torch.randn(RANK, D_MODEL, generator=g) / RANK**0.5
+
+
+def structured(n: int, seed: int, u: Any) -> Any:
+    """[n, D_MODEL] float32: a shared low-rank part, isotropic noise, log-normal row norms."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, RANK, generator=g) @ u + 0.35 * torch.randn(n, D_MODEL, generator=g) / D_MODEL**0.5
+    return (x * torch.exp(0.3 * torch.randn(n, 1, generator=g))).float()
+
+
+def layer_vectors(layer: int, u: Any) -> tuple[Any, Any]:
+    return structured(D_MLP, 10_000 + 2 * layer, u), structured(D_MLP, 10_001 + 2 * layer, u)
+
+
+def unembedding(vocab: int, u: Any) -> Any:
+    return structured(vocab, 7, u)
+
+
+def build(vocab_texts: list[str], corpus_lines: list[str]) -> dict[str, float]:
+    import numpy as np
+    import torch
+    from sqlalchemy import text, update
+
+    from catalog.extract.ablation import Agreement
+    from catalog.extract.corpus_pass import TopState
+    from catalog.extract.pipeline import LayerRecord
+    from catalog.extract.weights import NeuronWeights, TokenProjection
+    from catalog.store import migrate
+    from catalog.store.database import get_engine, session_scope
+    from catalog.store.ingest import RunWriter
+    from catalog.store.models import CatalogModel, ExtractionRun, RunStatus
+
+    engine = get_engine()
+    migrate.upgrade(None)
+    rng = np.random.default_rng(SEED)
+    times: dict[str, float] = {}
+    u = basis()
+    vocab = len(vocab_texts)
+    with session_scope(engine) as s:
+        entry = CatalogModel(name=NAME, source="synthetic", family="gpt2", model_type="gpt2", n_layers=N_LAYERS,
+                             d_model=D_MODEL, d_mlp=D_MLP, vocab_size=vocab, gated=False)
+        s.add(entry)
+        s.flush()
+        run = ExtractionRun(model_id=entry.id, status=RunStatus.running,
+                            parameters={"top_n": TOP_N, "value_top": VALUE_TOP, "window": 256, "synthetic": True},
+                            projection_convention="raw_unembedding", progress={})
+        s.add(run)
+        s.flush()
+        run_id, model_id = run.id, entry.id
+    # Prefixes: one per synthetic document, cut from WordNet lines at a random word.
+    docs = np.arange(N_PREFIXES)
+    texts = []
+    for i in range(N_PREFIXES):
+        words = corpus_lines[int(rng.integers(len(corpus_lines)))].split()
+        texts.append(" ".join(words[: int(rng.integers(1, len(words) + 1))]))
+    prefixes = SimpleNamespace(
+        prefixes=SimpleNamespace(documents=torch.from_numpy(docs), positions=torch.tensor([len(t.split()) - 1 for t in texts])),
+        prefix_token=torch.from_numpy(rng.integers(0, vocab, N_PREFIXES)),
+        prefix_next=torch.from_numpy(np.where(rng.random(N_PREFIXES) < 0.05, -1, rng.integers(0, vocab, N_PREFIXES))),
+        prefix_text=texts,
+    )
+    with engine.connect() as conn, conn.begin():
+        writer = RunWriter(conn.connection.driver_connection, run_id)
+        t0 = time.perf_counter()
+        writer.tokens(vocab_texts, unembedding(vocab, u).numpy())
+        times["tokens"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        writer.prefixes(prefixes)  # type: ignore[arg-type]
+        times["prefixes"] = time.perf_counter() - t0
+        gen = 0.0
+        for layer in range(N_LAYERS):
+            g0 = time.perf_counter()
+            keys, values = layer_vectors(layer, u)
+            kn, vn = keys.norm(dim=1).double(), values.norm(dim=1).double()
+            align = torch.nn.functional.cosine_similarity(keys.double(), values.double(), dim=1)
+            bias = torch.from_numpy(rng.normal(-0.1, 0.05, D_MLP))
+            top_ids = torch.from_numpy(rng.choice(vocab, size=(D_MLP, VALUE_TOP + 10)))
+            logits = torch.from_numpy(np.sort(rng.normal(0, 1, (D_MLP, VALUE_TOP + 10)), axis=1)[:, ::-1].copy())
+            proj = TokenProjection(top_ids[:, :VALUE_TOP], logits[:, :VALUE_TOP].float(),
+                                   top_ids[:, VALUE_TOP:], logits[:, VALUE_TOP:].flip(1).float())
+            trig = torch.from_numpy(np.stack([rng.choice(N_PREFIXES, TOP_N, replace=False) for _ in range(D_MLP)]))
+            coeffs = torch.from_numpy(np.sort(rng.gamma(2.0, 1.0, (D_MLP, TOP_N)), axis=1)[:, ::-1].copy()).float()
+            top = TopState(coeffs, trig, prefixes.prefixes.positions[trig], coeffs * 0.3)
+            ablated = {k: coeffs * float(f) for k, f in (("last", 0.2), ("first", 0.9), ("random", 0.8))}
+            act = {"mean": torch.from_numpy(rng.normal(0, 0.1, D_MLP)), "std": torch.from_numpy(rng.gamma(2, 0.2, D_MLP)),
+                   "positive_fraction": torch.from_numpy(rng.beta(2, 5, D_MLP)), "max": coeffs[:, 0].double()}
+            labels = [str(x) for x in rng.choice(["shallow", "semantic", "shallow+semantic"], D_MLP, p=[0.6, 0.1, 0.3])]
+            stats = {"mean_bias": float(bias.mean()), "mean_alignment": float(align.mean()), "key_cosine_mean": 0.0,
+                     "value_cosine_mean": 0.0, "histograms": {}}
+            rec = LayerRecord(
+                layer=layer, stats=stats,
+                weights=NeuronWeights(kn, vn, align, bias, None, None), keys=keys, values=values, ups=None,
+                projection=proj, activation=act,
+                agreement=Agreement(torch.from_numpy(rng.beta(1, 60, D_MLP)), torch.from_numpy(rng.normal(vocab / 2, 3000, D_MLP))),
+                ablation={k: torch.from_numpy(rng.normal(m, 0.2, D_MLP)) for k, m in (("last", -0.8), ("first", -0.1), ("random", -0.2))},
+                labels=labels, top=top, bottom=None, top_ablated=ablated,
+            )
+            gen += time.perf_counter() - g0
+            writer.layer(rec, dict(rec.stats))
+            print(f"  layer {layer}: ingest {writer.seconds:.0f}s, search terms {writer.search_seconds:.0f}s, "
+                  f"generate {gen:.0f}s", flush=True)
+        times["generate"] = gen
+        times["ingest_rows"] = writer.seconds - times["tokens"] - times["prefixes"]
+        times["search_terms"] = writer.search_seconds
+        times.update(writer.vector_indexes(D_MODEL))
+        print(f"  indexes {times}", flush=True)
+        conn.execute(update(ExtractionRun).where(ExtractionRun.id == run_id).values(
+            status=RunStatus.complete, timings=times, finished_at=datetime.now(UTC)))
+        conn.execute(update(CatalogModel).where(CatalogModel.id == model_id).values(current_run_id=run_id))
+    with engine.connect() as conn:
+        conn.execute(text("ANALYZE"))
+        conn.commit()
+    return times
+
+
+def percentile(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path, default=Path("/var/tmp/neuron-catalog-bench3"))
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--per-kind", type=int, default=200, help="requests per kind")
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--build-only", action="store_true")
+    args = ap.parse_args()
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["CATALOG_DATA_DIR"] = str(args.data_dir)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print(f"# part 3 benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs")
+
+    import httpx
+    from sqlalchemy import text
+
+    from catalog.read.catalog import current_run
+    from catalog.store import migrate
+    from catalog.store.database import database_url, get_engine, session_scope
+
+    migrate.upgrade(None)
+    with session_scope() as s:
+        have = current_run(s, NAME)
+        smol = current_run(s, "SmolLM2-135M-Instruct")
+    if smol is None:
+        print("extracting SmolLM2 (weights only) for the probe ...", flush=True)
+        from catalog.service import ExtractRequest, extract
+
+        extract(ExtractRequest(model="smollm2", name="SmolLM2-135M-Instruct"))
+    if have is None:
+        from catalog.loading import load
+
+        tok = load("smollm2").tokenizer
+        vocab_texts = tok.batch_decode([[i] for i in range(len(tok))], skip_special_tokens=False)
+        lines = [ln for ln in (REPO / "data" / "wordnet.txt").read_text().splitlines() if ln.strip()]
+        t0 = time.perf_counter()
+        times = build(vocab_texts, lines)
+        times["total"] = time.perf_counter() - t0
+        print("build:", json.dumps({k: round(v, 1) for k, v in times.items()}))
+    else:
+        print("build: reused;", json.dumps({k: round(v, 1) for k, v in (have[1].timings or {}).items()}))
+    with get_engine().connect() as conn:
+        size = conn.scalar(text("SELECT pg_database_size(current_database())"))
+        idx = conn.execute(text(
+            "SELECT relname, pg_relation_size(oid) FROM pg_class WHERE relname LIKE 'ix_neurons_hnsw_%' "
+            "OR relname LIKE 'ix_neuron_search_%' ORDER BY 2 DESC LIMIT 8")).all()
+    print(f"database size: {size / 2**30:.2f} GiB; largest search indexes: "
+          + ", ".join(f"{n} {b / 2**20:.0f} MiB" for n, b in idx))
+    if args.build_only:
+        return
+
+    env = {**os.environ, "CATALOG_DATABASE_URL": database_url()}
+    t0 = time.perf_counter()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("neuron-catalog")), "serve", "--port", str(args.port),
+                               "--workers", str(args.workers)], env=env)
+    base = f"http://127.0.0.1:{args.port}"
+    try:
+        while True:
+            try:
+                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - t0 > 120:
+                raise SystemExit("server did not start")
+            time.sleep(0.1)
+        start_s = time.perf_counter() - t0
+        rss = sum(_rss_mb(p) for p in [server.pid, *_children(server.pid)])
+        print(f"serve: healthy after {start_s:.2f} s, RSS {rss:.0f} MB ({args.workers} workers + parent)")
+        run_load(base, args, vocab_size=_vocab(), lines=[ln for ln in (REPO / "data" / "wordnet.txt").read_text().splitlines()[:20000] if ln])
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _vocab() -> int:
+    from catalog.read.catalog import current_run
+    from catalog.store.database import session_scope
+
+    with session_scope() as s:
+        found = current_run(s, NAME)
+        assert found is not None
+        return found[0].vocab_size
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_load(base: str, args: argparse.Namespace, *, vocab_size: int, lines: list[str]) -> None:
+    import httpx
+    import numpy as np
+
+    rnd = random.Random(7)
+    api = f"{base}/api/v1/models/{NAME}"
+    stats = ["key_norm", "value_norm", "alignment", "activation_max", "agreement", "ablation_last"]
+
+    # A deep cursor: page 200 of a sorted search.
+    def deep_cursor() -> str:
+        with httpx.Client(timeout=60) as c:
+            url, cur = f"{api}/neurons?sort=-alignment&limit=500", None
+            for _ in range(40):
+                r = c.get(url + (f"&cursor={cur}" if cur else "")).json()
+                cur = r["next_cursor"]
+            return cur
+
+    deep = deep_cursor()
+    kinds: dict[str, Any] = {
+        "neuron detail": lambda: f"{api}/neurons/{rnd.randrange(N_LAYERS)}/{rnd.randrange(D_MLP)}",
+        "filter+sort": lambda: (f"{api}/neurons?layer_min={(lo := rnd.randrange(40))}&layer_max={lo + 8}"
+                                f"&min_{rnd.choice(stats)}={rnd.uniform(-0.5, 0.5):.3f}&sort=-{rnd.choice(stats)}&limit=50"),
+        "deep keyset page": lambda: f"{api}/neurons?sort=-alignment&limit=500&cursor={deep}",
+        "pattern (rare word)": lambda: f"{api}/neurons?q={rnd.choice(['xylophone', 'zeppelin', 'quinine', 'sextant', 'walrus'])}",
+        "pattern (common word)": lambda: f"{api}/neurons?q={rnd.choice(['the', 'of', 'a', 'or', 'to'])}",
+        "pattern (phrase)": lambda: f"{api}/neurons?q=\"{rnd.choice(['of the', 'a person', 'in the', 'the act', 'used to'])}\"",
+        "token search": lambda: f"{api}/neurons?token=id:{rnd.randrange(vocab_size)}",
+        "token ranking": lambda: f"{api}/tokens/id:{rnd.randrange(vocab_size)}/neurons?k=50",
+        "similar neurons": lambda: (f"{api}/neurons/{rnd.randrange(N_LAYERS)}/{rnd.randrange(D_MLP)}/similar"
+                                    f"?space={rnd.choice(['key', 'value'])}&k=20"),
+    }
+    results: dict[str, dict[str, float]] = {}
+    for kind, make in kinds.items():
+        urls = [make() for _ in range(args.per_kind)]
+        lat, errors = hammer(urls, args.clients)
+        results[kind] = {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "errors": errors, "n": len(lat)}
+        print(f"{kind:>22}: p50 {results[kind]['p50']:7.1f} ms  p99 {results[kind]['p99']:7.1f} ms  "
+              f"errors {errors}/{len(urls)}", flush=True)
+
+    # Mixed load for --duration seconds.
+    stop = time.perf_counter() + args.duration
+    counts, errs, lock = [0], [0], threading.Lock()
+    makers = list(kinds.values())
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as c:
+            while time.perf_counter() < stop:
+                r = c.get(rnd.choice(makers)())
+                with lock:
+                    counts[0] += 1
+                    errs[0] += r.status_code != 200
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    el = time.perf_counter() - t0
+    print(f"mixed load: {counts[0] / el:.1f} requests/s over {el:.0f} s, {errs[0]} errors of {counts[0]}")
+
+    # Recall@50 of token ranking against numpy over the very vectors that were ingested.
+    u = basis()
+    values = np.concatenate([layer_vectors(layer, u)[1].numpy() for layer in range(N_LAYERS)])
+    E = unembedding(vocab_size, u).numpy()
+    recalls = []
+    with httpx.Client(timeout=60) as c:
+        for tid in random.Random(3).sample(range(vocab_size), 50):
+            got = {(x["layer"], x["neuron"]) for x in c.get(f"{api}/tokens/id:{tid}/neurons?k=50").json()["items"]}
+            exact = np.argsort(-(values @ E[tid]))[:50]
+            want = {(int(i) // D_MLP, int(i) % D_MLP) for i in exact}
+            recalls.append(len(got & want) / 50)
+    print(f"token ranking recall@50 vs exact (50 tokens): mean {statistics.mean(recalls):.3f}, min {min(recalls):.2f}")
+
+    # Probe on SmolLM2 (warm): a 64-token text.
+    text64 = " ".join(lines[:40])
+    with httpx.Client(timeout=300) as c:
+        from catalog.loading import load  # noqa: F401  (tokenizer only, to cut exactly 64 tokens)
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        tok = load("smollm2").tokenizer
+        ids = tok(text64, add_special_tokens=False)["input_ids"][:64]
+        body = {"text": tok.decode(ids), "k": 10}
+        t0 = time.perf_counter()
+        r = c.post(f"{base}/api/v1/models/SmolLM2-135M-Instruct/probe", json=body)
+        first = time.perf_counter() - t0
+        assert r.status_code == 200, r.text
+        lat = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            c.post(f"{base}/api/v1/models/SmolLM2-135M-Instruct/probe", json=body)
+            lat.append((time.perf_counter() - t0) * 1000)
+    print(f"probe (SmolLM2, {len(r.json()['tokens'])} tokens): first {first:.1f} s (loads the model), "
+          f"warm p50 {percentile(lat, 50):.0f} ms p99 {percentile(lat, 99):.0f} ms")
+
+
+def hammer(urls: list[str], clients: int) -> tuple[list[float], int]:
+    import httpx
+
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    it = iter(urls)
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as c:
+            while True:
+                with lock:
+                    url = next(it, None)
+                if url is None:
+                    return
+                t0 = time.perf_counter()
+                r = c.get(url)
+                ms = (time.perf_counter() - t0) * 1000
+                with lock:
+                    lat.append(ms)
+                    errors[0] += r.status_code != 200
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return lat, errors[0]
+
+
+if __name__ == "__main__":
+    main()
