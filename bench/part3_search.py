@@ -346,8 +346,9 @@ def run_load(base: str, args: argparse.Namespace, *, vocab_size: int, lines: lis
     # Probe on SmolLM2 (warm): a 64-token text.
     text64 = " ".join(lines[:40])
     with httpx.Client(timeout=300) as c:
-        from catalog.loading import load  # noqa: F401  (tokenizer only, to cut exactly 64 tokens)
         import transformers
+
+        from catalog.loading import load
 
         transformers.logging.set_verbosity_error()
         tok = load("smollm2").tokenizer

@@ -25,12 +25,17 @@ app.add_typer(db_app, name="db")
 def _known_errors() -> tuple[type[BaseException], ...]:
     from catalog.corpus import CorpusError
     from catalog.export import ExportError
-    from catalog.extract.architectures import UnsupportedArchitecture
-    from catalog.loading import ModelSourceError
     from catalog.read.errors import ReadError
     from catalog.store.database import DatabaseUnavailable
 
-    return (CorpusError, ExportError, UnsupportedArchitecture, ModelSourceError, DatabaseUnavailable, ReadError)
+    known: list[type[BaseException]] = [CorpusError, ExportError, DatabaseUnavailable, ReadError]
+    # Model errors come from modules that import torch; when they were never imported they cannot
+    # have been raised, and read-only commands stay quick.
+    if "catalog.loading" in sys.modules:
+        known.append(sys.modules["catalog.loading"].ModelSourceError)
+    if "catalog.extract.architectures" in sys.modules:
+        known.append(sys.modules["catalog.extract.architectures"].UnsupportedArchitecture)
+    return tuple(known)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -213,7 +218,13 @@ def runs() -> None:
     from catalog.store.models import CatalogModel, ExtractionRun
 
     def go() -> None:
+        from catalog.read.catalog import NO_SCHEMA
+        from catalog.read.errors import CatalogMissing
+        from catalog.store import migrate
+
         check_connection()
+        if migrate.current(None) is None:
+            raise CatalogMissing(NO_SCHEMA)
         reap_stale_runs()  # a 'running' run whose process died is shown as failed (interrupted)
         with session_scope() as s:
             names = dict(s.execute(select(CatalogModel.id, CatalogModel.name)).tuples().all())

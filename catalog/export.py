@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from catalog.read.catalog import LAYER_FIELDS, NEURON_FIELDS, layer_summaries, records
+from catalog.read.catalog import NEURON_FIELDS, layer_summaries, records
 from catalog.store.models import LABELS
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}

@@ -26,13 +26,13 @@ from catalog.config import settings
 from catalog.corpus import Corpus, CorpusError, load_corpus
 from catalog.extract.corpus_pass import tokenise
 from catalog.extract.pipeline import CorpusAnalysis, Parameters, Progress, analyse_corpus, layer_records
-from catalog.read.catalog import catalog_names, current_run  # noqa: F401  (re-exported for callers)
 from catalog.loading import LoadedModel, load, resolve, tokenizer_sha256, weights_sha256
+from catalog.read.catalog import catalog_names, current_run  # noqa: F401  (re-exported for callers)
 from catalog.store import migrate
 from catalog.store.database import check_connection, get_engine, session_scope
 from catalog.store.ingest import RunWriter
-from catalog.store.search_index import drop_orphan_vector_indexes
 from catalog.store.models import CatalogModel, ExtractionRun, RunStatus
+from catalog.store.search_index import drop_orphan_vector_indexes
 
 PROJECTION_CONVENTION = "raw_unembedding"
 # First key of the two-int advisory lock a live run holds (the second is the run id).

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import re
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator

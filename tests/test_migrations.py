@@ -8,8 +8,6 @@ from collections.abc import Iterator
 
 import pytest
 from alembic.autogenerate import compare_metadata
-
-from catalog.store.search_index import alembic_include_name
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, make_url, pool, select, text
 from sqlalchemy.orm import Session
@@ -25,6 +23,7 @@ from catalog.store.database import (
     session_scope,
 )
 from catalog.store.models import Base, CatalogModel, ExtractionRun, Neuron, RunStatus
+from catalog.store.search_index import alembic_include_name
 
 TABLES = {"catalog_models", "extraction_runs", "tokens", "layers", "neurons", "value_tokens", "prefixes", "triggers"}
 

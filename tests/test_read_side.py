@@ -117,6 +117,7 @@ def test_cli_on_new_database(empty_db: str, tmp_path: Path) -> None:
         "show": ("show", "--model", "x", "--layer", "0", "--neuron", "0"),
         "export": ("export", "--model", "x", "--out", str(out)),
         "layers": ("layers", "--model", "x"),
+        "runs": ("runs",),
     }
     with ThreadPoolExecutor(max_workers=len(commands)) as pool:
         futures = {k: pool.submit(cli, *args, env=env) for k, args in commands.items()}

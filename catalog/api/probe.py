@@ -41,7 +41,8 @@ class ModelCache:
             held = self._held.get(name)
             if held is not None and held.run_id == run_id:
                 return held
-            from catalog.loading import ModelSourceError, load, weights_sha256 as digest
+            from catalog.loading import ModelSourceError, load
+            from catalog.loading import weights_sha256 as digest
 
             try:
                 loaded = load(spec)

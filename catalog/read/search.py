@@ -52,7 +52,7 @@ S = NeuronSearch.__table__
 T = Trigger.__table__
 P = Prefix.__table__
 VT = ValueToken.__table__
-CONFIG = literal_column(f"'{TEXT_SEARCH_CONFIG}'::regconfig")
+CONFIG: ColumnElement[Any] = literal_column(f"'{TEXT_SEARCH_CONFIG}'::regconfig")
 _SINGLE_LEXEME = re.compile(r"^'(?:[^']|'')+'$")
 _PHRASE_OP = re.compile(r"<(?:\d+|-)>")
 
@@ -222,8 +222,8 @@ def _fetch(session: Session, base: Select[Any], order: _Order, after: _Cursor | 
         stmt = base
         if after is not None:
             stmt = stmt.where(ln < (after.layer, after.neuron) if order.descending else ln > (after.layer, after.neuron))
-        cols = (N.c.layer.desc(), N.c.neuron.desc()) if order.descending else (N.c.layer, N.c.neuron)
-        return [("v", r) for r in session.execute(stmt.order_by(*cols).limit(n)).all()]
+        by: tuple[Any, ...] = (N.c.layer.desc(), N.c.neuron.desc()) if order.descending else (N.c.layer, N.c.neuron)
+        return [("v", r) for r in session.execute(stmt.order_by(*by).limit(n)).all()]
     stat = N.c[order.key]
     if after is None or after.phase == "v":
         stmt = base.where(stat.is_not(None))
