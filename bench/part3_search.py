@@ -288,6 +288,8 @@ def run_load(base: str, args: argparse.Namespace, *, vocab_size: int, lines: lis
 
     deep = deep_cursor()
     kinds: dict[str, Any] = {
+        # the floor: a request that touches no table, served under the same load
+        "healthz (floor)": lambda: f"{base}/healthz",
         "neuron detail": lambda: f"{api}/neurons/{rnd.randrange(N_LAYERS)}/{rnd.randrange(D_MLP)}",
         "filter+sort": lambda: (f"{api}/neurons?layer_min={(lo := rnd.randrange(40))}&layer_max={lo + 8}"
                                 f"&min_{rnd.choice(stats)}={rnd.uniform(-0.5, 0.5):.3f}&sort=-{rnd.choice(stats)}&limit=50"),
@@ -305,13 +307,14 @@ def run_load(base: str, args: argparse.Namespace, *, vocab_size: int, lines: lis
         urls = [make() for _ in range(args.per_kind)]
         lat, errors = hammer(urls, args.clients)
         results[kind] = {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "errors": errors, "n": len(lat)}
+        floor = results["healthz (floor)"]["p99"]
         print(f"{kind:>22}: p50 {results[kind]['p50']:7.1f} ms  p99 {results[kind]['p99']:7.1f} ms  "
-              f"errors {errors}/{len(urls)}", flush=True)
+              f"(p99 {results[kind]['p99'] / floor:5.1f}x the floor)  errors {errors}/{len(urls)}", flush=True)
 
     # Mixed load for --duration seconds.
     stop = time.perf_counter() + args.duration
     counts, errs, lock = [0], [0], threading.Lock()
-    makers = list(kinds.values())
+    makers = [make for kind, make in kinds.items() if kind != "healthz (floor)"]
 
     def client() -> None:
         with httpx.Client(timeout=30) as c:

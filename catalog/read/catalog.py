@@ -44,15 +44,15 @@ def clean(v: Any) -> Any:
 def current_run(session: Session, name: str) -> tuple[CatalogModel, ExtractionRun] | None:
     """The entry named ``name`` and its published run, or None."""
     try:
-        entry = session.scalar(select(CatalogModel).where(CatalogModel.name == name))
+        row = session.execute(
+            select(CatalogModel, ExtractionRun)
+            .join(ExtractionRun, ExtractionRun.id == CatalogModel.current_run_id)
+            .where(CatalogModel.name == name)
+        ).first()
     except ProgrammingError as exc:  # relation "catalog_models" does not exist: a new database
         session.rollback()
         raise CatalogMissing(NO_SCHEMA) from exc
-    if entry is None or entry.current_run_id is None:
-        return None
-    run = session.get(ExtractionRun, entry.current_run_id)
-    assert run is not None
-    return entry, run
+    return None if row is None else (row[0], row[1])
 
 
 def require_run(session: Session, name: str) -> tuple[CatalogModel, ExtractionRun]:

@@ -1,0 +1,90 @@
+"""Every kind of search has an index plan: with sequential scans disabled, no statement the read
+side sends scans a table (on a tiny catalog the planner would otherwise rightly prefer scans).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tiny_models
+from sqlalchemy.orm import Session
+
+from catalog.config import settings
+from catalog.read import catalog, search, vectors
+from catalog.read.explain import plans
+from catalog.service import ExtractRequest, default_parameters, extract
+from catalog.store.database import get_engine
+
+NAME = "plans-gpt2"
+
+
+@pytest.fixture(scope="module")
+def tiny_catalog(migrated_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("plans")
+    model = tiny_models.save("gpt2", root / "gpt2")
+    rnd = random.Random(5)
+    lines = [" ".join(rnd.choice(tiny_models.WORDS) for _ in range(rnd.randint(3, 12))) for _ in range(150)]
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    extract(ExtractRequest(model=str(model), name=NAME, corpus=str(corpus), params=default_parameters(top_n=8, window=32)))
+    yield NAME
+
+
+S = search.SearchQuery
+KINDS: dict[str, Callable[[Session], Any]] = {
+    "detail": lambda s: catalog.neuron_record(s, NAME, 1, 3),
+    "filter+sort": lambda s: search.search(s, NAME, S(layer_min=1, ranges=(("alignment", "min", 0.0),), sort="-key_norm")),
+    "sort by each direction": lambda s: search.search(s, NAME, S(sort="agreement", limit=5)),
+    "pattern word": lambda s: search.search(s, NAME, S(q="cat")),
+    "pattern phrase": lambda s: search.search(s, NAME, S(q='"the cat" -dog')),
+    "token": lambda s: search.search(s, NAME, S(token="cat")),
+    "trigger token": lambda s: search.search(s, NAME, S(trigger_token="cat")),
+    "next token": lambda s: search.search(s, NAME, S(next_token="cat")),
+    "token ranking (hnsw)": lambda s: vectors.token_ranking(s, NAME, "cat", k=5),
+    "similar (hnsw)": lambda s: vectors.similar(s, NAME, 1, 3, space="key", k=5),
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_each_search_kind_has_an_index_plan(tiny_catalog: str, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings, "exact_vector_scan_max", 0)  # the HNSW path, not a scan of all vectors
+    off = {"enable_seqscan": "off"}
+    if "hnsw" in kind:  # 48 vectors: sorting them all is cheaper than the index, unless sorting is off
+        off["enable_sort"] = "off"
+    explained = plans(get_engine(), KINDS[kind], settings=off)
+    assert explained, "the call sent no statement worth explaining"
+    for statement, plan in explained:
+        scans = re.findall(r"Seq Scan on (\w+)", plan)
+        assert not scans, f"{kind}: sequential scan of {scans} in\n{statement}\n{plan}"
+    if "hnsw" in kind:
+        assert any("ix_neurons_hnsw_" in plan for _, plan in explained), explained
+
+
+def test_vector_indexes_follow_their_run(tiny_catalog: str) -> None:
+    """A re-extraction builds the new run's HNSW indexes and drops the old run's."""
+    from sqlalchemy import text
+
+    def names() -> set[str]:
+        with get_engine().connect() as conn:
+            return set(conn.scalars(text("SELECT relname FROM pg_class WHERE relname LIKE 'ix_neurons_hnsw_%'")))
+
+    with Session(bind=get_engine()) as s:
+        found = catalog.current_run(s, NAME)
+        assert found is not None
+        old = found[1].id
+    assert {f"ix_neurons_hnsw_{p}_run_{old}" for p in ("key_cos", "value_cos", "value_ip")} <= names()
+    model_dir = Path(found[0].source)
+    extract(ExtractRequest(model=str(model_dir), name=NAME, params=default_parameters()))
+    with Session(bind=get_engine()) as s:
+        new_found = catalog.current_run(s, NAME)
+        assert new_found is not None
+        new = new_found[1].id
+    after = names()
+    assert new != old
+    assert {f"ix_neurons_hnsw_{p}_run_{new}" for p in ("key_cos", "value_cos", "value_ip")} <= after
+    assert not any(n.endswith(f"_run_{old}") for n in after)
