@@ -42,7 +42,7 @@ from catalog.store.search_index import drop_orphan_vector_indexes
 
 TOP_N, WINDOW = 10, 32
 VALUE_TOP, VALUE_BOTTOM = 30, 10
-PARAMS = dict(top_n=TOP_N, window=WINDOW)
+PARAMS: dict[str, Any] = {"top_n": TOP_N, "window": WINDOW}
 TAG = uuid.uuid4().hex[:6]
 # Lines planted among the random sentences so that pattern search has known answers.
 PLANTED = [
@@ -202,7 +202,7 @@ def cats(engine: Engine, workdir: Path) -> Iterator[dict[str, Cat]]:
     corpus = write_corpus(workdir / "corpus.txt", lines)
 
     gpt2_dir = workdir / "gpt2"
-    model = tiny_models.build("gpt2", seed=0)
+    model: Any = tiny_models.build("gpt2", seed=0)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # fresh biases are all zero: give them seeded random values
         for pname, p in model.named_parameters():
@@ -308,6 +308,11 @@ PATTERNS: dict[str, Any] = {
     '"red cat" OR "blue house"': lambda w: adjacent(w, "red", "cat") or adjacent(w, "blue", "house"),
     '"red house" -big': lambda w: adjacent(w, "red", "house") and "big" not in w,
     "red house -the": lambda w: "red" in w and "house" in w and "the" not in w,
+    "-house OR red": lambda w: "house" not in w or "red" in w,
+    "moon -cat OR house": lambda w: ("moon" in w and "cat" not in w) or "house" in w,
+    "red & house": lambda w: "red" in w and "house" in w,
+    "-red -house": lambda w: "red" not in w and "house" not in w,
+    "cat -cat": lambda w: False,
 }
 
 
@@ -550,7 +555,7 @@ def test_q_reference_agrees_with_postgres(cats: dict[str, Cat], engine: Engine) 
     texts = sorted({t["text"] for cat in cats.values() for ts in cat.triggers.values() for t in ts})
     with engine.connect() as c:
         for q, pred in PATTERNS.items():
-            pg = dict(c.execute(text(
+            pg: dict[str, bool] = dict(c.execute(text(
                 "SELECT t, to_tsvector('simple', t) @@ websearch_to_tsquery('simple', :q) "
                 "FROM unnest(CAST(:ts AS text[])) AS t"), {"q": q, "ts": texts}).tuples().all())
             assert {t for t in texts if pred(words(t))} == {t for t, m in pg.items() if m}, q
@@ -564,7 +569,7 @@ def test_search_q_per_prefix(api: httpx.Client, cats: dict[str, Cat]) -> None:
             want = q_expected(cat, q)
             items, _ = pages(api, cat.name, {"q": q}, limit=500)
             assert keys_of(items) == sorted(want), (cat.label, q, sorted(set(keys_of(items)) ^ want))
-        for key, ts in cat.triggers.items():
+        for ts in cat.triggers.values():
             ws = [words(t["text"]) for t in ts]
             has_red, has_house = any("red" in w for w in ws), any("house" in w for w in ws)
             if has_red and has_house and not any("red" in w and "house" in w for w in ws):
@@ -599,7 +604,7 @@ def _token_forms(cat: Cat) -> list[tuple[str, list[int]]]:
 def test_tokens_table_has_space_marked_texts(cats: dict[str, Cat], engine: Engine) -> None:
     cat = cats["spaced"]
     with engine.connect() as c:
-        stored = dict(c.execute(text("SELECT token_id, text FROM tokens WHERE run_id = :r"), {"r": cat.run_id}).tuples().all())
+        stored: dict[int, str] = dict(c.execute(text("SELECT token_id, text FROM tokens WHERE run_id = :r"), {"r": cat.run_id}).tuples().all())
     assert len(stored) == cat.E.shape[0]
     sp = cat.tokenizer.convert_tokens_to_ids(api_server.SPACE + "cat")
     assert stored[sp] == " cat" and stored[cat.tokenizer.convert_tokens_to_ids("cat")] == "cat"
@@ -761,6 +766,79 @@ def test_cursor_of_a_replaced_run_is_refused(api: httpx.Client, cats: dict[str, 
     assert len(items) == 2 * tiny_models.D_MLP and len(set(keys_of(items))) == len(items)
 
 
+def test_weights_only_catalog(api: httpx.Client, engine: Engine, workdir: Path) -> None:
+    """No corpus: no triggers, null corpus figures; and a tokenizer without BOS (probed without one)."""
+    name = f"api-weights-{TAG}"
+    directory = tiny_models.save("gpt2", workdir / "nobos", seed=4, bos=False)
+    extract(ExtractRequest(model=str(directory), name=name), engine=engine)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    keys, _, _, _ = weights(model, gated=False)
+    search = f"/models/{name}/neurons"
+    for params in ({"q": "red"}, {"trigger_token": "cat"}, {"next_token": "cat"}, {"label": "semantic"},
+                   {"min_activation_max": -1e30}, {"max_agreement": 1e30}):
+        assert ok(api.get(search, params=params))["items"] == [], params
+    all_keys = [(l, n) for l in range(tiny_models.N_LAYERS) for n in range(tiny_models.D_MLP)]
+    for sort in ("-activation_max", "agreement", "-key_norm"):
+        items, _ = pages(api, name, {"sort": sort}, limit=7)
+        if sort == "-key_norm":
+            norms = {k: float(np.linalg.norm(keys[k])) for k in all_keys}
+            assert keys_of(items) == sorted(all_keys, key=lambda k: (-norms[k], -k[0], -k[1]))
+        else:  # every figure null: (layer, neuron) order
+            assert keys_of(items) == all_keys
+    rec = ok(api.get(f"/models/{name}/neurons/1/4"))
+    assert rec["triggers"] == [] and rec["agreement_triggers"] == 0
+    assert rec["activation_max"] is None and rec["agreement"] is None and rec["suggested_label"] is None
+    assert rec["key_norm"] == pytest.approx(np.linalg.norm(keys[1, 4]), rel=1e-5)
+    assert all(it["mean_agreement"] is None for it in ok(api.get(f"/models/{name}/layers"))["items"])
+    # the probe reads the text as the corpus pass would: no BOS for this tokenizer
+    tok = AutoTokenizer.from_pretrained(directory)
+    assert tok.bos_token_id is None
+    ids = tok("the cat sat on the mat", add_special_tokens=False)["input_ids"]
+    body = ok(api.post(f"/models/{name}/probe", json={"text": "the cat sat on the mat", "k": 4}))
+    flat = coefficients(model, False, ids).reshape(len(ids), -1)
+    assert [t["token_id"] for t in body["tokens"]] == ids
+    for p, t in enumerate(body["tokens"]):
+        want = np.argsort(-flat[p], kind="stable")[:4]
+        np.testing.assert_allclose([n["coefficient"] for n in t["neurons"]], flat[p][want], atol=1e-4)
+        assert [n["layer"] * tiny_models.D_MLP + n["neuron"] for n in t["neurons"]] == want.tolist()
+
+
+def test_probe_follows_the_current_run_and_refuses_changed_weights(api: httpx.Client, engine: Engine,
+                                                                  workdir: Path) -> None:
+    name = f"api-probe-{TAG}"
+    probe_text = "the red house is big"
+
+    def expected_top(directory: Path) -> list[tuple[int, int, float]]:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(directory)
+        ids = [tok.bos_token_id] + tok(probe_text, add_special_tokens=False)["input_ids"]
+        best = coefficients(model, False, ids)[1:].reshape(len(ids) - 1, -1).max(axis=0)
+        return [(int(w) // tiny_models.D_MLP, int(w) % tiny_models.D_MLP, float(best[w]))
+                for w in np.argsort(-best, kind="stable")[:5]]
+
+    def probed() -> list[tuple[int, int, float]]:
+        body = ok(api.post(f"/models/{name}/probe", json={"text": probe_text, "k": 5}))
+        return [(n["layer"], n["neuron"], n["coefficient"]) for n in body["top"]]
+
+    def same(a: list[tuple[int, int, float]], b: list[tuple[int, int, float]]) -> bool:
+        return [x[:2] for x in a] == [x[:2] for x in b] and all(abs(x[2] - y[2]) < 1e-4 for x, y in zip(a, b))
+
+    first = tiny_models.save("gpt2", workdir / "probe-a", seed=6)
+    extract(ExtractRequest(model=str(first), name=name), engine=engine)
+    assert same(probed(), expected_top(first))
+    second = tiny_models.save("gpt2", workdir / "probe-b", seed=7)
+    extract(ExtractRequest(model=str(second), name=name), engine=engine)  # a new run: the model is reloaded
+    assert not same(expected_top(first), expected_top(second))
+    assert same(probed(), expected_top(second))
+    # the files of a newly published run change before its first probe: refused, not silently used
+    third = tiny_models.save("gpt2", workdir / "probe-c", seed=8)
+    extract(ExtractRequest(model=str(third), name=name), engine=engine)
+    changed: Any = tiny_models.build("gpt2", seed=9)
+    changed.save_pretrained(third)
+    msg = detail_error(api.post(f"/models/{name}/probe", json={"text": probe_text, "k": 5}), 409)
+    assert "weights" in msg
+
+
 # --- vector queries ----------------------------------------------------------------------------------
 
 
@@ -780,7 +858,7 @@ def _check_ranking(items: list[dict[str, Any]], scores: dict[Key, float], k: int
     assert len(set(got)) == len(got)
     # exact: float32 vectors, 16 dimensions. hnsw: its scores are not re-scored at full precision (see
     # test_hnsw_scores_equal_exact_scores), so only half-precision agreement is asked of them here.
-    rel, abs_ = (1e-5, 1e-6) if method == "exact" else (2e-3, 2e-4)
+    rel, abs_ = 1e-5, 1e-6  # HNSW candidates are re-scored in full precision, so both paths score exactly
     for it in items:
         assert it[field_] == pytest.approx(scores[(it["layer"], it["neuron"])], rel=rel, abs=abs_)
     assert [it[field_] for it in items] == sorted((it[field_] for it in items), reverse=True)
@@ -825,7 +903,7 @@ def test_similar_neurons(api: httpx.Client, cats: dict[str, Cat], label: str, me
             layers = range(lo or 0, (cat.n_layers - 1 if hi is None else hi) + 1)
             scores = {(l, n): float(unit[l, n] @ unit[layer, neuron]) for l in layers for n in range(cat.d_mlp)
                       if (l, n) != (layer, neuron)}
-            params = {"space": space, "k": k} | ({"layer_min": lo} if lo is not None else {}) | \
+            params: dict[str, Any] = {"space": space, "k": k} | ({"layer_min": lo} if lo is not None else {}) | \
                 ({"layer_max": hi} if hi is not None else {})
             body = ok(api.get(f"/models/{cat.name}/neurons/{layer}/{neuron}/similar", params=params))
             assert body["method"] == method and body["space"] == space
@@ -833,19 +911,10 @@ def test_similar_neurons(api: httpx.Client, cats: dict[str, Cat], label: str, me
             _check_ranking(body["items"], scores, k, method, "cosine")
 
 
-HNSW_BUG = (
-    "catalog/read/vectors.py token_ranking/similar, HNSW branch: one bind parameter (:e / :v) is used both in "
-    "CAST(:v AS halfvec(d)) (ORDER BY) and in CAST(:v AS vector) (the re-score); psycopg sends it once as $1 and "
-    "Postgres infers $1's type from its first use, halfvec(d), so the 'full-precision' re-score uses the query "
-    "vector rounded to half precision: scores differ from the exact path's by ~1e-4 (cosine) instead of ~1e-7"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=HNSW_BUG)
 def test_hnsw_scores_equal_exact_scores(api: httpx.Client, cats: dict[str, Cat], monkeypatch: pytest.MonkeyPatch) -> None:
     """vectors.py promises: index candidates are re-scored with the full-precision vectors, so scores are exact."""
     cat = cats["gpt2"]
-    queries = [(f"/models/{cat.name}/neurons/0/3/similar", {"space": "key", "k": 10}, "cosine"),
+    queries: list[tuple[str, dict[str, Any], str]] = [(f"/models/{cat.name}/neurons/0/3/similar", {"space": "key", "k": 10}, "cosine"),
                (f"/models/{cat.name}/neurons/1/5/similar", {"space": "value", "k": 10}, "cosine"),
                (f"/models/{cat.name}/tokens/cat/neurons", {"k": 10}, "logit")]
     exact = [ok(api.get(path, params=params)) for path, params, _ in queries]

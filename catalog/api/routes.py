@@ -81,9 +81,11 @@ def list_models(
     after = None
     if cursor:
         try:
-            after = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+            after = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True).decode()
         except ValueError as exc:
             raise InvalidParameter("cursor: not a cursor of this list") from exc
+        if not after:
+            raise InvalidParameter("cursor: not a cursor of this list")
     rows = catalog.list_models(session, after=after, limit=limit + 1)
     items = [
         ModelInfo(name=e.name, source=e.source, family=e.family, model_type=e.model_type, n_layers=e.n_layers,

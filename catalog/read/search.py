@@ -277,7 +277,7 @@ def search(session: Session, name: str, query: SearchQuery) -> SearchPage:
     if not 1 <= query.limit <= MAX_LIMIT:
         raise InvalidParameter(f"limit: must be 1-{MAX_LIMIT}")
     order = _order(query.sort)
-    fingerprint = query.fingerprint()
+    fingerprint = hashlib.sha256(f"{name}\n{query.fingerprint()}".encode()).hexdigest()[:16]
     after = decode_cursor(query.cursor, run.id, fingerprint) if query.cursor else None
     value_top = int((run.parameters or {}).get("value_top", 30))
     conds, needs_search, resolved = _conditions(session, run.id, entry.n_layers, value_top, entry.vocab_size, query)

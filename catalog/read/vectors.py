@@ -69,7 +69,7 @@ def token_ranking(session: Session, name: str, token: str, *, k: int = 50,
             _ann_settings(session, k, filtered=(lo, hi) != (0, entry.n_layers - 1))
             sql = (f"WITH c AS (SELECT layer, neuron, value_vector, value_norm FROM neurons "
                    f"WHERE run_id = {rid} AND layer BETWEEN :lo AND :hi "
-                   f"ORDER BY {vector_expression('value_vector', dim)} <#> CAST(:e AS halfvec({dim})) LIMIT :k) "
+                   f"ORDER BY {vector_expression('value_vector', dim)} <#> CAST(CAST(:e AS vector) AS halfvec({dim})) LIMIT :k) "
                    f"SELECT layer, neuron, -(value_vector <#> CAST(:e AS vector)) AS logit, value_norm FROM c")
         else:
             sql = (f"SELECT layer, neuron, -(value_vector <#> CAST(:e AS vector)) AS logit, value_norm FROM neurons "
@@ -107,7 +107,7 @@ def similar(session: Session, name: str, layer: int, neuron: int, *, space: str 
         _ann_settings(session, k + 1, filtered=(lo, hi) != (0, entry.n_layers - 1))
         sql = (f"WITH c AS (SELECT layer, neuron, {column} AS vec FROM neurons "
                f"WHERE run_id = {rid} AND layer BETWEEN :lo AND :hi "
-               f"ORDER BY {vector_expression(column, dim)} <=> CAST(:v AS halfvec({dim})) LIMIT :k) "
+               f"ORDER BY {vector_expression(column, dim)} <=> CAST(CAST(:v AS vector) AS halfvec({dim})) LIMIT :k) "
                f"SELECT layer, neuron, 1 - (vec <=> CAST(:v AS vector)) AS cosine FROM c")
     else:
         sql = (f"SELECT layer, neuron, 1 - ({column} <=> CAST(:v AS vector)) AS cosine FROM neurons "
@@ -126,3 +126,8 @@ def _vec(v: Any) -> str:
     if hasattr(v, "to_list"):  # pgvector.Vector / HalfVector
         v = v.to_list()
     return "[" + ",".join(repr(float(x)) for x in v) + "]"
+
+
+# Note: the query vector is one bind parameter used twice; Postgres types a parameter by its first
+# use, so the index ORDER BY casts it to vector first and to halfvec second. The other order would
+# make the "full precision" re-score use the half-precision vector.
