@@ -48,10 +48,10 @@ def main() -> None:
     lines = [
         "# How each kind of search is served",
         "",
-        f"`EXPLAIN (ANALYZE, BUFFERS)` of the statements the read side sends for each kind of request, on the "
+        (f"`EXPLAIN (ANALYZE, BUFFERS)` of the statements the read side sends for each kind of request, on the "
         f"catalog `{m}` (bench/part3_search.py: 307,200 neurons, 15.4M triggers), {datetime.now(UTC):%Y-%m-%d}, "
         f"{platform.node()} ({os.cpu_count()} CPUs). Produced by `bench/explain_search.py`; the tests check "
-        "the same on a tiny catalog with sequential scans disabled (`tests/test_search_plans.py`).",
+         "the same on a tiny catalog with sequential scans disabled (`tests/test_search_plans.py`)."),
         "",
     ]
     for title, call in kinds.items():

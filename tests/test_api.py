@@ -856,8 +856,6 @@ def _check_ranking(items: list[dict[str, Any]], scores: dict[Key, float], k: int
     want = sorted(scores, key=lambda key: (-scores[key], key))[:k]
     got = keys_of(items)
     assert len(set(got)) == len(got)
-    # exact: float32 vectors, 16 dimensions. hnsw: its scores are not re-scored at full precision (see
-    # test_hnsw_scores_equal_exact_scores), so only half-precision agreement is asked of them here.
     rel, abs_ = 1e-5, 1e-6  # HNSW candidates are re-scored in full precision, so both paths score exactly
     for it in items:
         assert it[field_] == pytest.approx(scores[(it["layer"], it["neuron"])], rel=rel, abs=abs_)
