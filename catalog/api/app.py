@@ -43,7 +43,7 @@ def create_app() -> FastAPI:
     app.include_router(routes.router, prefix=API_PREFIX)
     app.include_router(probe.router, prefix=API_PREFIX)
 
-    @app.get("/healthz", tags=["health"])
+    @app.get("/healthz", tags=["health"], responses={503: routes.ERRORS[503]})
     def healthz() -> dict[str, str]:
         """The service is up and its database answers."""
         with get_engine().connect() as conn:

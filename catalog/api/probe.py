@@ -14,12 +14,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 
 from catalog.api.deps import SessionDep
+from catalog.api.routes import ERRORS
 from catalog.config import settings
 from catalog.read.catalog import require_run
 from catalog.read.errors import InvalidParameter, Unsupported
 from catalog.read.schemas import ProbeNeuron, ProbeRequest, ProbeResult, ProbeToken
 
-router = APIRouter()
+router = APIRouter(responses=ERRORS)
 
 
 @dataclass

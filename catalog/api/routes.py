@@ -13,6 +13,7 @@ from catalog.read import catalog, search, vectors
 from catalog.read.errors import InvalidParameter
 from catalog.read.schemas import (
     STAT_MEANINGS,
+    ErrorBody,
     LayerInfo,
     ModelInfo,
     NeuronRecord,
@@ -24,7 +25,15 @@ from catalog.read.schemas import (
 )
 from catalog.store.models import LABELS, NEURON_STATS
 
-router = APIRouter()
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "The request body could not be read (not JSON)."},
+    404: {"model": ErrorBody, "description": "Unknown model (catalog entry) or neuron."},
+    409: {"model": ErrorBody, "description": "The catalog lacks what this needs (e.g. extracted before the "
+          "feature existed; the model cannot be loaded for a probe)."},
+    422: {"model": ErrorBody, "description": "Invalid parameters; the detail names the parameter."},
+    503: {"model": ErrorBody, "description": "No catalog yet, database unreachable, or the query timed out."},
+}
+router = APIRouter(responses=ERRORS)
 
 ModelName = Annotated[str, Path(max_length=200, description="Catalog entry name (GET /models lists them).")]
 LayerIndex = Annotated[int, Path(ge=0, le=32767, description="0-based layer.")]

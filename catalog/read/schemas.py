@@ -34,6 +34,12 @@ STAT_MEANINGS: dict[str, str] = {
 }
 
 
+class ErrorBody(BaseModel):
+    """Every error: one line saying what was wrong and, where it helps, what to do."""
+
+    detail: str
+
+
 class Page(BaseModel, Generic[T]):
     """A page of a list; ``next_cursor`` (opaque) fetches the next one, null on the last page."""
 
