@@ -277,7 +277,7 @@ def run_load(base: str, args: argparse.Namespace, *, vocab_size: int, lines: lis
     api = f"{base}/api/v1/models/{NAME}"
     stats = ["key_norm", "value_norm", "alignment", "activation_max", "agreement", "ablation_last"]
 
-    # A deep cursor: page 200 of a sorted search.
+    # A deep cursor: 20,000 neurons into a sorted search (cursors do not depend on the page size).
     def deep_cursor() -> str:
         with httpx.Client(timeout=60) as c:
             url, cur = f"{api}/neurons?sort=-alignment&limit=500", None
@@ -293,7 +293,7 @@ def run_load(base: str, args: argparse.Namespace, *, vocab_size: int, lines: lis
         "neuron detail": lambda: f"{api}/neurons/{rnd.randrange(N_LAYERS)}/{rnd.randrange(D_MLP)}",
         "filter+sort": lambda: (f"{api}/neurons?layer_min={(lo := rnd.randrange(40))}&layer_max={lo + 8}"
                                 f"&min_{rnd.choice(stats)}={rnd.uniform(-0.5, 0.5):.3f}&sort=-{rnd.choice(stats)}&limit=50"),
-        "deep keyset page": lambda: f"{api}/neurons?sort=-alignment&limit=500&cursor={deep}",
+        "deep keyset page": lambda: f"{api}/neurons?sort=-alignment&limit=50&cursor={deep}",
         "pattern (rare word)": lambda: f"{api}/neurons?q={rnd.choice(['xylophone', 'zeppelin', 'quinine', 'sextant', 'walrus'])}",
         "pattern (common word)": lambda: f"{api}/neurons?q={rnd.choice(['the', 'of', 'a', 'or', 'to'])}",
         "pattern (phrase)": lambda: f"{api}/neurons?q=\"{rnd.choice(['of the', 'a person', 'in the', 'the act', 'used to'])}\"",

@@ -37,7 +37,6 @@ from catalog.store.models import (
     Neuron,
     NeuronSearch,
     Prefix,
-    Token,
     Trigger,
     ValueToken,
 )
@@ -241,27 +240,35 @@ def _fetch(session: Session, base: Select[Any], order: _Order, after: _Cursor | 
     return rows
 
 
+_TOP_TOKENS_SQL = text(f"""
+SELECT vt.layer, vt.neuron, vt.token_id, vt.logit, t.text
+FROM unnest(CAST(:layers AS smallint[]), CAST(:neurons AS int[])) AS k(layer, neuron)
+JOIN value_tokens vt ON vt.run_id = :run AND vt.layer = k.layer AND vt.neuron = k.neuron
+                    AND vt.kind = 'top' AND vt.rank < {SUMMARY_TOKENS}
+JOIN tokens t ON t.run_id = vt.run_id AND t.token_id = vt.token_id
+ORDER BY vt.layer, vt.neuron, vt.rank
+""")
+_TOP_TRIGGER_SQL = text("""
+SELECT tr.layer, tr.neuron, tr.coefficient, p.text, nt.text
+FROM unnest(CAST(:layers AS smallint[]), CAST(:neurons AS int[])) AS k(layer, neuron)
+JOIN triggers tr ON tr.run_id = :run AND tr.layer = k.layer AND tr.neuron = k.neuron AND tr.sign = 1 AND tr.rank = 0
+JOIN prefixes p ON p.run_id = tr.run_id AND p.document = tr.document AND p.position = tr.position
+LEFT JOIN tokens nt ON nt.run_id = p.run_id AND nt.token_id = p.next_token_id
+""")
+
+
 def _summaries(session: Session, run_id: int, rows: list[Any]) -> list[NeuronSummary]:
+    """The page's neurons with their five top tokens and strongest trigger (two queries for the page)."""
     if not rows:
         return []
-    keys = [(r.layer, r.neuron) for r in rows]
-    tokens: dict[tuple[int, int], list[TokenLogit]] = {k: [] for k in keys}
-    for layer, neuron, tid, logit, txt in session.execute(
-        select(VT.c.layer, VT.c.neuron, VT.c.token_id, VT.c.logit, Token.text)
-        .join(Token, and_(Token.run_id == VT.c.run_id, Token.token_id == VT.c.token_id))
-        .where(VT.c.run_id == run_id, tuple_(VT.c.layer, VT.c.neuron).in_(keys), VT.c.kind == "top",
-               VT.c.rank < SUMMARY_TOKENS)
-        .order_by(VT.c.layer, VT.c.neuron, VT.c.rank)
-    ).tuples():
+    keys = {"run": run_id, "layers": [r.layer for r in rows], "neurons": [r.neuron for r in rows]}
+    tokens: dict[tuple[int, int], list[TokenLogit]] = {(r.layer, r.neuron): [] for r in rows}
+    for layer, neuron, tid, logit, txt in session.execute(_TOP_TOKENS_SQL, keys).tuples():
         tokens[(layer, neuron)].append(TokenLogit(token_id=tid, token=txt, logit=logit))
-    top: dict[tuple[int, int], TopTrigger] = {}
-    for layer, neuron, coef, txt, nxt in session.execute(
-        select(T.c.layer, T.c.neuron, T.c.coefficient, P.c.text, Token.text)
-        .join(P, and_(P.c.run_id == T.c.run_id, P.c.document == T.c.document, P.c.position == T.c.position))
-        .outerjoin(Token, and_(Token.run_id == P.c.run_id, Token.token_id == P.c.next_token_id))
-        .where(T.c.run_id == run_id, tuple_(T.c.layer, T.c.neuron).in_(keys), T.c.sign == 1, T.c.rank == 0)
-    ).tuples():
-        top[(layer, neuron)] = TopTrigger(text=txt, activation=coef, next_token=nxt)
+    top = {
+        (layer, neuron): TopTrigger(text=txt, activation=coef, next_token=nxt)
+        for layer, neuron, coef, txt, nxt in session.execute(_TOP_TRIGGER_SQL, keys).tuples()
+    }
     out = []
     for r in rows:
         fields = {s: clean(getattr(r, s)) for s in NEURON_STATS}
