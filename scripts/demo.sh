@@ -17,7 +17,7 @@ API="http://127.0.0.1:$PORT/api/v1/models/$NAME"
 cat <<MSG
 
 Done: the catalog of $NAME is in $DB.
-The search API is starting on http://127.0.0.1:$PORT (Ctrl-C stops it). Try:
+The search API (neuron-catalog serve --port $PORT; the demo starts it now unless DEMO_SERVE=0, Ctrl-C stops it). Try:
   http://127.0.0.1:$PORT/docs                                       every route, parameter and field, runnable
   $API/neurons?layer_min=20&layer_max=29&token=Paris               layers 20-29, value promotes ' Paris' / 'Paris'
   $API/neurons?q=%22a%20person%22&sort=-activation_max              trigger prefixes with the phrase "a person"
