@@ -146,9 +146,11 @@ def _tsquery(session: Session, q: str) -> tuple[str, str | None]:
 
 
 def _conditions(session: Session, run_id: int, n_layers: int, value_top: int, vocab: int,
-                query: SearchQuery) -> tuple[list[ColumnElement[bool]], bool, dict[str, ResolvedToken]]:
-    """WHERE conditions on N (and S when the second value is True), and the tokens resolved."""
+                query: SearchQuery) -> tuple[list[ColumnElement[bool]], list[Any], bool, dict[str, ResolvedToken]]:
+    """WHERE conditions on N (and S when the third value is True), subqueries of (layer, neuron) to
+    join, and the tokens resolved."""
     conds: list[ColumnElement[bool]] = [N.c.run_id == run_id]
+    joins: list[Any] = []
     needs_search = False
     resolved: dict[str, ResolvedToken] = {}
     for layer in (*query.layers, query.layer_min, query.layer_max):
@@ -190,27 +192,31 @@ def _conditions(session: Session, run_id: int, n_layers: int, value_top: int, vo
         if not 1 <= query.token_rank <= value_top:
             raise InvalidParameter(f"token_rank: must be 1-{value_top} (the run stores the top {value_top} tokens)")
         tok = resolved["token"] = resolve_token(session, run_id, query.token, vocab_size=vocab, param="token")
-        conds.append(exists(
-            select(1).select_from(VT)
-            .where(VT.c.run_id == N.c.run_id, VT.c.layer == N.c.layer, VT.c.neuron == N.c.neuron,
-                   VT.c.kind == "top", VT.c.rank < query.token_rank, VT.c.token_id.in_(tok.token_ids))
-        ))
+        # A join on the distinct promoting neurons, not EXISTS: the planner then starts from the
+        # (run, token, rank) index instead of merging with every neuron in order.
+        joins.append(
+            select(VT.c.layer, VT.c.neuron).distinct()
+            .where(VT.c.run_id == run_id, VT.c.kind == "top", VT.c.rank < query.token_rank,
+                   VT.c.token_id.in_(tok.token_ids))
+            .subquery("promoting")
+        )
     for param, column in (("trigger_token", S.c.trigger_tokens), ("next_token", S.c.next_tokens)):
         given = getattr(query, param)
         if given is not None:
             tok = resolved[param] = resolve_token(session, run_id, given, vocab_size=vocab, param=param)
             conds.append(column.op("&&")(cast(tok.token_ids, S.c.trigger_tokens.type)))
             needs_search = True
-    return conds, needs_search, resolved
+    return conds, joins, needs_search, resolved
 
 
-def _base(conds: list[ColumnElement[bool]], needs_search: bool) -> Select[Any]:
+def _base(conds: list[ColumnElement[bool]], joins: list[Any], needs_search: bool) -> Select[Any]:
     cols = [N.c.layer, N.c.neuron, *(N.c[s] for s in NEURON_STATS), N.c.suggested_label]
-    stmt = select(*cols)
+    source: Any = N
     if needs_search:
-        stmt = stmt.select_from(N.join(S, and_(S.c.run_id == N.c.run_id, S.c.layer == N.c.layer,
-                                               S.c.neuron == N.c.neuron)))
-    return stmt.where(*conds)
+        source = source.join(S, and_(S.c.run_id == N.c.run_id, S.c.layer == N.c.layer, S.c.neuron == N.c.neuron))
+    for sub in joins:
+        source = source.join(sub, and_(sub.c.layer == N.c.layer, sub.c.neuron == N.c.neuron))
+    return select(*cols).select_from(source).where(*conds)
 
 
 def _fetch(session: Session, base: Select[Any], order: _Order, after: _Cursor | None, n: int) -> list[tuple[str, Any]]:
@@ -287,8 +293,9 @@ def search(session: Session, name: str, query: SearchQuery) -> SearchPage:
     fingerprint = hashlib.sha256(f"{name}\n{query.fingerprint()}".encode()).hexdigest()[:16]
     after = decode_cursor(query.cursor, run.id, fingerprint) if query.cursor else None
     value_top = int((run.parameters or {}).get("value_top", 30))
-    conds, needs_search, resolved = _conditions(session, run.id, entry.n_layers, value_top, entry.vocab_size, query)
-    rows = _fetch(session, _base(conds, needs_search), order, after, query.limit + 1)
+    conds, joins, needs_search, resolved = _conditions(session, run.id, entry.n_layers, value_top, entry.vocab_size,
+                                                       query)
+    rows = _fetch(session, _base(conds, joins, needs_search), order, after, query.limit + 1)
     page, more = rows[: query.limit], len(rows) > query.limit
     next_cursor = None
     if more:

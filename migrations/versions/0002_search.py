@@ -72,6 +72,12 @@ def upgrade() -> None:
     op.create_index("ix_neuron_search_next_tokens", "neuron_search", ["next_tokens"], unique=False,
                     postgresql_using="gin")
     op.execute("CREATE INDEX ix_prefixes_text_tsv ON prefixes USING gin (to_tsvector('simple'::regconfig, text))")
+    # Detailed statistics for the lexeme and token sets: with the default target (100) a rare word
+    # is estimated at ~0.5% of neurons and the planner walks every neuron in order instead of
+    # taking the GIN index (970 ms against 1.4 ms for a rare word at GPT-2-XL scale).
+    for column in ("terms", "trigger_tokens", "next_tokens"):
+        op.execute(f"ALTER TABLE neuron_search ALTER COLUMN {column} SET STATISTICS 10000")
+    op.execute("ALTER INDEX ix_prefixes_text_tsv ALTER COLUMN 1 SET STATISTICS 10000")
     bind = op.get_bind()
     runs = bind.execute(sa.text(
         "SELECT r.id, m.d_model FROM extraction_runs r JOIN catalog_models m ON m.id = r.model_id "
