@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     # layers asked for hold at most this many neurons, and go through the HNSW index otherwise.
     exact_vector_scan_max: int = 20_000
     # HNSW candidates examined per query (pgvector's hnsw.ef_search; at least 2k is used).
-    hnsw_ef_search: int = 200
+    hnsw_ef_search: int = 400
     # A search query running longer than this is cancelled (503) rather than holding a connection.
     statement_timeout_ms: int = 10_000
     # Longest text POST /probe accepts, in tokens (the run's window caps it too).
