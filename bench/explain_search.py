@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def main() -> None:
         lines += [f"## {title}", ""]
         for statement, plan in plans(engine, call):
             first = " ".join(statement.split())[:160]
+            plan = re.sub(r"'\[[^\]]{200,}\]'", "'[... the query vector ...]'", plan)
             lines += [f"`{first}...`", "", "```", plan, "```", ""]
         print("explained", title, flush=True)
     args.out.write_text("\n".join(lines))
