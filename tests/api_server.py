@@ -5,7 +5,6 @@ seeded corpora. Nothing here imports catalog.read: the tests' references stay in
 from __future__ import annotations
 
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,16 +15,14 @@ import httpx
 import tiny_models
 import torch
 import uvicorn
+from cli_runner import free_port
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 SPACE = "\u0120"  # GPT-2's byte-level space marker
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
 
 
 @contextmanager

@@ -70,3 +70,14 @@ def db_session(migrated_db: str) -> Iterator[Session]:
         session.close()
         outer.rollback()
         conn.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny matmuls: thread hand-offs would cost more than the maths on a 2-core, shared machine."""
+    import torch  # only for the modules that ask for it
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

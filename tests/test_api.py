@@ -53,6 +53,8 @@ PLANTED = [
 SORTS = [None, "layer", "-layer", *(s for stat in NEURON_STATS for s in (stat, "-" + stat))]
 Key = tuple[int, int]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # --- the catalogs and the reference ---------------------------------------------------------
 
@@ -175,15 +177,6 @@ def write_corpus(path: Path, lines: list[str]) -> Path:
     assert all(line.strip() for line in lines)  # document index == line number
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls: thread hand-offs would cost more than the maths on a 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

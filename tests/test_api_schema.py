@@ -33,7 +33,6 @@ import api_server
 import pytest
 import schemathesis
 import tiny_models
-import torch
 from schemathesis.core.result import Ok
 from sqlalchemy import delete
 
@@ -47,6 +46,8 @@ NAMES = {"gpt2": "schema-gpt2", "llama": "schema-llama"}
 MAX_EXAMPLES = 40  # per operation and variant, fuzzing phase; the examples and coverage phases add theirs
 SEED = 20240531
 REQUESTS: Counter[tuple[str, str, str, int]] = Counter()  # (variant, method, path, status) -> requests
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def corpus_lines(seed: int = 7, n: int = 200) -> list[str]:
@@ -155,15 +156,6 @@ def _server_log(wait_s: float = 2.0) -> str:
 
 
 # --- catalogs and server --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls: thread hand-offs would cost more than the maths on a 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,6 +18,7 @@ import pytest
 import tiny_models
 import typer
 from alembic.script import ScriptDirectory
+from cli_runner import Result, cli
 from sqlalchemy import delete
 from tiny_models import D_MLP, N_LAYERS
 
@@ -29,27 +27,7 @@ from catalog.store.database import get_engine, session_scope
 from catalog.store.migrate import alembic_config
 from catalog.store.models import CatalogModel
 
-CLI = str(Path(sys.executable).with_name("neuron-catalog"))
-REPO = Path(__file__).resolve().parents[1]
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/x"
-
-
-@dataclass(frozen=True)
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> Result:
-    """Run the installed command; the session database comes through CATALOG_DATABASE_URL in os.environ."""
-    full_env = {
-        **os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-        # wide, plain help output so that option names are not wrapped or coloured
-        "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", **(env or {}),
-    }
-    p = subprocess.run([CLI, *args], check=False, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
-    return Result(p.returncode, p.stdout, p.stderr)
 
 
 def run_all(cases: dict[str, tuple[tuple[str, ...], dict[str, str]]]) -> dict[str, Result]:

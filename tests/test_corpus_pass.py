@@ -57,6 +57,8 @@ VALUE_PROJS: dict[str, Callable[[Any], list[nn.Module]]] = {
     "llama": lambda m: [b.mlp.down_proj for b in m.model.layers],
 }
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # --- the corpus -----------------------------------------------------------------------------
 
@@ -159,15 +161,6 @@ def _value_vectors(projs: list[nn.Module]) -> list[np.ndarray]:
         # GPT-2's Conv1D is [d_mlp, d_model]; nn.Linear is [d_model, d_mlp].
         out.append(w if w.shape[0] == tiny_models.D_MLP else w.T)
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls: thread hand-offs would cost far more than the maths (and the machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ Real Postgres throughout: the session server of conftest, plus a new empty datab
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,20 +14,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
 import psycopg
 import pytest
 import uvicorn
+from cli_runner import CLI, REPO, cli, free_port
 from sqlalchemy.engine import make_url
 
 from catalog.config import settings
 from catalog.store.database import dispose_engine
 
-REPO = Path(__file__).resolve().parents[1]
-CLI = str(Path(sys.executable).with_name("neuron-catalog"))
 SEARCH_PATH = "/api/v1/models/{model}/neurons"
 RecordProperty = Callable[[str, object], None]  # the record_property fixture
 
@@ -36,26 +34,7 @@ RecordProperty = Callable[[str, object], None]  # the record_property fixture
 # --- helpers ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
 
-
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> Result:
-    """The installed command as a user runs it (as in test_cli.py, which imports torch at the top)."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", **(env or {})}
-    p = subprocess.run([CLI, *args], check=False, cwd=REPO, env=full_env, capture_output=True, text=True,
-                       timeout=timeout)
-    return Result(p.returncode, p.stdout, p.stderr)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def libpq_url(url: str) -> str:
