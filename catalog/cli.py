@@ -20,6 +20,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(no_args_is_help=True, help="Database schema migrations (Alembic).")
 app.add_typer(db_app, name="db")
+users_app = typer.Typer(no_args_is_help=True, help="Annotators: who may write annotations (tokens are stored hashed).")
+app.add_typer(users_app, name="users")
+annotations_app = typer.Typer(no_args_is_help=True, help="Annotations: export, import, agreement.")
+app.add_typer(annotations_app, name="annotations")
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -256,6 +260,121 @@ def serve(
     typer.echo(f"serving {safe_url(database_url())} on http://{host}:{port} (docs: http://{host}:{port}/docs)", err=True)
     uvicorn.run("catalog.api.app:create_app", factory=True, host=host, port=port, workers=workers,
                 log_level="warning", access_log=False)
+
+
+def _schema_session() -> Any:
+    """A session scope on a database that has the schema (one `error:` line otherwise)."""
+    from catalog.read.catalog import NO_SCHEMA
+    from catalog.read.errors import CatalogMissing
+    from catalog.store import migrate
+    from catalog.store.database import check_connection, session_scope
+
+    check_connection()
+    if migrate.current(None) is None:
+        raise CatalogMissing(NO_SCHEMA)
+    return session_scope()
+
+
+@users_app.command("add")
+def users_add(name: Annotated[str, typer.Argument(help="The annotator's name, shown with their annotations.")]) -> None:
+    """Create an annotator (or give a new token to a revoked or imported one) and print their token once."""
+    from catalog.annotations import service
+
+    def go() -> str:
+        from catalog.store import migrate
+        from catalog.store.database import check_connection
+        check_connection()
+        migrate.upgrade(None)  # annotators may be added before the first extraction
+        with _schema_session() as s:
+            return service.add_annotator(s, name)
+
+    token = _run(go)
+    typer.echo(f"annotator {name.strip()!r} added; their token (shown once, keep it secret):", err=True)
+    typer.echo(token)
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """List annotators: name, since when, whether their token is active."""
+    from catalog.annotations import service
+
+    def go() -> list[tuple[str, str, bool]]:
+        with _schema_session() as s:
+            return [(a.name, f"{a.created_at:%Y-%m-%d %H:%M}", a.token_sha256 is not None)
+                    for a in service.list_annotators(s)]
+
+    for name, since, active in _run(go):
+        typer.echo(f"{name:<30} since {since}  {'active' if active else 'no token (revoked or imported)'}")
+
+
+@users_app.command("revoke")
+def users_revoke(name: Annotated[str, typer.Argument(help="The annotator whose token stops working.")]) -> None:
+    """Revoke an annotator's token (their annotations stay)."""
+    from catalog.annotations import service
+
+    def go() -> None:
+        with _schema_session() as s:
+            service.revoke_annotator(s, name)
+
+    _run(go)
+    typer.echo(f"annotator {name!r}: token revoked")
+
+
+@annotations_app.command("export")
+def annotations_export(
+    out: Annotated[Path, typer.Option(help="Output file: .jsonl or .csv (one row per revision).")],
+    model: Annotated[str | None, typer.Option(help="Only this catalog entry (default: every one).")] = None,
+) -> None:
+    """Write every annotation with all its revisions."""
+    from catalog.annotations import transfer
+
+    def go() -> int:
+        with _schema_session() as s:
+            return transfer.export(s, out, model)
+
+    typer.echo(f"wrote {_run(go)} annotation revisions to {out}")
+
+
+@annotations_app.command("import")
+def annotations_import(
+    file: Annotated[Path, typer.Argument(help="A .jsonl or .csv file written by `annotations export`.")],
+) -> None:
+    """Add the annotations of a file: all of it or, on any conflict, nothing."""
+    from catalog.annotations import transfer
+
+    def go() -> transfer.ImportReport:
+        with _schema_session() as s:
+            return transfer.import_file(s, file)
+
+    r = _run(go)
+    typer.echo(f"imported {file}: {r.annotations_created} annotations created, {r.revisions_added} revisions "
+               f"added, {r.revisions_present} already present, {r.annotators_created} annotators created")
+
+
+@annotations_app.command("agreement")
+def annotations_agreement(model: Annotated[str, typer.Option(help="Catalog entry name.")]) -> None:
+    """Kappa between annotators per layer and overall, and agreement with the suggested label."""
+    from catalog.annotations import service
+
+    def go() -> Any:
+        with _schema_session() as s:
+            return service.agreement(s, model)
+
+    rep = _run(go)
+
+    def k(fig: Any) -> str:
+        kappa = "-" if fig.kappa is None else f"{fig.kappa:.3f}"
+        return f"{fig.method or '-':<7} kappa {kappa:>6} over {fig.items} neurons, {fig.annotators} annotators"
+
+    def match(m: Any) -> str:
+        return "-" if m.rate is None else f"{m.rate:.3f} ({m.matches}/{m.annotations})"
+
+    typer.echo(f"overall   {k(rep.overall)}; human = suggested {match(rep.with_suggested)}")
+    for layer in rep.layers:
+        typer.echo(f"layer {layer.layer:>3} {k(layer.between_annotators)}; human = suggested {match(layer.with_suggested)}")
+    for p in rep.pairs:
+        typer.echo(f"pair {p.annotators[0]} / {p.annotators[1]}: kappa "
+                   f"{'-' if p.kappa is None else f'{p.kappa:.3f}'} over {p.items} neurons")
 
 
 def _check_database() -> None:

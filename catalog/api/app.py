@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
 from catalog import __version__
+from catalog.api import annotations as annotation_routes
 from catalog.api import probe, routes
 from catalog.read.catalog import NO_SCHEMA
 from catalog.read.errors import ReadError
@@ -42,6 +43,17 @@ def create_app() -> FastAPI:
     )
     app.include_router(routes.router, prefix=API_PREFIX)
     app.include_router(probe.router, prefix=API_PREFIX)
+    app.include_router(annotation_routes.router, prefix=API_PREFIX)
+    # The review UI (part 4): pages at /, their script and stylesheets at /static.
+    from fastapi import Depends
+    from fastapi.staticfiles import StaticFiles
+
+    from catalog.ui import auth, figure_pages, pages
+    from catalog.ui.templating import STATIC_DIR
+
+    app.include_router(pages.router)
+    app.include_router(figure_pages.router, dependencies=[Depends(auth.page_user)])
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/healthz", tags=["health"], responses={503: routes.ERRORS[503]})
     def healthz() -> dict[str, str]:

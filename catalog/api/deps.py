@@ -30,3 +30,21 @@ def get_session() -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_write_session() -> Iterator[Session]:
+    """A session for writes: committed when the route returns, rolled back when it raises."""
+    session = Session(bind=get_engine(), expire_on_commit=False)
+    try:
+        session.execute(text("SELECT set_config('statement_timeout', :t, true)"),
+                        {"t": str(int(settings.statement_timeout_ms))})
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+WriteSessionDep = Annotated[Session, Depends(get_write_session)]

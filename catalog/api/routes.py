@@ -23,7 +23,7 @@ from catalog.read.schemas import (
     SimilarPage,
     TokenRanking,
 )
-from catalog.store.models import LABELS, NEURON_STATS
+from catalog.store.models import HUMAN_LABELS, LABELS, NEURON_STATS
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "The request body could not be read (not JSON)."},
@@ -42,6 +42,7 @@ LayerBound = Annotated[int | None, Query(ge=0, le=32767)]
 SORTS = tuple(k for key in search.SORT_KEYS for k in (key, "-" + key))
 Sort = Literal[SORTS]  # type: ignore[valid-type]
 Label = Literal[LABELS]  # type: ignore[valid-type]
+HumanLabel = Literal[HUMAN_LABELS]  # type: ignore[valid-type]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 _search_fields: dict[str, Any] = {
@@ -56,15 +57,18 @@ for _stat in NEURON_STATS:
 _search_fields.update({
     "label": (Label | None, Field(None, description="The suggested label.")),
     "q": (str | None, Field(None, max_length=search.MAX_Q, description=(
-        "Text pattern over the trigger prefixes, web-search syntax (Postgres websearch_to_tsquery, 'simple' "
-        "configuration: no stemming): words, \"quoted phrases\", OR, -exclusion. A neuron matches when one of "
-        "its positive trigger prefixes matches."))),
+        "Text pattern over the trigger prefixes and annotation descriptions, web-search syntax (Postgres "
+        "websearch_to_tsquery, 'simple' configuration: no stemming): words, \"quoted phrases\", OR, -exclusion. A "
+        "neuron matches when one of its positive trigger prefixes or one of its annotations' descriptions matches."))),
     "token": (str | None, Field(None, max_length=200, description=(
         "The value promotes this token: it is among the neuron's top token_rank tokens of v_i.E^T. id:N, "
         "text:EXACT, ' word' (space-marked form only) or word (with and without the space marker)."))),
     "token_rank": (int, Field(30, ge=1, le=1000, description="How deep in the value's top tokens token may be.")),
     "trigger_token": (str | None, Field(None, max_length=200, description="A trigger prefix ends with this token.")),
     "next_token": (str | None, Field(None, max_length=200, description="A trigger prefix is followed by this token.")),
+    "human_label": (HumanLabel | None, Field(None, description="Some annotator's current label is this.")),
+    "annotated": (bool | None, Field(None, description="true: annotated by someone; false: by nobody.")),
+    "annotator": (str | None, Field(None, max_length=100, description="Annotated by this annotator.")),
     "sort": (Sort | None, Field(None, description=(
         "A figure to sort by, '-' first for descending; ties by (layer, neuron) in the same direction; neurons "
         "without the figure come last. Default: layer, neuron."))),
@@ -74,6 +78,18 @@ _search_fields.update({
 SearchParams: type[BaseModel] = create_model(  # type: ignore[call-overload]
     "SearchParams", __config__=ConfigDict(extra="forbid"), **_search_fields
 )
+
+
+def search_query(p: dict[str, Any]) -> search.SearchQuery:
+    """A SearchQuery from validated SearchParams fields (shared with the review queue and the UI)."""
+    ranges = tuple((s, b, p[f"{b}_{s}"]) for s in NEURON_STATS for b in ("min", "max") if p.get(f"{b}_{s}") is not None)
+    return search.SearchQuery(
+        layers=tuple(p.get("layer") or ()), layer_min=p.get("layer_min"), layer_max=p.get("layer_max"), ranges=ranges,
+        label=p.get("label"), q=p.get("q"), token=p.get("token"), token_rank=p.get("token_rank", 30),
+        trigger_token=p.get("trigger_token"), next_token=p.get("next_token"), human_label=p.get("human_label"),
+        annotated=p.get("annotated"), annotator=p.get("annotator"), sort=p.get("sort"), limit=p.get("limit", 50),
+        cursor=p.get("cursor"),
+    )
 
 
 def _run_info(run: Any) -> RunInfo:
@@ -124,13 +140,7 @@ def neuron(model: ModelName, layer: LayerIndex, neuron: NeuronIndex, session: Se
 @router.get("/models/{model}/neurons", response_model=SearchPage, tags=["neurons"])
 def search_neurons(model: ModelName, params: Annotated[SearchParams, Query()], session: SessionDep) -> SearchPage:  # type: ignore[valid-type]
     """Search neurons by layer, statistic ranges, label, text pattern and tokens; sorted; keyset pages."""
-    p = params.model_dump()  # type: ignore[attr-defined]
-    ranges = tuple((s, b, p[f"{b}_{s}"]) for s in NEURON_STATS for b in ("min", "max") if p[f"{b}_{s}"] is not None)
-    query = search.SearchQuery(
-        layers=tuple(p["layer"]), layer_min=p["layer_min"], layer_max=p["layer_max"], ranges=ranges,
-        label=p["label"], q=p["q"], token=p["token"], token_rank=p["token_rank"], trigger_token=p["trigger_token"],
-        next_token=p["next_token"], sort=p["sort"], limit=p["limit"], cursor=p["cursor"],
-    )
+    query = search_query(params.model_dump())  # type: ignore[attr-defined]
     return search.search(session, model, query)
 
 

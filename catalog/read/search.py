@@ -22,7 +22,19 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, cast, exists, func, literal_column, select, text, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    cast,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    text,
+    tuple_,
+)
 from sqlalchemy.dialects.postgresql import TSQUERY
 from sqlalchemy.orm import Session
 
@@ -31,9 +43,12 @@ from catalog.read.errors import InvalidParameter
 from catalog.read.schemas import NeuronSummary, ResolvedToken, SearchPage, TokenLogit, TopTrigger
 from catalog.read.tokens import clean_arg, resolve_token
 from catalog.store.models import (
+    HUMAN_LABELS,
     LABELS,
     NEURON_STATS,
     TEXT_SEARCH_CONFIG,
+    Annotation,
+    Annotator,
     Neuron,
     NeuronSearch,
     Prefix,
@@ -51,6 +66,7 @@ S = NeuronSearch.__table__
 T = Trigger.__table__
 P = Prefix.__table__
 VT = ValueToken.__table__
+A = Annotation.__table__
 CONFIG: ColumnElement[Any] = literal_column(f"'{TEXT_SEARCH_CONFIG}'::regconfig")
 _SINGLE_LEXEME = re.compile(r"^'(?:[^']|'')+'$")
 _PHRASE_OP = re.compile(r"<(?:\d+|-)>")
@@ -68,6 +84,10 @@ class SearchQuery:
     token_rank: int = 30
     trigger_token: str | None = None
     next_token: str | None = None
+    # annotations (part 4): any annotator's current label; annotated by anyone or nobody; by this annotator
+    human_label: str | None = None
+    annotated: bool | None = None
+    annotator: str | None = None
     sort: str | None = None  # a SORT_KEYS entry, "-" in front for descending
     limit: int = 50
     cursor: str | None = None
@@ -145,13 +165,27 @@ def _tsquery(session: Session, q: str) -> tuple[str, str | None]:
     return full, None if tree == "T" else _PHRASE_OP.sub("&", tree)
 
 
+def _annotated_by(model_id: int, *where: ColumnElement[bool]) -> ColumnElement[bool]:
+    return exists(select(1).where(A.c.model_id == model_id, A.c.layer == N.c.layer, A.c.neuron == N.c.neuron,
+                                  *where))
+
+
+def _description_matches(session: Session, model_id: int, full: str) -> list[tuple[int, int]]:
+    """(layer, neuron) of the neurons whose annotation descriptions match the tsquery ``full``."""
+    return [tuple(r) for r in session.execute(  # type: ignore[misc]
+        select(A.c.layer, A.c.neuron).distinct()
+        .where(A.c.model_id == model_id, func.to_tsvector(CONFIG, A.c.description).op("@@")(cast(full, TSQUERY)))
+    ).all()]
+
+
 def _conditions(session: Session, run_id: int, n_layers: int, value_top: int, vocab: int,
-                query: SearchQuery) -> tuple[list[ColumnElement[bool]], list[Any], bool, dict[str, ResolvedToken]]:
-    """WHERE conditions on N (and S when the third value is True), subqueries of (layer, neuron) to
-    join, and the tokens resolved."""
+                query: SearchQuery, model_id: int = 0,
+                ) -> tuple[list[ColumnElement[bool]], list[Any], bool | None, dict[str, ResolvedToken]]:
+    """WHERE conditions on N (and S when the third value is True, outer-joined when it is None),
+    subqueries of (layer, neuron) to join, and the tokens resolved."""
     conds: list[ColumnElement[bool]] = [N.c.run_id == run_id]
     joins: list[Any] = []
-    needs_search = False
+    needs_search: bool | None = False
     resolved: dict[str, ResolvedToken] = {}
     for layer in (*query.layers, query.layer_min, query.layer_max):
         if layer is not None and not 0 <= layer < n_layers:
@@ -178,16 +212,25 @@ def _conditions(session: Session, run_id: int, n_layers: int, value_top: int, vo
             raise InvalidParameter(f"q: give a pattern of 1-{MAX_Q} characters")
         full, loose = _tsquery(session, q)
         needs_search = True
+        pattern: list[ColumnElement[bool]] = []
         if loose is not None:
-            conds.append(S.c.terms.op("@@")(cast(loose, TSQUERY)))
+            pattern.append(S.c.terms.op("@@")(cast(loose, TSQUERY)))
         if loose is None or not _SINGLE_LEXEME.match(full):
             # one word needs no second look: the lexeme set says it all
-            conds.append(exists(
+            pattern.append(exists(
                 select(1).select_from(T.join(P, and_(P.c.run_id == T.c.run_id, P.c.document == T.c.document,
                                                       P.c.position == T.c.position)))
                 .where(T.c.run_id == N.c.run_id, T.c.layer == N.c.layer, T.c.neuron == N.c.neuron, T.c.sign == 1,
                        func.to_tsvector(CONFIG, P.c.text).op("@@")(cast(full, TSQUERY)))
             ))
+        # Annotation descriptions match too (part 4). They are few (people write them), so the
+        # matching neurons are listed first and the prefix plan stays as it was when none match.
+        described = _description_matches(session, model_id, full)
+        if described:
+            conds.append(or_(and_(*pattern), tuple_(N.c.layer, N.c.neuron).in_(described)))
+            needs_search = None  # outer join: a described neuron may lack search terms
+        else:
+            conds.extend(pattern)
     if query.token is not None:
         if not 1 <= query.token_rank <= value_top:
             raise InvalidParameter(f"token_rank: must be 1-{value_top} (the run stores the top {value_top} tokens)")
@@ -206,14 +249,26 @@ def _conditions(session: Session, run_id: int, n_layers: int, value_top: int, vo
             tok = resolved[param] = resolve_token(session, run_id, given, vocab_size=vocab, param=param)
             conds.append(column.op("&&")(cast(tok.token_ids, S.c.trigger_tokens.type)))
             needs_search = True
+    if query.human_label is not None:
+        if query.human_label not in HUMAN_LABELS:
+            raise InvalidParameter(f"human_label: unknown label {query.human_label!r}; one of {', '.join(HUMAN_LABELS)}")
+        conds.append(_annotated_by(model_id, A.c.label == query.human_label))
+    if query.annotated is not None:
+        conds.append(_annotated_by(model_id) if query.annotated else ~_annotated_by(model_id))
+    if query.annotator is not None:
+        annotator_id = session.scalar(select(Annotator.id).where(Annotator.name == query.annotator))
+        if annotator_id is None:
+            raise InvalidParameter(f"annotator: no annotator named {query.annotator!r}")
+        conds.append(_annotated_by(model_id, A.c.annotator_id == annotator_id))
     return conds, joins, needs_search, resolved
 
 
-def _base(conds: list[ColumnElement[bool]], joins: list[Any], needs_search: bool) -> Select[Any]:
+def _base(conds: list[ColumnElement[bool]], joins: list[Any], needs_search: bool | None) -> Select[Any]:
     cols = [N.c.layer, N.c.neuron, *(N.c[s] for s in NEURON_STATS), N.c.suggested_label]
     source: Any = N
-    if needs_search:
-        source = source.join(S, and_(S.c.run_id == N.c.run_id, S.c.layer == N.c.layer, S.c.neuron == N.c.neuron))
+    if needs_search is not False:
+        on = and_(S.c.run_id == N.c.run_id, S.c.layer == N.c.layer, S.c.neuron == N.c.neuron)
+        source = source.join(S, on) if needs_search else source.outerjoin(S, on)
     for sub in joins:
         source = source.join(sub, and_(sub.c.layer == N.c.layer, sub.c.neuron == N.c.neuron))
     return select(*cols).select_from(source).where(*conds)
@@ -294,7 +349,7 @@ def search(session: Session, name: str, query: SearchQuery) -> SearchPage:
     after = decode_cursor(query.cursor, run.id, fingerprint) if query.cursor else None
     value_top = int((run.parameters or {}).get("value_top", 30))
     conds, joins, needs_search, resolved = _conditions(session, run.id, entry.n_layers, value_top, entry.vocab_size,
-                                                       query)
+                                                       query, entry.id)
     rows = _fetch(session, _base(conds, joins, needs_search), order, after, query.limit + 1)
     page, more = rows[: query.limit], len(rows) > query.limit
     next_cursor = None
@@ -306,3 +361,12 @@ def search(session: Session, name: str, query: SearchQuery) -> SearchPage:
                                                                  last.layer, last.neuron))
     return SearchPage(items=_summaries(session, run.id, [r for _, r in page]), next_cursor=next_cursor,
                       resolved_tokens=resolved)
+
+
+def filtered(session: Session, entry: Any, run: Any, query: SearchQuery) -> Select[Any]:
+    """The neurons of ``run`` that pass every filter of ``query`` (its sort and cursor ignored), unordered:
+    the review queue orders and limits this itself."""
+    value_top = int((run.parameters or {}).get("value_top", 30))
+    conds, joins, needs_search, _ = _conditions(session, run.id, entry.n_layers, value_top, entry.vocab_size,
+                                                query, entry.id)
+    return _base(conds, joins, needs_search)

@@ -16,6 +16,7 @@ from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Enum,
     Float,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    UniqueConstraint,
     func,
     literal_column,
     text,
@@ -284,3 +286,72 @@ class NeuronSearch(Base):
     terms: Mapped[Any] = mapped_column(TSVECTOR, nullable=False)
     trigger_tokens: Mapped[list[int]] = mapped_column(ARRAY(Integer))
     next_tokens: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+
+
+# --- annotations (part 4) ------------------------------------------------------------------------
+# Annotators' labels: the suggested labels plus "none" (no clear pattern).
+HUMAN_LABELS = (*LABELS, "none")
+
+
+class Annotator(Base):
+    """A person who may write annotations; only a SHA-256 of their token is stored."""
+
+    __tablename__ = "annotators"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    # null: no token (imported from a file, or revoked); such an annotator cannot write
+    token_sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Annotation(Base):
+    """One annotator's current annotation of one neuron of a catalog entry (a model, not a run).
+
+    Keyed by (model, layer, neuron, annotator), so re-extracting the model keeps it; the run and
+    weights it was made on are recorded per revision. ``revision`` is the number of the latest
+    revision: a revision must name it as its base (optimistic concurrency, 409 when stale).
+    """
+
+    __tablename__ = "annotations"
+    __table_args__ = (
+        # one annotation per annotator and neuron; also serves "annotations of this neuron"
+        UniqueConstraint("model_id", "layer", "neuron", "annotator_id", name="uq_annotations_neuron_annotator"),
+        CheckConstraint("label IN ('shallow', 'semantic', 'shallow+semantic', 'none')", name="label"),
+        Index("ix_annotations_annotator_model", "annotator_id", "model_id", "layer"),
+        # the search API's q pattern over descriptions
+        Index("ix_annotations_description_tsv",
+              func.to_tsvector(literal_column(f"'{TEXT_SEARCH_CONFIG}'::regconfig"), text("description")),
+              postgresql_using="gin"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("catalog_models.id", ondelete="RESTRICT"))
+    layer: Mapped[int] = mapped_column(SmallInteger)
+    neuron: Mapped[int] = mapped_column(Integer)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id", ondelete="RESTRICT"))
+    revision: Mapped[int] = mapped_column(Integer)  # 1-based, the latest
+    label: Mapped[str] = mapped_column(String(20))
+    description: Mapped[str] = mapped_column(Text, default="")
+    examples: Mapped[list[dict[str, int]]] = mapped_column(JSONB, default=list)  # [{document, position}]
+    run_id: Mapped[int | None] = mapped_column(Integer)  # no FK: runs are deleted when superseded
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+
+class AnnotationRevision(Base):
+    """Every revision of an annotation, the latest included, as it was written."""
+
+    __tablename__ = "annotation_revisions"
+
+    annotation_id: Mapped[int] = mapped_column(ForeignKey("annotations.id", ondelete="CASCADE"), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label: Mapped[str] = mapped_column(String(20))
+    description: Mapped[str] = mapped_column(Text, default="")
+    examples: Mapped[list[dict[str, int]]] = mapped_column(JSONB, default=list)
+    run_id: Mapped[int | None] = mapped_column(Integer)
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
