@@ -331,8 +331,8 @@ def test_review_queue_per_layer(api: httpx.Client, cat: dict[str, Any], engine: 
     assert {p["layer"]: p["mine"] for p in item["progress"]} == {0: 2, 1: 2}
     # the same fixed draw for everyone: another annotator's first item is this one's first
     other = add_user(f"queue2-{TAG}")
-    assert (lambda i: (i["layer"], i["neuron"]))(
-        api.get(url, params={"per_layer": 2}, headers=auth(other)).json()) == seen[0]
+    theirs = api.get(url, params={"per_layer": 2}, headers=auth(other)).json()
+    assert (theirs["layer"], theirs["neuron"]) == seen[0]
     # restricted by a search filter
     only = api.get(url, params={"per_layer": 3, "layer": 1, "max_alignment": 0.0}, headers=auth(tok)).json()
     with engine.connect() as c:

@@ -284,7 +284,7 @@ def next_item(session: Session, model: str, annotator: Annotator, *, queue: Queu
                 continue
             hit = session.execute(
                 select(base.c.layer, base.c.neuron).where(base.c.layer == layer, ~mine_here)
-                .order_by((func.cast(base.c.neuron, BigInteger) * _MIX + layer * 40503) % (2**32))
+                .order_by(((func.cast(base.c.neuron, BigInteger) + layer * 7919 + 1) * _MIX) % (2**32), base.c.neuron)
                 .limit(1)
             ).first()
             if hit is not None:

@@ -21,15 +21,14 @@ from catalog.read import figures
 from catalog.read.catalog import LAYER_FIELDS
 from catalog.read.errors import NotFound, ReadError
 from catalog.read.schemas import STAT_MEANINGS
-from catalog.store.models import HUMAN_LABELS
 from catalog.ui import plots
 from catalog.ui.templating import render
 
 router = APIRouter(include_in_schema=False)
 
-# Stacking order of label shares: from shallow to semantic, then "no clear pattern".
+# Stacking order of label shares: from shallow to semantic, then "no clear pattern" (every one of
+# catalog.store.models.HUMAN_LABELS; a label missing here would still be drawn, after these).
 LABEL_ORDER = ("shallow", "shallow+semantic", "semantic", "none")
-assert set(LABEL_ORDER) == set(HUMAN_LABELS), "a label without a place in the stacked bars"
 SEED_000 = "seed 000"
 SEED_001 = "seed 001"
 WEIGHT_STATS = ("key_norm", "value_norm", "up_norm", "bias", "alignment", "up_alignment")
@@ -49,7 +48,7 @@ SCATTER_CLAIMS = {
     "alignment": "seed 000, Figures 1-2: the bias follows the key-value alignment, whose fitted slope the "
                  "model page draws by layer",
 }
-NO_BIAS = ("This model's feed-forward layers have no bias (LLaMA family), so seed 000's bias figures "
+NO_BIAS = ("This model's feed-forward layers have no bias (as in the LLaMA family), so seed 000's bias figures "
            "(bias against key norm, value norm and alignment) do not apply.")
 NO_CORPUS = "This run had no corpus pass (weights only), so it has no seed 001 figures."
 
@@ -199,6 +198,7 @@ def layer_context(data: figures.LayerFigures) -> dict[str, Any]:
         "title": f"{entry.name} layer {data.layer}", "entry": entry, "run": data.run, "layer": data.layer,
         "model_url": model_url(entry.name), "figures": data.figures, "fields": LAYER_FIELDS,
         "n_neurons": len(data.neurons), "scatters": scatter_plots(data), "no_bias": NO_BIAS,
+        "notes": [] if data.run.corpus else [NO_CORPUS],
         "histograms": histogram_plots(data), "labels": LABEL_ORDER, "num": plots.num,
         "label_counts": data.label_counts, "human_counts": data.human_counts,
         "prev": data.layer - 1 if data.layer > 0 else None,

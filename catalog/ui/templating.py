@@ -34,7 +34,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, int):
         return str(value)
     try:
-        return f"{float(value):.{digits}f}"
+        v = float(value)
+        if v != 0 and abs(v) < 10 ** -digits:  # a tiny figure keeps its significant digits
+            return f"{v:.{digits}g}"
+        return f"{v:.{digits}f}"
     except (TypeError, ValueError):
         return str(value)
 

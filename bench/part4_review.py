@@ -1,0 +1,178 @@
+"""Part 4 benchmark: the review workflow through HTTP with 8 concurrent annotators.
+
+    .venv/bin/python bench/part4_review.py [--layers 4] [--annotators 8] [--rounds 25] [--workers 2]
+
+Builds (once per data dir) the part 3 synthetic catalog with GPT-2-XL's layer size (6,400 neurons
+of 1,600-dim keys and values, 50 triggers and 30 top tokens each) through the normal ingest path,
+with ``--layers`` layers (48 is GPT-2-XL; fewer keep the build within a session on 2 cores: each
+layer costs ~80 s). Then ``neuron-catalog serve --workers N`` runs as a subprocess and
+``--annotators`` threads, each with its own token, loop: fetch my next queue item (API), render
+its neuron card (HTML), save an annotation (API PUT). Reports p50 / p99 of each step, of the
+layer page with its plots and of /healthz (the floor) under the same load, each also as a ratio
+to the floor measured in the same run, since this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import part3_search as p3  # noqa: E402  (the synthetic catalog builder)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pct(xs: list[float], p: float) -> float:
+    return p3.percentile(xs, p) if xs else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path, default=Path("/var/tmp/neuron-catalog-bench4"))
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--annotators", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=25, help="queue/card/save rounds per annotator")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--port", type=int, default=8766)
+    args = ap.parse_args()
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["CATALOG_DATA_DIR"] = str(args.data_dir)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    p3.N_LAYERS = args.layers
+    p3.NAME = name = f"synthetic-gpt2-xl-{args.layers}-layers"
+    print(f"# part 4 benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs")
+
+    import httpx
+    from sqlalchemy import text
+
+    from catalog.annotations import service
+    from catalog.read.catalog import current_run
+    from catalog.store import migrate
+    from catalog.store.database import database_url, get_engine, session_scope
+
+    migrate.upgrade(None)
+    with session_scope() as s:
+        have = current_run(s, name)
+    if have is None:
+        from catalog.loading import load
+
+        tok = load("smollm2").tokenizer
+        vocab_texts = tok.batch_decode([[i] for i in range(len(tok))], skip_special_tokens=False)
+        lines = [ln for ln in (REPO / "data" / "wordnet.txt").read_text().splitlines() if ln.strip()]
+        t0 = time.perf_counter()
+        times = p3.build(vocab_texts, lines)
+        print(f"build: {time.perf_counter() - t0:.0f} s;", json.dumps({k: round(v, 1) for k, v in times.items()}))
+    else:
+        print("build: reused")
+    with get_engine().connect() as conn:
+        size = conn.scalar(text("SELECT pg_database_size(current_database())"))
+        n = conn.scalar(text("SELECT count(*) FROM neurons n JOIN catalog_models m ON m.current_run_id = n.run_id "
+                             "WHERE m.name = :n"), {"n": name})
+    print(f"catalog: {n} neurons in {args.layers} layers of {p3.D_MLP}; database {size / 2**30:.2f} GiB")
+    stamp = datetime.now(UTC).strftime("%H%M%S")
+    with session_scope() as s:
+        tokens = {f"bench-{stamp}-{i}": service.add_annotator(s, f"bench-{stamp}-{i}") for i in range(args.annotators)}
+
+    env = {**os.environ, "CATALOG_DATABASE_URL": database_url()}
+    server = subprocess.Popen([str(Path(sys.executable).with_name("neuron-catalog")), "serve", "--port", str(args.port),
+                               "--workers", str(args.workers)], env=env)
+    base = f"http://127.0.0.1:{args.port}"
+    try:
+        t0 = time.perf_counter()
+        while True:
+            try:
+                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - t0 > 120:
+                raise SystemExit("server did not start")
+            time.sleep(0.1)
+        run(base, name, tokens, args)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def run(base: str, name: str, tokens: dict[str, str], args: argparse.Namespace) -> None:
+    import httpx
+
+    times: dict[str, list[float]] = {"queue_next": [], "card": [], "save": [], "layer_page": [], "healthz": []}
+    errors: list[str] = []
+    lock = threading.Lock()
+    labels = ["shallow", "semantic", "shallow+semantic", "none"]
+
+    def timed(kind: str, fn: Any) -> Any:
+        t = time.perf_counter()
+        r = fn()
+        dt = (time.perf_counter() - t) * 1000
+        with lock:
+            times[kind].append(dt)
+            if r.status_code >= 400:
+                errors.append(f"{kind} {r.status_code} {r.text[:120]}")
+        return r
+
+    # warm each worker's connections and caches
+    with httpx.Client(base_url=base, timeout=60) as c:
+        for _ in range(10):
+            c.get(f"/models/{name}/layers/0")
+            c.get(f"/models/{name}/neurons/0/0")
+
+    def annotator(who: str, token: str, seed: int) -> None:
+        h = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=base, timeout=60) as c:
+            for i in range(args.rounds):
+                item = timed("queue_next", lambda: c.get(f"/api/v1/models/{name}/queue/next",
+                                                         params={"per_layer": 1000}, headers=h)).json()
+                if item.get("done", True):
+                    break
+                layer, neuron = item["layer"], item["neuron"]
+                timed("card", lambda: c.get(f"/models/{name}/neurons/{layer}/{neuron}"))
+                label = labels[(seed + i) % 4]
+                timed("save", lambda: c.put(
+                    f"/api/v1/models/{name}/neurons/{layer}/{neuron}/annotations/{who}", headers=h,
+                    json={"label": label, "description": "" if label == "none" else f"pattern {i}"}))
+
+    def viewer(stop: threading.Event) -> None:
+        with httpx.Client(base_url=base, timeout=60) as c:
+            layer = 0
+            while not stop.is_set():
+                timed("layer_page", lambda: c.get(f"/models/{name}/layers/{layer % args.layers}"))
+                timed("healthz", lambda: c.get("/healthz"))
+                layer += 1
+
+    stop = threading.Event()
+    side = threading.Thread(target=viewer, args=(stop,))
+    side.start()
+    t0 = time.perf_counter()
+    workers = [threading.Thread(target=annotator, args=(who, tok, i)) for i, (who, tok) in enumerate(tokens.items())]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    wall = time.perf_counter() - t0
+    stop.set()
+    side.join()
+    floor = pct(times["healthz"], 50)
+    print(f"{args.annotators} annotators x {args.rounds} rounds + 1 layer-page viewer, {args.workers} server workers, "
+          f"{wall:.1f} s, {sum(len(v) for v in times.values())} requests, {len(errors)} errors")
+    print(f"{'kind':<12} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'p50/floor':>10} {'p99/floor':>10}")
+    for kind, xs in times.items():
+        print(f"{kind:<12} {len(xs):>5} {pct(xs, 50):>8.1f} {pct(xs, 99):>8.1f} "
+              f"{pct(xs, 50) / floor:>10.1f} {pct(xs, 99) / floor:>10.1f}")
+    for e in errors[:5]:
+        print("error:", e)
+
+
+if __name__ == "__main__":
+    main()
