@@ -177,7 +177,16 @@ def main() -> None:
     ap.add_argument("--per-kind", type=int, default=200, help="requests per kind")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--build-only", action="store_true")
+    ap.add_argument("--layers", type=int, default=48, help="48 = GPT-2-XL; fewer for a quicker trial (own name)")
+    ap.add_argument("--load", choices=("wrk", "python"), default="wrk", help=(
+        "load generator: wrk (a C program in its own process, Debian's package, installed when missing) or "
+        "Python threads in this process (what the first figures used; the client then shares the GIL)"))
+    ap.add_argument("--seconds", type=float, default=10.0, help="wrk: seconds per request kind")
     args = ap.parse_args()
+    global N_LAYERS, NAME
+    N_LAYERS = args.layers
+    if args.layers != 48:
+        NAME = f"{NAME}-{args.layers}-layers"
     args.data_dir.mkdir(parents=True, exist_ok=True)
     os.environ["CATALOG_DATA_DIR"] = str(args.data_dir)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -291,7 +300,8 @@ def run_load(base: str, args: argparse.Namespace, *, vocab_size: int, lines: lis
         # the floor: a request that touches no table, served under the same load
         "healthz (floor)": lambda: f"{base}/healthz",
         "neuron detail": lambda: f"{api}/neurons/{rnd.randrange(N_LAYERS)}/{rnd.randrange(D_MLP)}",
-        "filter+sort": lambda: (f"{api}/neurons?layer_min={(lo := rnd.randrange(40))}&layer_max={lo + 8}"
+        "filter+sort": lambda: (f"{api}/neurons?layer_min={(lo := rnd.randrange(max(1, N_LAYERS - 8)))}"
+                                f"&layer_max={min(N_LAYERS - 1, lo + 8)}"
                                 f"&min_{rnd.choice(stats)}={rnd.uniform(-0.5, 0.5):.3f}&sort=-{rnd.choice(stats)}&limit=50"),
         "deep keyset page": lambda: f"{api}/neurons?sort=-alignment&limit=50&cursor={deep}",
         "pattern (rare word)": lambda: f"{api}/neurons?q={rnd.choice(['xylophone', 'zeppelin', 'quinine', 'sextant', 'walrus'])}",
@@ -305,14 +315,24 @@ def run_load(base: str, args: argparse.Namespace, *, vocab_size: int, lines: lis
     results: dict[str, dict[str, float]] = {}
     for kind, make in kinds.items():
         urls = [make() for _ in range(args.per_kind)]
-        lat, errors = hammer(urls, args.clients)
-        results[kind] = {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "errors": errors, "n": len(lat)}
+        if args.load == "wrk":
+            results[kind] = wrk(base, urls, args.clients, args.seconds)
+            errors = int(results[kind]["errors"])
+        else:
+            lat, errors = hammer(urls, args.clients)
+            results[kind] = {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "errors": errors, "n": len(lat)}
         floor = results["healthz (floor)"]["p99"]
         print(f"{kind:>22}: p50 {results[kind]['p50']:7.1f} ms  p99 {results[kind]['p99']:7.1f} ms  "
               f"(p99 {results[kind]['p99'] / floor:5.1f}x the floor)  errors {errors}/{len(urls)}", flush=True)
 
     # Mixed load for --duration seconds.
-    stop = time.perf_counter() + args.duration
+    if args.load == "wrk":
+        mixed = [make() for make in (m for kind, m in kinds.items() if kind != "healthz (floor)") for _ in range(200)]
+        random.Random(5).shuffle(mixed)
+        r = wrk(base, mixed, args.clients, args.duration)
+        print(f"mixed load (wrk, {args.clients} connections): {r['rps']:.1f} requests/s over {args.duration:.0f} s, "
+              f"{int(r['errors'])} errors of {int(r['n'])}; p50 {r['p50']:.1f} ms p99 {r['p99']:.1f} ms", flush=True)
+    stop = time.perf_counter() + (0 if args.load == "wrk" else args.duration)
     counts, errs, lock = [0], [0], threading.Lock()
     makers = [make for kind, make in kinds.items() if kind != "healthz (floor)"]
 
@@ -324,14 +344,15 @@ def run_load(base: str, args: argparse.Namespace, *, vocab_size: int, lines: lis
                     counts[0] += 1
                     errs[0] += r.status_code != 200
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(args.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    el = time.perf_counter() - t0
-    print(f"mixed load: {counts[0] / el:.1f} requests/s over {el:.0f} s, {errs[0]} errors of {counts[0]}")
+    if args.load == "python":
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(args.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        el = time.perf_counter() - t0
+        print(f"mixed load: {counts[0] / el:.1f} requests/s over {el:.0f} s, {errs[0]} errors of {counts[0]}")
 
     # Recall@50 of token ranking against numpy over the very vectors that were ingested.
     u = basis()
@@ -368,6 +389,44 @@ def run_load(base: str, args: argparse.Namespace, *, vocab_size: int, lines: lis
             lat.append((time.perf_counter() - t0) * 1000)
     print(f"probe (SmolLM2, {len(r.json()['tokens'])} tokens): first {first:.1f} s (loads the model), "
           f"warm p50 {percentile(lat, 50):.0f} ms p99 {percentile(lat, 99):.0f} ms")
+
+
+WRK_SCRIPT = """
+local paths = {%s}
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("GET", paths[(i %% #paths) + 1])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRKJSON {\\"p50\\": %%f, \\"p99\\": %%f, \\"n\\": %%d, \\"errors\\": %%d, \\"us\\": %%d}\\n",
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, summary.requests,
+    e.status + e.connect + e.read + e.write + e.timeout, summary.duration))
+end
+"""
+
+
+def wrk(base: str, urls: list[str], connections: int, seconds: float) -> dict[str, float]:
+    """Closed-loop load from wrk (one thread, ``connections`` connections) over the URLs in turn."""
+    import shutil
+    import tempfile
+
+    import httpx
+
+    if shutil.which("wrk") is None:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "wrk"], check=True,
+                       capture_output=True)
+    paths = ", ".join(json.dumps(httpx.URL(u).raw_path.decode()) for u in urls)
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_SCRIPT % paths)
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "--timeout", "30s", "-s", f.name, base],
+                         check=True, capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    line = next(x for x in out.splitlines() if x.startswith("WRKJSON "))
+    r = json.loads(line[len("WRKJSON "):])
+    r["rps"] = r["n"] / (r["us"] / 1e6)
+    return r
 
 
 def hammer(urls: list[str], clients: int) -> tuple[list[float], int]:

@@ -34,15 +34,21 @@ import pytest
 import schemathesis
 import tiny_models
 from schemathesis.core.result import Ok
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 
+from catalog.annotations import service
+from catalog.annotations.schemas import AnnotationWrite
 from catalog.api.app import create_app
 from catalog.service import ExtractRequest, default_parameters, extract
 from catalog.store.database import get_engine, session_scope
-from catalog.store.models import CatalogModel
+from catalog.store.models import Annotation, Annotator, CatalogModel
 from catalog.store.search_index import drop_orphan_vector_indexes
 
 NAMES = {"gpt2": "schema-gpt2", "llama": "schema-llama"}
+# The real-name runs write as this annotator (its token in every request); it has annotated layer 1's
+# dictionary neurons beforehand, so revisions answer 200 there and a first write on layer 0 can be 201.
+BOT = "schema-bot"
+TOKEN: dict[str, str] = {}
 MAX_EXAMPLES = 40  # per operation and variant, fuzzing phase; the examples and coverage phases add theirs
 SEED = 20240531
 REQUESTS: Counter[tuple[str, str, str, int]] = Counter()  # (variant, method, path, status) -> requests
@@ -92,6 +98,7 @@ def _config(model: str | None, seed: int) -> schemathesis.Config:
         }
         data["parameters"] = {
             "path.model": model,  # fixed in every phase
+            "path.annotator": BOT,
             "path.layer": {"dictionary": "layers", "probability": 0.8},
             "path.neuron": {"dictionary": "neurons", "probability": 0.8},
             "path.token": {"dictionary": "words", "probability": 0.8},
@@ -169,9 +176,20 @@ def catalogs(migrated_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             directory = tiny_models.save(family, work / family, seed=5)
             extract(ExtractRequest(model=str(directory), name=name, corpus=str(corpus),
                                    params=default_parameters(top_n=5, window=32)), engine=engine)
+        with session_scope(engine) as s:
+            TOKEN["bot"] = service.add_annotator(s, BOT)
+            who = service.authenticate(s, TOKEN["bot"])
+            assert who is not None
+            for name in NAMES.values():
+                for neuron in (0, 1, 7, 23):
+                    service.save(s, model=name, layer=1, neuron=neuron, annotator=who,
+                                 body=AnnotationWrite(label="shallow", description="ends with 'the'"))
         yield NAMES
     finally:
         with session_scope(engine) as s:
+            ids = list(s.scalars(select(CatalogModel.id).where(CatalogModel.name.in_(list(NAMES.values())))))
+            s.execute(delete(Annotation).where(Annotation.model_id.in_(ids)))
+            s.execute(delete(Annotator).where(Annotator.name == BOT))
             s.execute(delete(CatalogModel).where(CatalogModel.name.in_(list(NAMES.values()))))
         drop_orphan_vector_indexes(engine)
 
@@ -193,14 +211,17 @@ def server(catalogs: dict[str, str]) -> Iterator[str]:
 
 def check(case: schemathesis.Case, base: str, variant: str) -> None:
     SERVER_ERRORS.take()
-    response = case.call(base_url=base)
+    headers = {"Authorization": f"Bearer {TOKEN['bot']}"} if variant != "random" and TOKEN else None
+    response = case.call(base_url=base, headers=headers)
     REQUESTS[(variant, case.method, case.operation.path, response.status_code)] += 1
     if response.status_code >= 500:
         pytest.fail(f"{response.status_code} from the server\n{case.as_curl_command(base_url=base)}\n"
                     f"response: {response.text[:2000]}\nserver log:\n{_server_log()}")
     # A schema-valid value the app rejects for its meaning (a layer past this model's last, a cursor
     # it did not make, a pattern without words) is a 422 by design, not a rejected valid request.
-    excluded = [schemathesis.checks.positive_data_acceptance] if response.status_code == 422 else []
+    # So are the annotation rules: 401 without a token (random names), 403 for another annotator's
+    # annotation, 409 for a stale or repeated first write.
+    excluded = [schemathesis.checks.positive_data_acceptance] if response.status_code in (401, 403, 409, 422) else []
     case.validate_response(response, excluded_checks=excluded, transport_kwargs={"base_url": base})
 
 
@@ -248,8 +269,8 @@ def test_zz_requests_reached_real_data() -> None:
     for op, statuses in sorted(by_op.items()):
         print(f"  {op}: {dict(sorted(statuses.items()))}")
     for variant in NAMES.values():
-        got = {path for (v, method, path, status) in REQUESTS if v == variant and status == 200 and method in
-               ("GET", "POST")}
+        got = {path for (v, method, path, status) in REQUESTS if v == variant and status in (200, 201) and method in
+               ("GET", "POST", "PUT")}
         missing = {op.path for op in operations(random_names)} - got
         if any(v == variant for v, *_ in REQUESTS):
             assert not missing, f"{variant}: no 200 from {sorted(missing)}"

@@ -29,7 +29,10 @@ from catalog.store.models import Annotation, Annotator, CatalogModel
 from catalog.store.search_index import drop_orphan_vector_indexes
 
 CHROMIUM = os.environ.get("CATALOG_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-SHOTS = REPO / "docs" / "screenshots"
+# The README links docs/screenshots/; a run refreshes them there only when asked (so that tests do
+# not rewrite tracked files), and otherwise into a temp directory.
+SHOTS = REPO / "docs" / "screenshots" if os.environ.get("CATALOG_UPDATE_SCREENSHOTS") == "1" else Path(
+    os.environ.get("TMPDIR", "/tmp")) / "neuron-catalog-screenshots"
 TAG = uuid.uuid4().hex[:6]
 PLANT = '<script>window.__pwned = 1</script><img src="x" onerror="window.__pwned = 2"><b>bold?</b> '
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -34,7 +34,7 @@ class AnnotationWrite(BaseModel):
         "required unless the label is none."))
     examples: list[Example] = Field(default_factory=list, max_length=MAX_EXAMPLES,
                                     description="Trigger examples (document, position) that show the pattern.")
-    base_revision: int | None = Field(None, ge=1, description=(
+    base_revision: int | None = Field(None, ge=1, le=2**31 - 1, description=(
         "The revision this edit is based on (the latest one); null to write the first. A stale base answers 409."))
 
 

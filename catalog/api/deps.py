@@ -29,7 +29,9 @@ def get_session() -> Iterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the session ends when the route returns, before the response is sent, so the
+# connection goes back to the pool at once (and nothing may be streamed from it afterwards).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_write_session() -> Iterator[Session]:
@@ -47,4 +49,6 @@ def get_write_session() -> Iterator[Session]:
         session.close()
 
 
-WriteSessionDep = Annotated[Session, Depends(get_write_session)]
+# Committed before the response is sent: a client told 201 can rely on the row being there
+# (a request-scoped session would commit after the answer, and a fast next request could miss it).
+WriteSessionDep = Annotated[Session, Depends(get_write_session, scope="function")]

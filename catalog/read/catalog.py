@@ -56,9 +56,15 @@ def current_run(session: Session, name: str) -> tuple[CatalogModel, ExtractionRu
 
 
 def require_run(session: Session, name: str) -> tuple[CatalogModel, ExtractionRun]:
+    """The entry and its published run, or NotFound. Remembered for the session's life: a request's
+    session asks once however many queries of a page need it (sessions here are short)."""
+    memo: dict[str, tuple[CatalogModel, ExtractionRun]] = session.info.setdefault("require_run", {})
+    if name in memo:
+        return memo[name]
     found = current_run(session, name)
     if found is None:
         raise NotFound(f"no completed catalog named {name!r} (GET /api/v1/models or `neuron-catalog runs` lists them)")
+    memo[name] = found
     return found
 
 
