@@ -15,6 +15,9 @@ class Settings(BaseSettings):
     # Any Postgres with pgvector. Unset: an embedded Postgres runs from ``data_dir``.
     database_url: str | None = None
     data_dir: Path = Field(default_factory=lambda: Path(platformdirs.user_data_dir("neuron-catalog")))
+    # shared_buffers of the embedded Postgres (e.g. "2GB"); unset: Postgres' default (128MB), which
+    # cannot hold a GPT-2-XL-sized HNSW index (1.2 GB). Applied when the embedded server starts.
+    embedded_shared_buffers: str | None = Field(default=None, pattern=r"^\d+(kB|MB|GB)$")
     broker_url: str = "redis://localhost:6379/0"
     # "auto" picks CUDA when present.
     device: str = "auto"

@@ -189,7 +189,7 @@ def test_find_the_annotation_through_search(page: Any, cat: dict[str, Any]) -> N
     assert "quokka pattern 1" in page.content()
 
 
-def test_layer_and_model_pages_draw_plots(page: Any, cat: dict[str, Any]) -> None:
+def test_layer_and_model_pages_draw_plots(page: Any, cat: dict[str, Any], engine: Engine) -> None:
     page.goto(f"/models/{cat['name']}/layers/0")
     plots = page.locator("svg.plot")
     assert plots.count() >= 3
@@ -200,6 +200,14 @@ def test_layer_and_model_pages_draw_plots(page: Any, cat: dict[str, Any]) -> Non
     shot(page, "layer")
     page.goto(f"/models/{cat['name']}")
     assert page.locator("svg.plot").count() >= 3
+    # the annotators' section counts the labels saved above against the suggested ones (plain SQL)
+    with engine.connect() as c:
+        hits, n = c.execute(text(
+            "SELECT count(*) FILTER (WHERE a.label = n.suggested_label), count(*) FROM annotations a "
+            "JOIN catalog_models m ON m.id = a.model_id JOIN neurons n ON n.run_id = m.current_run_id "
+            "AND n.layer = a.layer AND n.neuron = a.neuron WHERE m.name = :n AND n.suggested_label IS NOT NULL"),
+            {"n": cat["name"]}).one()
+    assert n > 0 and f"({hits} of {n})" in page.locator("#agreement").inner_text()
     shot(page, "model")
 
 

