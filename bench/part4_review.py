@@ -1,11 +1,11 @@
 """Part 4 benchmark: the review workflow through HTTP with 8 concurrent annotators.
 
-    .venv/bin/python bench/part4_review.py [--layers 4] [--annotators 8] [--rounds 25] [--workers 2]
+    .venv/bin/python bench/part4_review.py [--layers 48] [--annotators 8] [--rounds 25] [--workers 2]
 
 Builds (once per data dir) the part 3 synthetic catalog with GPT-2-XL's layer size (6,400 neurons
 of 1,600-dim keys and values, 50 triggers and 30 top tokens each) through the normal ingest path,
-with ``--layers`` layers (48 is GPT-2-XL; fewer keep the build within a session on 2 cores: each
-layer costs ~80 s). Then ``neuron-catalog serve --workers N`` runs as a subprocess and
+with ``--layers`` layers (48, the default, is GPT-2-XL and the very catalog part 3 builds and
+reuses; fewer give a quicker trial under their own name). Then ``neuron-catalog serve --workers N`` runs as a subprocess and
 ``--annotators`` processes, each an annotator with its own token, loop: fetch my next queue item (API), render
 its neuron card (HTML), save an annotation (API PUT). Reports p50 / p99 of each step, of the
 layer page with its plots and of /healthz (the floor) under the same load, each also as a ratio
@@ -37,18 +37,23 @@ def pct(xs: list[float], p: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", type=Path, default=Path("/var/tmp/neuron-catalog-bench4"))
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="default: part 3's catalog directory for 48 layers, its own for fewer")
+    ap.add_argument("--layers", type=int, default=48)
     ap.add_argument("--annotators", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=25, help="queue/card/save rounds per annotator")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--port", type=int, default=8766)
     args = ap.parse_args()
+    if args.data_dir is None:
+        args.data_dir = Path("/var/tmp/neuron-catalog-bench3" if args.layers == 48 else "/var/tmp/neuron-catalog-bench4")
     args.data_dir.mkdir(parents=True, exist_ok=True)
     os.environ["CATALOG_DATA_DIR"] = str(args.data_dir)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     p3.N_LAYERS = args.layers
-    p3.NAME = name = f"synthetic-gpt2-xl-{args.layers}-layers"
+    if args.layers != 48:  # the same names as part 3's --layers
+        p3.NAME = f"{p3.NAME}-{args.layers}-layers"
+    name = p3.NAME
     print(f"# part 4 benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs")
 
     import httpx
