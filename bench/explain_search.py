@@ -32,7 +32,7 @@ def main() -> None:
     m = args.model
     S = search.SearchQuery
     kinds = {
-        "neuron detail": lambda s: catalog.neuron_record(s, m, 20, 7),
+        "neuron detail": lambda s: catalog.neuron_record_json(s, m, 20, 7),
         "filter + sort (layers 20-29, alignment >= 0.1, by -activation_max)":
             lambda s: search.search(s, m, S(layer_min=20, layer_max=29, ranges=(("alignment", "min", 0.1),),
                                             sort="-activation_max")),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from catalog.api.deps import SessionDep
@@ -134,6 +134,9 @@ def layers(model: ModelName, session: SessionDep) -> Page[LayerInfo]:
 def neuron(model: ModelName, layer: LayerIndex, neuron: NeuronIndex, session: SessionDep,
            vectors: Annotated[bool, Query(description="Add the key, value (and up) vectors.")] = False) -> NeuronRecord:
     """Everything stored about one neuron: the fields of an export record."""
+    if not vectors:  # built by Postgres as JSON in one statement (0.3 ms of Python instead of ~4)
+        return Response(catalog.neuron_record_json(session, model, layer, neuron),  # type: ignore[return-value]
+                        media_type="application/json")
     return NeuronRecord.model_validate(catalog.neuron_record(session, model, layer, neuron, vectors=vectors))
 
 

@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
-from sqlalchemy import func, select, true
+from sqlalchemy import func, select, text, true
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session
 
@@ -190,3 +190,59 @@ def neuron_record(session: Session, name: str, layer: int, neuron: int, *, vecto
     for rec in records(session, name, vectors=vectors, layers=[layer], neurons=[neuron]):
         return rec
     raise NotFound(f"catalog {name!r} has no neuron {layer}/{neuron}")
+
+
+def _num(column: str) -> str:
+    # NaN is not JSON; records() shows it as null too (clean)
+    return f"CASE WHEN {column} = 'NaN'::float8 THEN NULL ELSE {column} END"
+
+
+def _triggers_json(sign: int, ablations: bool) -> str:
+    extra = "".join(f", 'without_{k}', {_num(f't.coefficient_without_{k}')}" for k in ("last", "first", "random")) \
+        if ablations else ", 'without_last', NULL, 'without_first', NULL, 'without_random', NULL"
+    return f"""coalesce((
+        SELECT json_agg(json_build_object('document', t.document, 'position', t.position, 'text', p.text,
+                        'activation', t.coefficient, 'next_token_id', p.next_token_id, 'next_token', nt.text{extra})
+                        ORDER BY t.rank)
+        FROM triggers t
+        JOIN prefixes p ON p.run_id = t.run_id AND p.document = t.document AND p.position = t.position
+        LEFT JOIN tokens nt ON nt.run_id = p.run_id AND nt.token_id = p.next_token_id
+        WHERE t.run_id = n.run_id AND t.layer = n.layer AND t.neuron = n.neuron AND t.sign = {sign}), '[]')"""
+
+
+def _tokens_json(kind: str) -> str:
+    return f"""coalesce((
+        SELECT json_agg(json_build_object('token_id', vt.token_id, 'token', tk.text, 'logit', vt.logit) ORDER BY vt.rank)
+        FROM value_tokens vt LEFT JOIN tokens tk ON tk.run_id = vt.run_id AND tk.token_id = vt.token_id
+        WHERE vt.run_id = n.run_id AND vt.layer = n.layer AND vt.neuron = n.neuron AND vt.kind = '{kind}'), '[]')"""
+
+
+# The record of one neuron (NeuronRecord's fields, vectors null) built by Postgres as JSON text in one
+# statement: what records() assembles in Python from four queries, for the API's neuron route.
+_RECORD_JSON_SQL = text(f"""
+SELECT json_build_object(
+    {", ".join(f"'{f}', {_num('n.' + f)}" for f in NEURON_STATS)}, 'suggested_label', n.suggested_label,
+    'model', CAST(:name AS text), 'run_id', n.run_id, 'layer', n.layer, 'neuron', n.neuron,
+    'agreement_triggers', (SELECT count(*) FROM triggers t JOIN prefixes p ON p.run_id = t.run_id
+                           AND p.document = t.document AND p.position = t.position
+                           WHERE t.run_id = n.run_id AND t.layer = n.layer AND t.neuron = n.neuron AND t.sign = 1
+                           AND p.next_token_id IS NOT NULL),
+    'value_top_tokens', {_tokens_json("top")}, 'value_bottom_tokens', {_tokens_json("bottom")},
+    'triggers', {_triggers_json(1, True)},
+    'negative_triggers', CASE WHEN CAST(:gated AS boolean) THEN {_triggers_json(-1, False)} END,
+    'key_vector', NULL, 'value_vector', NULL, 'up_vector', NULL)::text
+FROM neurons n WHERE n.run_id = :run AND n.layer = :layer AND n.neuron = :neuron
+""")
+
+
+def neuron_record_json(session: Session, name: str, layer: int, neuron: int) -> str:
+    """:func:`neuron_record` (without vectors) as the JSON text of a NeuronRecord, in one statement."""
+    entry, run = require_run(session, name)
+    if not 0 <= layer < entry.n_layers or not 0 <= neuron < entry.d_mlp:
+        raise NotFound(f"catalog {name!r} has no neuron {layer}/{neuron} "
+                       f"(layers 0-{entry.n_layers - 1}, neurons 0-{entry.d_mlp - 1})")
+    found = session.execute(_RECORD_JSON_SQL, {"name": name, "gated": entry.gated, "run": run.id, "layer": layer,
+                                               "neuron": neuron}).scalar()
+    if found is None:
+        raise NotFound(f"catalog {name!r} has no neuron {layer}/{neuron}")
+    return str(found)

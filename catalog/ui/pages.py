@@ -3,6 +3,7 @@ search and similar neurons. Thin: queries come from catalog.read and catalog.ann
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 from urllib.parse import urlencode
 
@@ -121,7 +122,7 @@ def _split(text: str, token: str | None) -> tuple[str, str]:
 def _card_context(request: Request, session: SessionDep, user: Any, model: str, layer: int, neuron: int,
                   *, error: str | None = None, draft: dict[str, Any] | None = None) -> dict[str, Any]:
     entry, run = catalog.require_run(session, model)
-    rec = catalog.neuron_record(session, model, layer, neuron)
+    rec = json.loads(catalog.neuron_record_json(session, model, layer, neuron))
     annotations = service.neuron_annotations(session, model, layer, neuron)
     mine = next((a for a in annotations if user is not None and a.annotator == user.name), None)
     history = service.history(session, model, layer, neuron, user.name).revisions if mine is not None else []
