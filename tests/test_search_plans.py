@@ -40,6 +40,7 @@ KINDS: dict[str, Callable[[Session], Any]] = {
     "detail": lambda s: catalog.neuron_record(s, NAME, 1, 3),
     "detail as one JSON statement": lambda s: catalog.neuron_record_json(s, NAME, 1, 3),
     "filter+sort": lambda s: search.search(s, NAME, S(layer_min=1, ranges=(("alignment", "min", 0.0),), sort="-key_norm")),
+    "search page as one JSON statement": lambda s: search.search_json(s, NAME, S(layer_min=1, sort="-key_norm")),
     "sort by each direction": lambda s: search.search(s, NAME, S(sort="agreement", limit=5)),
     "pattern word": lambda s: search.search(s, NAME, S(q="cat")),
     "pattern phrase": lambda s: search.search(s, NAME, S(q='"the cat" -dog')),

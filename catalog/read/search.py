@@ -339,8 +339,8 @@ def _summaries(session: Session, run_id: int, rows: list[Any]) -> list[NeuronSum
     return out
 
 
-def search(session: Session, name: str, query: SearchQuery) -> SearchPage:
-    """One page of the neurons of ``name``'s current run that pass every filter of ``query``."""
+def _page(session: Session, name: str, query: SearchQuery) -> tuple[int, list[Any], str | None, dict[str, ResolvedToken]]:
+    """(run id, the page's rows, next cursor, resolved tokens) of one search page."""
     entry, run = require_run(session, name)
     if not 1 <= query.limit <= MAX_LIMIT:
         raise InvalidParameter(f"limit: must be 1-{MAX_LIMIT}")
@@ -359,8 +359,51 @@ def search(session: Session, name: str, query: SearchQuery) -> SearchPage:
         value = float(last.layer) if order.key == "layer" else None if phase == "n" else float(getattr(last, order.key))
         next_cursor = encode_cursor(run.id, fingerprint, _Cursor(phase, value if phase == "v" else None,
                                                                  last.layer, last.neuron))
-    return SearchPage(items=_summaries(session, run.id, [r for _, r in page]), next_cursor=next_cursor,
-                      resolved_tokens=resolved)
+    return run.id, [r for _, r in page], next_cursor, resolved
+
+
+def search(session: Session, name: str, query: SearchQuery) -> SearchPage:
+    """One page of the neurons of ``name``'s current run that pass every filter of ``query``."""
+    run_id, rows, next_cursor, resolved = _page(session, name, query)
+    return SearchPage(items=_summaries(session, run_id, rows), next_cursor=next_cursor, resolved_tokens=resolved)
+
+
+def _num(column: str) -> str:
+    return f"CASE WHEN {column} = 'NaN'::float8 THEN NULL ELSE {column} END"  # clean(): NaN shows as null
+
+
+# The page's NeuronSummary items, in page order, as JSON text built by Postgres in one statement
+# (what _summaries assembles from two queries and pydantic).
+_SUMMARIES_JSON_SQL = text(f"""
+SELECT coalesce(json_agg(json_build_object(
+    {", ".join(f"'{f}', {_num('n.' + f)}" for f in NEURON_STATS)}, 'suggested_label', n.suggested_label,
+    'layer', n.layer, 'neuron', n.neuron,
+    'top_tokens', coalesce((
+        SELECT json_agg(json_build_object('token_id', vt.token_id, 'token', t.text, 'logit', vt.logit) ORDER BY vt.rank)
+        FROM value_tokens vt JOIN tokens t ON t.run_id = vt.run_id AND t.token_id = vt.token_id
+        WHERE vt.run_id = n.run_id AND vt.layer = n.layer AND vt.neuron = n.neuron AND vt.kind = 'top'
+          AND vt.rank < {SUMMARY_TOKENS}), '[]'),
+    'top_trigger', (
+        SELECT json_build_object('text', p.text, 'activation', tr.coefficient, 'next_token', nt.text)
+        FROM triggers tr
+        JOIN prefixes p ON p.run_id = tr.run_id AND p.document = tr.document AND p.position = tr.position
+        LEFT JOIN tokens nt ON nt.run_id = p.run_id AND nt.token_id = p.next_token_id
+        WHERE tr.run_id = n.run_id AND tr.layer = n.layer AND tr.neuron = n.neuron AND tr.sign = 1 AND tr.rank = 0)
+    ) ORDER BY k.ord), '[]')::text
+FROM unnest(CAST(:layers AS smallint[]), CAST(:neurons AS int[])) WITH ORDINALITY AS k(layer, neuron, ord)
+JOIN neurons n ON n.run_id = :run AND n.layer = k.layer AND n.neuron = k.neuron
+""")
+
+
+def search_json(session: Session, name: str, query: SearchQuery) -> str:
+    """:func:`search` as the JSON text of a SearchPage: the API's search route sends it as it is."""
+    run_id, rows, next_cursor, resolved = _page(session, name, query)
+    items = "[]"
+    if rows:
+        items = str(session.execute(_SUMMARIES_JSON_SQL, {"run": run_id, "layers": [r.layer for r in rows],
+                                                          "neurons": [r.neuron for r in rows]}).scalar())
+    tokens = json.dumps({k: v.model_dump() for k, v in resolved.items()})
+    return f'{{"items": {items}, "next_cursor": {json.dumps(next_cursor)}, "resolved_tokens": {tokens}}}'
 
 
 def filtered(session: Session, entry: Any, run: Any, query: SearchQuery) -> Select[Any]:
