@@ -128,7 +128,7 @@ def _release(conn: Connection, run_id: int) -> None:
     try:
         conn.execute(text("SELECT pg_advisory_unlock(:c, :r)"), {"c": RUN_LOCK_CLASS, "r": run_id})
         conn.commit()
-    except Exception:
+    except Exception:  # noqa: BLE001  (any failure: the connection is dropped with its lock)
         conn.invalidate()
     finally:
         conn.close()
@@ -239,52 +239,51 @@ def _write_and_publish(
     vocab = int(loaded.view.unembedding().shape[0])
     texts = loaded.tokenizer.batch_decode([[i] for i in range(vocab)], skip_special_tokens=False)
     by_stage: dict[str, float] = {}
-    with engine.connect() as conn:
-        with conn.begin():
-            dbapi = conn.connection.driver_connection
-            writer = RunWriter(dbapi, run_id)
-            writer.tokens(texts, loaded.view.unembedding().detach().float().cpu().numpy())
-            if analysis is not None:
-                writer.prefixes(analysis)
-            records = layer_records(loaded.view, req.params, analysis, progress)
-            for rec in records:
-                stage(f"layer {rec.layer}")
-                for k, v in rec.seconds.items():
-                    by_stage[k] = by_stage.get(k, 0.0) + v
-                writer.layer(rec, dict(rec.stats))
-            timings.update(by_stage)
-            stage("vector indexes")
-            timings.update(writer.vector_indexes(loaded.view.d_model))
-            timings["ingest"] = writer.seconds
-            timings["search_terms"] = writer.search_seconds
-            counts["rows"] = dict(writer.rows)
-            counts["copy_bytes"] = writer.bytes
-            stage("publish")
-            # Serialise publishers of one catalog entry (two extractions of the same name).
-            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
-            with Session(bind=conn, join_transaction_mode="create_savepoint") as s:
-                run = s.get(ExtractionRun, run_id)
-                assert run is not None
-                entry = s.get(CatalogModel, run.model_id)
-                assert entry is not None
-                view = loaded.view
-                entry.source, entry.family = loaded.source.location, view.family.name
-                entry.model_type, entry.n_layers, entry.d_model = loaded.model.config.model_type, view.n_layers, view.d_model
-                entry.d_mlp, entry.vocab_size, entry.gated = view.d_mlp, vocab, view.gated
-                s.execute(
-                    update(ExtractionRun)
-                    .where(ExtractionRun.model_id == entry.id, ExtractionRun.status == RunStatus.complete)
-                    .values(status=RunStatus.superseded)
-                )
-                run.status = RunStatus.complete
-                run.weights_sha256, run.tokenizer_sha256 = weights_hash, tok_hash
-                # the stored timings cover the whole run (load, corpus pass, ablation), not just this stage
-                run_timings = {**earlier, **timings}
-                run.timings = {**run_timings, "total": sum(run_timings.values())}
-                run.progress = {"stage": "complete", **{k: v for k, v in counts.items() if k != "rows"}, "rows": counts["rows"]}
-                run.finished_at = datetime.now(UTC)
-                entry.current_run_id = run_id
-                s.commit()  # releases the savepoint; the outer transaction commits below
+    with engine.connect() as conn, conn.begin():
+        dbapi = conn.connection.driver_connection
+        writer = RunWriter(dbapi, run_id)
+        writer.tokens(texts, loaded.view.unembedding().detach().float().cpu().numpy())
+        if analysis is not None:
+            writer.prefixes(analysis)
+        records = layer_records(loaded.view, req.params, analysis, progress)
+        for rec in records:
+            stage(f"layer {rec.layer}")
+            for k, v in rec.seconds.items():
+                by_stage[k] = by_stage.get(k, 0.0) + v
+            writer.layer(rec, dict(rec.stats))
+        timings.update(by_stage)
+        stage("vector indexes")
+        timings.update(writer.vector_indexes(loaded.view.d_model))
+        timings["ingest"] = writer.seconds
+        timings["search_terms"] = writer.search_seconds
+        counts["rows"] = dict(writer.rows)
+        counts["copy_bytes"] = writer.bytes
+        stage("publish")
+        # Serialise publishers of one catalog entry (two extractions of the same name).
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
+        with Session(bind=conn, join_transaction_mode="create_savepoint") as s:
+            run = s.get(ExtractionRun, run_id)
+            assert run is not None
+            entry = s.get(CatalogModel, run.model_id)
+            assert entry is not None
+            view = loaded.view
+            entry.source, entry.family = loaded.source.location, view.family.name
+            entry.model_type, entry.n_layers, entry.d_model = loaded.model.config.model_type, view.n_layers, view.d_model
+            entry.d_mlp, entry.vocab_size, entry.gated = view.d_mlp, vocab, view.gated
+            s.execute(
+                update(ExtractionRun)
+                .where(ExtractionRun.model_id == entry.id, ExtractionRun.status == RunStatus.complete)
+                .values(status=RunStatus.superseded)
+            )
+            run.status = RunStatus.complete
+            run.weights_sha256, run.tokenizer_sha256 = weights_hash, tok_hash
+            # the stored timings cover the whole run (load, corpus pass, ablation), not just this stage
+            run_timings = {**earlier, **timings}
+            run.timings = {**run_timings, "total": sum(run_timings.values())}
+            run.progress = {"stage": "complete", **{k: v for k, v in counts.items() if k != "rows"}, "rows": counts["rows"]}
+            run.finished_at = datetime.now(UTC)
+            entry.current_run_id = run_id
+            s.commit()  # releases the savepoint; the outer transaction commits below
     return timings
 
 

@@ -18,9 +18,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from catalog import __version__
 from catalog.api import annotations as annotation_routes
 from catalog.api import probe, routes
+from catalog.api.deps import api_engine
 from catalog.read.catalog import NO_SCHEMA
 from catalog.read.errors import ReadError
-from catalog.store.database import DatabaseUnavailable, get_engine
+from catalog.store.database import DatabaseUnavailable
 
 log = logging.getLogger("catalog.api")
 API_PREFIX = "/api/v1"
@@ -58,7 +59,7 @@ def create_app() -> FastAPI:
     @app.get("/healthz", tags=["health"], responses={503: routes.ERRORS[503]})
     def healthz() -> dict[str, str]:
         """The service is up and its database answers."""
-        with get_engine().connect() as conn:
+        with api_engine().connect() as conn:
             conn.execute(text("SELECT 1"))
         return {"status": "ok"}
 

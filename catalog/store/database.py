@@ -121,20 +121,24 @@ def _register_vector_lazily(dbapi_conn: Any, record: ConnectionPoolEntry, proxy:
     record.info["pgvector_registered"] = True
 
 
-def get_engine(url: str | None = None) -> Engine:
-    """One engine per URL per process (``url=None``: :func:`database_url`)."""
+def get_engine(url: str | None = None, *, options: str | None = None) -> Engine:
+    """One engine per URL (and server ``options``) per process (``url=None``: :func:`database_url`).
+
+    ``options`` are server settings for every connection of that engine (libpq's ``options``, e.g.
+    ``-c statement_timeout=10000``): set once per connection instead of once per request.
+    """
     url = normalize_url(url) if url else database_url()
+    key = url if options is None else f"{url}\n{options}"
     with _lock:
-        engine = _engines.get(url)
+        engine = _engines.get(key)
         if engine is None:
-            engine = create_engine(
-                url,
-                pool_pre_ping=True,
-                # Fail fast on an unreachable host instead of waiting for the OS TCP timeout.
-                connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
-            )
+            # Fail fast on an unreachable host instead of waiting for the OS TCP timeout.
+            connect_args: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S}
+            if options is not None:
+                connect_args["options"] = options
+            engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
             event.listen(engine, "checkout", _register_vector_lazily)
-            _engines[url] = engine
+            _engines[key] = engine
         return engine
 
 
@@ -145,7 +149,7 @@ def dispose_engine(url: str | None = None) -> None:
     adapters registered for the old type OID.
     """
     with _lock:
-        keys = list(_engines) if url is None else [normalize_url(url)]
+        keys = list(_engines) if url is None else [k for k in _engines if k.split("\n")[0] == normalize_url(url)]
         for key in keys:
             engine = _engines.pop(key, None)
             if engine is not None:
