@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import text
 
 from catalog.annotations import service
 from catalog.annotations.schemas import AnnotationWrite
@@ -21,7 +21,7 @@ from catalog.config import settings
 from catalog.read import catalog, search, vectors
 from catalog.read.errors import InvalidParameter, ReadError
 from catalog.read.schemas import STAT_MEANINGS
-from catalog.store.models import HUMAN_LABELS, LABELS, NEURON_STATS, Prefix, Token
+from catalog.store.models import HUMAN_LABELS, LABELS, NEURON_STATS
 from catalog.ui import auth
 from catalog.ui.templating import render
 
@@ -96,17 +96,20 @@ def signout(request: Request, csrf_token: Annotated[str, Form()] = "") -> Respon
     return response
 
 
+_TRIGGER_TOKENS_SQL = text("""
+SELECT k.document, k.position, t.text
+FROM unnest(CAST(:docs AS bigint[]), CAST(:positions AS int[])) AS k(document, position)
+JOIN prefixes p ON p.run_id = :run AND p.document = k.document AND p.position = k.position
+JOIN tokens t ON t.run_id = p.run_id AND t.token_id = p.token_id
+""")
+
+
 def _trigger_tokens(session: SessionDep, run_id: int, triggers: list[dict[str, Any]]) -> dict[tuple[int, int], str]:
     """Decoded text of each trigger's own (last) token, to highlight it in its prefix."""
     if not triggers:
         return {}
-    pairs = [(t["document"], t["position"]) for t in triggers]
-    rows = session.execute(
-        select(Prefix.document, Prefix.position, Token.text)
-        .join(Token, (Token.run_id == Prefix.run_id) & (Token.token_id == Prefix.token_id))
-        .where(Prefix.run_id == run_id,
-               Prefix.document.in_({d for d, _ in pairs}), Prefix.position.in_({p for _, p in pairs}))
-    ).tuples().all()
+    rows = session.execute(_TRIGGER_TOKENS_SQL, {"run": run_id, "docs": [t["document"] for t in triggers],
+                                                 "positions": [t["position"] for t in triggers]}).tuples().all()
     return {(d, p): txt for d, p, txt in rows}
 
 
