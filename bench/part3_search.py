@@ -316,6 +316,9 @@ def run_load(base: str, args: argparse.Namespace, *, vocab_size: int, lines: lis
     for kind, make in kinds.items():
         urls = [make() for _ in range(args.per_kind)]
         if args.load == "wrk":
+            # warm-up on other requests of the same kind (the index pages, not these very rows),
+            # as a server that has been up for a while has them
+            wrk(base, [make() for _ in range(args.per_kind)], args.clients, 3)
             results[kind] = wrk(base, urls, args.clients, args.seconds)
             errors = int(results[kind]["errors"])
         else:

@@ -30,8 +30,11 @@ class Settings(BaseSettings):
     # Search API (part 3). Token ranking and similar neurons score every vector exactly when the
     # layers asked for hold at most this many neurons, and go through the HNSW index otherwise.
     exact_vector_scan_max: int = 20_000
-    # HNSW candidates examined per query (pgvector's hnsw.ef_search; at least 2k is used).
+    # HNSW candidates examined per query (pgvector's hnsw.ef_search, at most 1000; at least 2k is
+    # used): similar neurons (cosine) and token ranking (inner product, the harder index: recall@50
+    # 0.91 at 400, 0.948 at 800, 0.960 at 1000 on the GPT-2-XL-sized benchmark, docs/benchmarks.md).
     hnsw_ef_search: int = 400
+    hnsw_ef_search_ranking: int = 1000
     # A search query running longer than this is cancelled (503) rather than holding a connection.
     statement_timeout_ms: int = 10_000
     # Longest text POST /probe accepts, in tokens (the run's window caps it too).

@@ -39,8 +39,12 @@ def _use_index(entry: CatalogModel, lo: int, hi: int) -> bool:
     return (hi - lo + 1) * entry.d_mlp > settings.exact_vector_scan_max and entry.d_model <= MAX_HNSW_DIM
 
 
-def _ann_settings(session: Session, k: int, filtered: bool) -> None:
-    session.execute(text(f"SET LOCAL hnsw.ef_search = {min(1000, max(settings.hnsw_ef_search, 2 * k))}"))
+def _ann_settings(session: Session, k: int, filtered: bool, ef_search: int | None = None) -> None:
+    ef = settings.hnsw_ef_search if ef_search is None else ef_search
+    session.execute(text(f"SET LOCAL hnsw.ef_search = {min(1000, max(int(ef), 2 * k))}"))
+    # pgvector's cost estimate grows with ef_search; past ~850 on a GPT-2-XL-sized run the planner
+    # would trade the index for a scan of every vector (exact, but ~1 s). The index path was chosen.
+    session.execute(text("SET LOCAL enable_seqscan = off"))
     # With a layer filter the index keeps scanning until k rows pass it (pgvector >= 0.8).
     session.execute(text(f"SET LOCAL hnsw.iterative_scan = {'relaxed_order' if filtered else 'off'}"))
 
@@ -66,7 +70,8 @@ def token_ranking(session: Session, name: str, token: str, *, k: int = 50,
     for token_id, e in rows:
         params: dict[str, Any] = {"e": _vec(e), "lo": lo, "hi": hi, "k": k}
         if use_index:
-            _ann_settings(session, k, filtered=(lo, hi) != (0, entry.n_layers - 1))
+            _ann_settings(session, k, filtered=(lo, hi) != (0, entry.n_layers - 1),
+                          ef_search=settings.hnsw_ef_search_ranking)
             sql = (f"WITH c AS (SELECT layer, neuron, value_vector, value_norm FROM neurons "
                    f"WHERE run_id = {rid} AND layer BETWEEN :lo AND :hi "
                    f"ORDER BY {vector_expression('value_vector', dim)} <#> CAST(CAST(:e AS vector) AS halfvec({dim})) LIMIT :k) "
