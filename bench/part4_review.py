@@ -111,51 +111,71 @@ def main() -> None:
 LABELS = ["shallow", "semantic", "shallow+semantic", "none"]
 
 
+class _Client:
+    """A keep-alive HTTP/1.1 client on the standard library: a fraction of httpx's CPU per request,
+    which matters when eight of them share two cores with the server they measure."""
+
+    def __init__(self, base: str) -> None:
+        import http.client
+        from urllib.parse import urlsplit
+
+        u = urlsplit(base)
+        self.conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+
+    def request(self, method: str, path: str, headers: dict[str, str] | None = None,
+                body: Any = None) -> tuple[int, bytes]:
+        data = json.dumps(body).encode() if body is not None else None
+        hdrs = {**(headers or {}), **({"Content-Type": "application/json"} if data else {})}
+        self.conn.request(method, path, body=data, headers=hdrs)
+        r = self.conn.getresponse()
+        return r.status, r.read()
+
+
 def _annotator(base: str, name: str, who: str, token: str, seed: int, rounds: int) -> tuple[dict[str, list[float]], list[str]]:
     """One annotator's session (its own process: no client shares a GIL with another)."""
-    import httpx
+    from urllib.parse import quote
 
     times: dict[str, list[float]] = {"queue_next": [], "card": [], "save": []}
     errors: list[str] = []
     h = {"Authorization": f"Bearer {token}"}
+    c = _Client(base)
+    m = quote(name)
 
-    def timed(kind: str, method: Any, url: str, **kw: Any) -> Any:
+    def timed(kind: str, method: str, path: str, body: Any = None) -> bytes:
         t = time.perf_counter()
-        r = method(url, **kw)
+        status, data = c.request(method, path, h, body)
         times[kind].append((time.perf_counter() - t) * 1000)
-        if r.status_code >= 400:
-            errors.append(f"{kind} {r.status_code} {r.text[:120]}")
-        return r
+        if status >= 400:
+            errors.append(f"{kind} {status} {data[:120]!r}")
+        return data
 
-    with httpx.Client(base_url=base, timeout=60) as c:
-        for i in range(rounds):
-            item = timed("queue_next", c.get, f"/api/v1/models/{name}/queue/next", params={"per_layer": 1000},
-                         headers=h).json()
-            if item.get("done", True):
-                break
-            layer, neuron = item["layer"], item["neuron"]
-            timed("card", c.get, f"/models/{name}/neurons/{layer}/{neuron}")
-            label = LABELS[(seed + i) % 4]
-            timed("save", c.put, f"/api/v1/models/{name}/neurons/{layer}/{neuron}/annotations/{who}", headers=h,
-                  json={"label": label, "description": "" if label == "none" else f"pattern {i}"})
+    for i in range(rounds):
+        item = json.loads(timed("queue_next", "GET", f"/api/v1/models/{m}/queue/next?per_layer=1000"))
+        if item.get("done", True):
+            break
+        layer, neuron = item["layer"], item["neuron"]
+        timed("card", "GET", f"/models/{m}/neurons/{layer}/{neuron}")
+        label = LABELS[(seed + i) % 4]
+        timed("save", "PUT", f"/api/v1/models/{m}/neurons/{layer}/{neuron}/annotations/{quote(who)}",
+              {"label": label, "description": "" if label == "none" else f"pattern {i}"})
     return times, errors
 
 
 def _viewer(base: str, name: str, layers: int, stop_at: float) -> tuple[dict[str, list[float]], list[str]]:
-    import httpx
+    from urllib.parse import quote
 
     times: dict[str, list[float]] = {"layer_page": [], "healthz": []}
     errors: list[str] = []
-    with httpx.Client(base_url=base, timeout=60) as c:
-        layer = 0
-        while time.time() < stop_at:
-            for kind, url in (("layer_page", f"/models/{name}/layers/{layer % layers}"), ("healthz", "/healthz")):
-                t = time.perf_counter()
-                r = c.get(url)
-                times[kind].append((time.perf_counter() - t) * 1000)
-                if r.status_code >= 400:
-                    errors.append(f"{kind} {r.status_code}")
-            layer += 1
+    c = _Client(base)
+    layer = 0
+    while time.time() < stop_at:
+        for kind, path in (("layer_page", f"/models/{quote(name)}/layers/{layer % layers}"), ("healthz", "/healthz")):
+            t = time.perf_counter()
+            status, _ = c.request("GET", path)
+            times[kind].append((time.perf_counter() - t) * 1000)
+            if status >= 400:
+                errors.append(f"{kind} {status}")
+        layer += 1
     return times, errors
 
 
@@ -168,31 +188,33 @@ def run(base: str, name: str, tokens: dict[str, str], args: argparse.Namespace) 
         for _ in range(10):
             c.get(f"/models/{name}/layers/0")
             c.get(f"/models/{name}/neurons/0/0")
-    times: dict[str, list[float]] = {"queue_next": [], "card": [], "save": [], "layer_page": [], "healthz": []}
-    errors: list[str] = []
     with ProcessPoolExecutor(max_workers=len(tokens) + 1) as pool:
         t0 = time.perf_counter()
-        jobs = [pool.submit(_annotator, base, name, who, tok, i, args.rounds) for i, (who, tok) in enumerate(tokens.items())]
-        done = [j.result() for j in jobs]
+        first = [pool.submit(_annotator, base, name, who, tok, i, args.rounds) for i, (who, tok) in enumerate(tokens.items())]
+        alone = [j.result() for j in first]
         wall = time.perf_counter() - t0
-        # the layer page and the floor, measured under the same load (a second pass with the annotators
-        # again in the background, so the viewer's figures are not taken on an idle server)
+        # second pass: the same annotators with someone reading layer pages (and the floor, /healthz)
+        # at the same time, so the layer page is measured under the annotators' load
         view = pool.submit(_viewer, base, name, args.layers, time.time() + max(5.0, wall))
         again = [pool.submit(_annotator, base, name, who, tok, i + 7, args.rounds) for i, (who, tok) in enumerate(tokens.items())]
-        for j in again:
-            j.result()
-        done.append(view.result())
-    for t, e in done:
-        for k, xs in t.items():
-            times[k] += xs
-        errors += e
-    floor = pct(times["healthz"], 50)
+        beside = [j.result() for j in again]
+        viewer = view.result()
+    floor = pct(viewer[0]["healthz"], 50)
+    n = sum(len(xs) for t, _ in alone for xs in t.values())
     print(f"{args.annotators} annotators (one process each) x {args.rounds} rounds, {args.workers} server workers: "
-          f"{wall:.1f} s for the first pass; {sum(len(v) for v in times.values())} requests, {len(errors)} errors")
-    print(f"{'kind':<12} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'p50/floor':>10} {'p99/floor':>10}")
-    for kind, xs in times.items():
-        print(f"{kind:<12} {len(xs):>5} {pct(xs, 50):>8.1f} {pct(xs, 99):>8.1f} "
-              f"{pct(xs, 50) / floor:>10.1f} {pct(xs, 99) / floor:>10.1f}")
+          f"first pass {n} requests in {wall:.1f} s ({n / wall:.0f} requests/s)")
+    print(f"{'kind':<34} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'p50/floor':>10} {'p99/floor':>10}")
+    errors: list[str] = []
+    for label, results in (("annotators alone", alone), ("with a layer-page reader", [*beside, viewer])):
+        merged: dict[str, list[float]] = {}
+        for t, e in results:
+            errors += e
+            for k, xs in t.items():
+                merged.setdefault(k, []).extend(xs)
+        for kind, xs in merged.items():
+            print(f"{kind + ' (' + label + ')':<34} {len(xs):>5} {pct(xs, 50):>8.1f} {pct(xs, 99):>8.1f} "
+                  f"{pct(xs, 50) / floor:>10.1f} {pct(xs, 99) / floor:>10.1f}")
+    print(f"errors: {len(errors)}")
     for e in errors[:5]:
         print("error:", e)
 
