@@ -34,14 +34,14 @@ def main() -> None:
     kinds = {
         "neuron detail": lambda s: catalog.neuron_record_json(s, m, 20, 7),
         "filter + sort (layers 20-29, alignment >= 0.1, by -activation_max)":
-            lambda s: search.search(s, m, S(layer_min=20, layer_max=29, ranges=(("alignment", "min", 0.1),),
+            lambda s: search.search_json(s, m, S(layer_min=20, layer_max=29, ranges=(("alignment", "min", 0.1),),
                                             sort="-activation_max")),
-        "pattern, rare word (q=walrus)": lambda s: search.search(s, m, S(q="walrus")),
-        "pattern, common word (q=the)": lambda s: search.search(s, m, S(q="the")),
-        "pattern, phrase and exclusion (q=\"a person\" -who)": lambda s: search.search(s, m, S(q='"a person" -who')),
-        "promoted token (token=id:1000)": lambda s: search.search(s, m, S(token="id:1000")),
-        "trigger token (trigger_token=id:1000)": lambda s: search.search(s, m, S(trigger_token="id:1000")),
-        "next token (next_token=id:1000)": lambda s: search.search(s, m, S(next_token="id:1000")),
+        "pattern, rare word (q=walrus)": lambda s: search.search_json(s, m, S(q="walrus")),
+        "pattern, common word (q=the)": lambda s: search.search_json(s, m, S(q="the")),
+        "pattern, phrase and exclusion (q=\"a person\" -who)": lambda s: search.search_json(s, m, S(q='"a person" -who')),
+        "promoted token (token=id:1000)": lambda s: search.search_json(s, m, S(token="id:1000")),
+        "trigger token (trigger_token=id:1000)": lambda s: search.search_json(s, m, S(trigger_token="id:1000")),
+        "next token (next_token=id:1000)": lambda s: search.search_json(s, m, S(next_token="id:1000")),
         "token ranking (id:1000, k=50)": lambda s: vectors.token_ranking(s, m, "id:1000", k=50),
         "similar neurons (20/7, key space)": lambda s: vectors.similar(s, m, 20, 7, space="key", k=20),
     }
