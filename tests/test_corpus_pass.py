@@ -587,3 +587,43 @@ def test_console_script_bad_corpus(tiny_dir: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: {missing}: corpus not found (no such file or directory)"]
+
+def test_running_stats_stay_exact_for_a_large_mean_and_a_small_spread() -> None:
+    """E[x^2] - E[x]^2 from float32 batch sums loses every digit here; the pairwise merge keeps them."""
+    from catalog.extract.corpus_pass import RunningStats
+
+    rng = np.random.default_rng(0)
+    values = 1e4 + rng.normal(0.0, 0.01, size=(5, 64, 3))  # [batches, positions, neurons]
+    counted = rng.random((5, 64)) < 0.8
+    stats = RunningStats.empty(3, torch.device("cpu"))
+    halves = [RunningStats.empty(3, torch.device("cpu")) for _ in range(2)]
+    for b in range(5):
+        coeffs = torch.tensor(values[b][None], dtype=torch.float32)  # [1, pos, d_mlp]
+        mask = torch.tensor(counted[b][None])
+        best = coeffs[0][mask[0]].max(0).values[None]
+        stats.update(coeffs, mask, best)
+        halves[b % 2].update(coeffs, mask, best)
+    kept = values.astype(np.float32).astype(np.float64)[counted]  # what the float32 forward pass gives
+    for s in (stats, halves[0].merge(halves[1])):
+        got = s.summary()
+        assert s.count == counted.sum()
+        np.testing.assert_allclose(got["mean"].numpy(), kept.mean(0), rtol=1e-9)
+        np.testing.assert_allclose(got["std"].numpy(), kept.std(0), rtol=1e-3)
+        assert np.all(got["std"].numpy() > 0.001)
+
+
+def test_a_document_cut_by_max_tokens_keeps_its_next_token() -> None:
+    from catalog.corpus import Document
+    from catalog.extract.ablation import PrefixTable, token_at
+    from catalog.extract.corpus_pass import tokenise
+
+    tok = tiny_models.tokenizer()
+    docs = [Document(0, "the cat sat on the mat"), Document(1, "a dog ran fast")]
+    corpus = tokenise(docs, tok, window=32, max_tokens=8)  # 6 tokens, then "a dog" of the second
+    assert corpus.truncated_documents == 1 and [len(t) for t in corpus.tokens] == [6, 2]
+    ran = tok("ran", add_special_tokens=False)["input_ids"][0]
+    table = PrefixTable(slots=torch.tensor([1, 0, 1]), documents=torch.tensor([1, 0, 1]),
+                        positions=torch.tensor([1, 5, 0]), top_ids=[], bottom_ids=None)
+    # 'ran' follows the cut "a dog"; the first document really ends after 'mat'
+    assert token_at(corpus, table, 1).tolist() == [ran, -1, tok("dog", add_special_tokens=False)["input_ids"][0]]
+    assert token_at(corpus, table, 2).tolist() == [-1, -1, ran]

@@ -84,7 +84,9 @@ def token_at(corpus: TokenisedCorpus, table: PrefixTable, offset: int) -> torch.
     out = []
     for slot, pos in zip(table.slots.tolist(), table.positions.tolist(), strict=True):
         toks = corpus.tokens[slot]
-        out.append(toks[pos + offset] if 0 <= pos + offset < len(toks) else -1)
+        at = pos + offset
+        # just past a document that --max-tokens cut, the token that follows is known: not an end
+        out.append(toks[at] if 0 <= at < len(toks) else corpus.cut_next.get(slot, -1) if at == len(toks) else -1)
     return torch.tensor(out, dtype=torch.long)
 
 

@@ -43,6 +43,8 @@ class TokenisedCorpus:
     chunk: int  # document tokens per window
     bos: int | None
     truncated_documents: int = 0
+    # slot -> the first token that the --max-tokens cut dropped: the kept prefix's true next token
+    cut_next: dict[int, int] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
@@ -72,11 +74,12 @@ def tokenise(
             break
         if not ids:
             continue
+        slot = len(corpus.tokens)
         if len(ids) > budget:
+            corpus.cut_next[slot] = int(ids[int(budget)])  # the document goes on: not an end
             ids = ids[: int(budget)]
             corpus.truncated_documents += 1
         budget -= len(ids)
-        slot = len(corpus.tokens)
         corpus.documents.append(doc.index)
         corpus.tokens.append(list(ids))
         corpus.first_window.append(len(corpus.windows))
@@ -226,10 +229,12 @@ def sort_key(values: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class RunningStats:
-    """Sums over every counted position, in float64: mean, std, positive fraction, max."""
+    """Per neuron over every counted position, in float64: count, mean, sum of squared deviations
+    (Chan et al.'s pairwise merge, so shards and batches combine without E[x^2] - E[x]^2
+    cancellation), positive count, max."""
 
-    total: torch.Tensor
-    total_sq: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
     positive: torch.Tensor
     maximum: torch.Tensor
     count: int = 0
@@ -242,28 +247,37 @@ class RunningStats:
     def update(self, coeffs: torch.Tensor, counted: torch.Tensor, best: torch.Tensor) -> None:
         """coeffs [batch, pos, d_mlp]; counted [batch, pos] bool; best [rows, d_mlp] per-row maxima.
 
-        Per-batch sums are float32 matrix-vector products (a batch holds a few thousand positions);
-        the running totals are float64.
+        The batch's sums are float32 matrix-vector products (a batch holds a few thousand positions),
+        its squares taken about the batch's own mean; the merge into the totals is float64.
         """
-        flat = coeffs.reshape(-1, coeffs.shape[-1])
+        n = int(counted.sum())
+        if n == 0:
+            return
+        flat = coeffs.reshape(-1, coeffs.shape[-1])  # [rows*pos, d_mlp]
         m = counted.reshape(1, -1).to(flat.dtype)
-        self.total += (m @ flat).squeeze(0).double()
-        self.total_sq += (m @ (flat * flat)).squeeze(0).double()
-        self.positive += (m @ (flat > 0).to(flat.dtype)).squeeze(0).double()
-        self.maximum = torch.maximum(self.maximum, best.max(0).values.double())
-        self.count += int(counted.sum())
+        rough = (m @ flat).squeeze(0) / n  # [d_mlp] float32: off by its rounding for a large mean
+        centred = flat - rough
+        residual = (m @ centred).squeeze(0).double() / n  # the rounding, from small numbers
+        m2 = (m @ (centred * centred)).squeeze(0).double() - n * residual * residual
+        batch = RunningStats(rough.double() + residual, m2.clamp(min=0),
+                             (m @ (flat > 0).to(flat.dtype)).squeeze(0).double(), best.max(0).values.double(), n)
+        merged = self.merge(batch)
+        self.mean, self.m2, self.positive, self.maximum, self.count = (
+            merged.mean, merged.m2, merged.positive, merged.maximum, merged.count)
 
     def merge(self, other: RunningStats) -> RunningStats:
-        return RunningStats(
-            self.total + other.total, self.total_sq + other.total_sq, self.positive + other.positive,
-            torch.maximum(self.maximum, other.maximum), self.count + other.count,
-        )
+        n = self.count + other.count
+        if n == 0:
+            return self
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / n)
+        return RunningStats(mean, m2, self.positive + other.positive, torch.maximum(self.maximum, other.maximum), n)
 
     def summary(self) -> dict[str, torch.Tensor]:
         n = max(self.count, 1)
-        mean = self.total / n
-        var = (self.total_sq / n - mean * mean).clamp(min=0)
-        return {"mean": mean, "std": var.sqrt(), "positive_fraction": self.positive / n, "max": self.maximum}
+        return {"mean": self.mean, "std": (self.m2 / n).clamp(min=0).sqrt(), "positive_fraction": self.positive / n,
+                "max": self.maximum}
 
 
 def row_extremes(coeffs: torch.Tensor, counted: torch.Tensor, *, lowest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
