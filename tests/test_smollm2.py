@@ -130,3 +130,80 @@ def test_cli_show(exported: dict[tuple[int, int], dict]) -> None:
     assert done.returncode == 0, done.stderr
     assert "value top tokens" in done.stdout
     assert repr(exported[(29, 7)]["value_top_tokens"][0]["token"]) in done.stdout
+
+
+def _coefficients(model: object, ids: list[int]) -> np.ndarray:
+    """[pos, layer, d_mlp] memory coefficients of one forward pass, read by this test's own hooks."""
+    import torch
+
+    got: list[np.ndarray] = []
+
+    def hook(_m: object, args: tuple) -> None:  # the input of down_proj is silu(g.x) * (u.x)
+        got.append(args[0][0].detach().double().numpy().copy())
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook) for layer in model.model.layers]  # type: ignore[attr-defined]
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([ids]))  # type: ignore[operator]
+    finally:
+        for h in handles:
+            h.remove()
+    return np.stack(got, axis=1)
+
+
+def test_agreement_ablation_and_label_on_real_neurons(exported: dict[tuple[int, int], dict]) -> None:
+    """A handful of real neurons: coefficients, ablations, agreement and next-token rank recomputed here
+    with this test's own forward passes and the GGUF file's own weights."""
+    from catalog.config import settings
+    from catalog.loading import load
+
+    loaded = load("smollm2", device="cpu")
+    tok, model = loaded.tokenizer, loaded.model
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    docs = {i: tok(text, add_special_tokens=False)["input_ids"] for i, text in enumerate(CORPUS) if text}
+    reader = GGUFReader(str(packaged_smollm2()))
+    emb = tensor(reader, "token_embd.weight")
+    checked = 0
+    for layer in LAYERS_CHECKED:
+        down = tensor(reader, f"blk.{layer}.ffn_down.weight")
+        for n in NEURONS_CHECKED:
+            rec = exported[(layer, n)]
+            logits = emb @ down[:, n]
+            top = int(np.argmax(logits))
+            with_next = [t for t in rec["triggers"] if t["next_token_id"] is not None]
+            assert rec["agreement_triggers"] == len(with_next)
+            if with_next:
+                hits = sum(t["next_token_id"] == top for t in with_next)
+                assert rec["agreement"] == pytest.approx(hits / len(with_next))
+                ranks = [1 + int((logits > logits[t["next_token_id"]] + 1e-6).sum()) for t in with_next]
+                assert rec["next_token_mean_rank"] == pytest.approx(float(np.mean(ranks)), abs=1.0)
+            changes = {"last": [], "first": []}
+            for t in rec["triggers"]:
+                ids, pos = docs[t["document"]], t["position"]
+                coeffs = _coefficients(model, bos + ids[: pos + 1])[:, layer, n]
+                assert t["activation"] == pytest.approx(coeffs[-1], rel=2e-3, abs=2e-4)
+                assert ids[pos + 1] == t["next_token_id"] if pos + 1 < len(ids) else t["next_token_id"] is None
+                if pos == 0:
+                    assert t["without_last"] is None
+                    continue
+                # without the last token = the coefficient one position earlier; without the first:
+                # the prefix run again from its second token
+                assert t["without_last"] == pytest.approx(coeffs[-2], rel=2e-3, abs=2e-4)
+                first = _coefficients(model, bos + ids[1 : pos + 1])[-1, layer, n]
+                assert t["without_first"] == pytest.approx(first, rel=2e-3, abs=2e-4)
+                a = coeffs[-1]
+                changes["last"].append((coeffs[-2] - a) / abs(a))
+                changes["first"].append((first - a) / abs(a))
+                checked += 1
+            if changes["last"]:
+                assert rec["ablation_last"] == pytest.approx(float(np.mean(changes["last"])), rel=1e-2, abs=1e-3)
+                assert rec["ablation_first"] == pytest.approx(float(np.mean(changes["first"])), rel=1e-2, abs=1e-3)
+                # the README's rule, from the figures recomputed here
+                drop_last, drop_first = -float(np.mean(changes["last"])), -float(np.mean(changes["first"]))
+                drop_random = -rec["ablation_random"]
+                if abs(drop_last - settings.shallow_last_drop) > 0.02 and min(
+                        abs(drop_first - settings.semantic_other_drop), abs(drop_random - settings.semantic_other_drop)) > 0.02:
+                    expected = "semantic" if drop_last < settings.shallow_last_drop else (
+                        "shallow+semantic" if max(drop_first, drop_random) >= settings.semantic_other_drop else "shallow")
+                    assert rec["suggested_label"] == expected
+    assert checked >= 5
