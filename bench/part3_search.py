@@ -192,7 +192,6 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     print(f"# part 3 benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs")
 
-    import httpx
     from sqlalchemy import text
 
     from catalog.read.catalog import current_run
@@ -230,21 +229,9 @@ def main() -> None:
     if args.build_only:
         return
 
-    env = {**os.environ, "CATALOG_DATABASE_URL": database_url()}
     t0 = time.perf_counter()
-    server = subprocess.Popen([str(Path(sys.executable).with_name("neuron-catalog")), "serve", "--port", str(args.port),
-                               "--workers", str(args.workers)], env=env)
-    base = f"http://127.0.0.1:{args.port}"
+    server, base = start_server(database_url(), args.port, args.workers)
     try:
-        while True:
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - t0 > 120:
-                raise SystemExit("server did not start")
-            time.sleep(0.1)
         start_s = time.perf_counter() - t0
         rss = sum(_rss_mb(p) for p in [server.pid, *_children(server.pid)])
         print(f"serve: healthy after {start_s:.2f} s, RSS {rss:.0f} MB ({args.workers} workers + parent)")
@@ -252,6 +239,27 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
+
+
+def start_server(url: str, port: int, workers: int) -> tuple[subprocess.Popen[bytes], str]:
+    """``neuron-catalog serve`` as a subprocess on ``url``; returns it and its base URL once healthy."""
+    import httpx
+
+    env = {**os.environ, "CATALOG_DATABASE_URL": url}
+    server = subprocess.Popen([str(Path(sys.executable).with_name("neuron-catalog")), "serve", "--port", str(port),
+                               "--workers", str(workers)], env=env)
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    while True:
+        try:
+            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                return server, base
+        except httpx.HTTPError:
+            pass
+        if time.perf_counter() - t0 > 120:
+            server.terminate()
+            raise SystemExit("server did not start")
+        time.sleep(0.1)
 
 
 def _vocab() -> int:

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -56,7 +55,6 @@ def main() -> None:
     name = p3.NAME
     print(f"# part 4 benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs")
 
-    import httpx
     from sqlalchemy import text
 
     from catalog.annotations import service
@@ -87,21 +85,8 @@ def main() -> None:
     with session_scope() as s:
         tokens = {f"bench-{stamp}-{i}": service.add_annotator(s, f"bench-{stamp}-{i}") for i in range(args.annotators)}
 
-    env = {**os.environ, "CATALOG_DATABASE_URL": database_url()}
-    server = subprocess.Popen([str(Path(sys.executable).with_name("neuron-catalog")), "serve", "--port", str(args.port),
-                               "--workers", str(args.workers)], env=env)
-    base = f"http://127.0.0.1:{args.port}"
+    server, base = p3.start_server(database_url(), args.port, args.workers)
     try:
-        t0 = time.perf_counter()
-        while True:
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - t0 > 120:
-                raise SystemExit("server did not start")
-            time.sleep(0.1)
         run(base, name, tokens, args)
     finally:
         server.terminate()

@@ -53,6 +53,19 @@ def running_server(app: object, *, startup_s: float = 30.0) -> Iterator[str]:
         thread.join(timeout=15)
 
 
+def save_gpt2_with_biases(directory: Path, *, seed: int = 0, bias_seed: int = 1) -> Path:
+    """tiny_models' GPT-2 with seeded random biases (fresh ones are all zero) saved to ``directory``."""
+    model = tiny_models.build("gpt2", seed=seed)
+    gen = torch.Generator().manual_seed(bias_seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+    model.save_pretrained(directory)
+    tiny_models.tokenizer().save_pretrained(directory)
+    return directory
+
+
 def spaced_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level vocabulary with both forms of every word: 'cat' and 'Ġcat' (decoded ' cat')."""
     words = tiny_models.WORDS

@@ -19,7 +19,6 @@ import api_server
 import httpx
 import pytest
 import tiny_models
-import torch
 from cli_runner import cli
 from sqlalchemy import delete, text
 from sqlalchemy.engine import Engine
@@ -36,18 +35,6 @@ PARAMS: dict[str, Any] = {"top_n": 8, "window": 32}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _save_gpt2(directory: Path, seed: int) -> Path:
-    model: Any = tiny_models.build("gpt2", seed=seed)
-    gen = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen))
-    model.save_pretrained(directory)
-    tiny_models.tokenizer().save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def engine(migrated_db: str) -> Engine:
     return get_engine(migrated_db)
@@ -59,8 +46,8 @@ def cat(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     lines = api_server.random_lines(5, 120)
     corpus = work / "corpus.txt"
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    directory = _save_gpt2(work / "gpt2", seed=0)
-    other = _save_gpt2(work / "gpt2-other", seed=7)
+    directory = api_server.save_gpt2_with_biases(work / "gpt2", seed=0, bias_seed=100)
+    other = api_server.save_gpt2_with_biases(work / "gpt2-other", seed=7, bias_seed=107)
     name = f"ann-{TAG}"
     summary = extract(ExtractRequest(model=str(directory), name=name, corpus=str(corpus),
                                      params=default_parameters(**PARAMS)), engine=engine)

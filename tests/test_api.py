@@ -194,15 +194,7 @@ def cats(engine: Engine, workdir: Path) -> Iterator[dict[str, Cat]]:
     lines = api_server.random_lines(11, 300, planted=PLANTED)
     corpus = write_corpus(workdir / "corpus.txt", lines)
 
-    gpt2_dir = workdir / "gpt2"
-    model: Any = tiny_models.build("gpt2", seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # fresh biases are all zero: give them seeded random values
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen))
-    model.save_pretrained(gpt2_dir)
-    tiny_models.tokenizer().save_pretrained(gpt2_dir)
+    gpt2_dir = api_server.save_gpt2_with_biases(workdir / "gpt2", seed=0, bias_seed=1)
     llama_dir = tiny_models.save("llama", workdir / "llama", seed=2)
     spaced_dir = api_server.save_spaced_gpt2(workdir / "spaced", seed=3, n_layers=3)
 

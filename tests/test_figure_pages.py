@@ -23,7 +23,6 @@ import httpx
 import numpy as np
 import pytest
 import tiny_models
-import torch
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
@@ -90,15 +89,7 @@ def cats(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     workdir = tmp_path_factory.mktemp("figures")
     corpus = workdir / "corpus.txt"
     corpus.write_text("\n".join(api_server.random_lines(5, 60)) + "\n", encoding="utf-8")
-    gpt2_dir = workdir / "gpt2"
-    model: Any = tiny_models.build("gpt2", seed=0)
-    gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():  # fresh biases are all zero: give them seeded random values
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen))
-    model.save_pretrained(gpt2_dir)
-    tiny_models.tokenizer().save_pretrained(gpt2_dir)
+    gpt2_dir = api_server.save_gpt2_with_biases(workdir / "gpt2", seed=0, bias_seed=7)
     llama_dir = tiny_models.save("llama", workdir / "llama", seed=2)
     params = default_parameters(top_n=8, window=24)
     try:

@@ -17,7 +17,6 @@ import api_server
 import httpx
 import pytest
 import tiny_models
-import torch
 from cli_runner import REPO, cli
 from sqlalchemy import delete, text
 from sqlalchemy.engine import Engine
@@ -48,14 +47,7 @@ def cat(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     work = tmp_path_factory.mktemp("ui")
     corpus = work / "corpus.txt"
     corpus.write_text("\n".join(api_server.random_lines(9, 150)) + "\n", encoding="utf-8")
-    model: Any = tiny_models.build("gpt2", seed=4)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=gen))
-    model.save_pretrained(work / "gpt2")
-    tiny_models.tokenizer().save_pretrained(work / "gpt2")
+    api_server.save_gpt2_with_biases(work / "gpt2", seed=4, bias_seed=5)
     name = f"ui-{TAG}"
     run = extract(ExtractRequest(model=str(work / "gpt2"), name=name, corpus=str(corpus),
                                  params=default_parameters(top_n=6, window=32)), engine=engine).run_id

@@ -10,7 +10,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from catalog.config import settings
-from catalog.store.database import get_engine
+from catalog.store.database import get_engine, session_scope
 
 
 def api_engine() -> Engine:
@@ -37,15 +37,8 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 def get_write_session() -> Iterator[Session]:
     """A session for writes: committed when the route returns, rolled back when it raises."""
-    session = Session(bind=api_engine(), expire_on_commit=False)
-    try:
+    with session_scope(api_engine()) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 # Committed before the response is sent: a client told 201 can rely on the row being there
