@@ -10,7 +10,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from catalog.config import settings
@@ -81,3 +83,27 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def engine(migrated_db: str) -> Engine:
+    """The migrated session database's engine (plain SQL for the tests' own references)."""
+    return get_engine(migrated_db)
+
+
+@pytest.fixture(scope="module")
+def server(migrated_db: str) -> Iterator[str]:
+    """A real uvicorn server of ``create_app()`` on a free port, over the session's database."""
+    from api_server import running_server  # imports torch: only for the modules that use a server
+
+    from catalog.api.app import create_app
+
+    with running_server(create_app()) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def api(server: str) -> Iterator[httpx.Client]:
+    """An HTTP client of the server's /api/v1."""
+    with httpx.Client(base_url=f"{server}/api/v1", timeout=60.0) as client:
+        yield client

@@ -24,9 +24,8 @@ from sqlalchemy import delete, text
 from sqlalchemy.engine import Engine
 
 from catalog.annotations.agreement import cohen_kappa, fleiss_kappa
-from catalog.api.app import create_app
 from catalog.service import ExtractRequest, default_parameters, extract
-from catalog.store.database import get_engine, session_scope
+from catalog.store.database import session_scope
 from catalog.store.models import Annotation, AnnotationRevision, Annotator, CatalogModel
 from catalog.store.search_index import drop_orphan_vector_indexes
 
@@ -35,9 +34,7 @@ PARAMS: dict[str, Any] = {"top_n": 8, "window": 32}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def engine(migrated_db: str) -> Engine:
-    return get_engine(migrated_db)
+
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +72,10 @@ def users(cat: dict[str, Any]) -> dict[str, str]:
     return {who: add_user(f"{who}-{TAG}") for who in ("ann", "bob", "cy")}
 
 
-@pytest.fixture(scope="module")
-def server(migrated_db: str) -> Iterator[str]:
-    with api_server.running_server(create_app()) as base:
-        yield base
 
 
-@pytest.fixture(scope="module")
-def api(server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"{server}/api/v1", timeout=60.0) as client:
-        yield client
+
+
 
 
 def auth(token: str) -> dict[str, str]:

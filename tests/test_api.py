@@ -31,12 +31,11 @@ from sqlalchemy.engine import Engine
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from catalog.api.app import create_app
 from catalog.config import settings
 from catalog.corpus import Document
 from catalog.extract.corpus_pass import corpus_pass, tokenise
 from catalog.service import ExtractRequest, default_parameters, extract
-from catalog.store.database import get_engine, session_scope
+from catalog.store.database import session_scope
 from catalog.store.models import LABELS, NEURON_STATS, CatalogModel
 from catalog.store.search_index import drop_orphan_vector_indexes
 
@@ -179,9 +178,7 @@ def write_corpus(path: Path, lines: list[str]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def engine(migrated_db: str) -> Engine:
-    return get_engine(migrated_db)
+
 
 
 @pytest.fixture(scope="module")
@@ -215,16 +212,10 @@ def cats(engine: Engine, workdir: Path) -> Iterator[dict[str, Cat]]:
         drop_orphan_vector_indexes(engine)
 
 
-@pytest.fixture(scope="module")
-def server(migrated_db: str) -> Iterator[str]:
-    with api_server.running_server(create_app()) as base:
-        yield base
 
 
-@pytest.fixture(scope="module")
-def api(server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"{server}/api/v1", timeout=60.0) as client:
-        yield client
+
+
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Engine
 
 from catalog.api.app import create_app
 from catalog.service import ExtractRequest, default_parameters, extract
-from catalog.store.database import get_engine, session_scope
+from catalog.store.database import session_scope
 from catalog.store.models import HUMAN_LABELS
 from catalog.store.search_index import drop_orphan_vector_indexes
 from catalog.ui import figure_pages, plots
@@ -79,9 +79,7 @@ def read_cat(engine: Engine, name: str) -> Cat:
     return Cat(name, model_id, run_id, n_layers, d_mlp, neurons, labels, layers)
 
 
-@pytest.fixture(scope="module")
-def engine(migrated_db: str) -> Engine:
-    return get_engine(migrated_db)
+
 
 
 @pytest.fixture(scope="module")

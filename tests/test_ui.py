@@ -21,9 +21,8 @@ from cli_runner import REPO, cli
 from sqlalchemy import delete, text
 from sqlalchemy.engine import Engine
 
-from catalog.api.app import create_app
 from catalog.service import ExtractRequest, default_parameters, extract
-from catalog.store.database import get_engine, session_scope
+from catalog.store.database import session_scope
 from catalog.store.models import Annotation, Annotator, CatalogModel
 from catalog.store.search_index import drop_orphan_vector_indexes
 
@@ -37,9 +36,7 @@ PLANT = '<script>window.__pwned = 1</script><img src="x" onerror="window.__pwned
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def engine(migrated_db: str) -> Engine:
-    return get_engine(migrated_db)
+
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +65,7 @@ def cat(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
         drop_orphan_vector_indexes(engine)
 
 
-@pytest.fixture(scope="module")
-def server(migrated_db: str) -> Iterator[str]:
-    with api_server.running_server(create_app()) as base:
-        yield base
+
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from catalog.annotations.schemas import (
     SuggestedMatch,
 )
 from catalog.read.catalog import require_run
-from catalog.read.errors import InvalidParameter, NotFound, ReadError
+from catalog.read.errors import Conflict, InvalidParameter, NotFound
 from catalog.read.search import SearchQuery, filtered
 from catalog.store.models import (
     Annotation,
@@ -52,20 +52,6 @@ DEFAULT_PER_LAYER = 10
 # so every annotator draws the same sample: blind double annotation without a stored sample.
 _MIX = 2654435761
 Queue = Literal["first", "second"]
-
-
-class Conflict(ReadError):
-    """The write is based on an outdated revision, or repeats a first annotation."""
-
-    status = 409
-
-
-class Forbidden(ReadError):
-    status = 403
-
-
-class Unauthorized(ReadError):
-    status = 401
 
 
 # --- annotators -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from catalog.annotations.schemas import (
 )
 from catalog.api.deps import SessionDep, WriteSessionDep
 from catalog.api.routes import ERRORS, LayerIndex, ModelName, NeuronIndex, SearchParams, search_query
+from catalog.read.errors import Forbidden, Unauthorized
 from catalog.read.schemas import ErrorBody
 from catalog.store.models import Annotator
 
@@ -42,7 +43,7 @@ def bearer(authorization: Annotated[str | None, Header(description="Bearer <anno
 def current_annotator(session: WriteSessionDep, token: Annotated[str | None, Depends(bearer)]) -> Annotator:
     who = service.authenticate(session, token)
     if who is None:
-        raise service.Unauthorized("writing needs a valid annotator token (Authorization: Bearer <token>); "
+        raise Unauthorized("writing needs a valid annotator token (Authorization: Bearer <token>); "
                                    "`neuron-catalog users add NAME` prints one")
     return who
 
@@ -50,7 +51,7 @@ def current_annotator(session: WriteSessionDep, token: Annotated[str | None, Dep
 def reviewer(session: SessionDep, token: Annotated[str | None, Depends(bearer)]) -> Annotator:
     who = service.authenticate(session, token)
     if who is None:
-        raise service.Unauthorized("the review queue is per annotator: send your token (Authorization: Bearer <token>)")
+        raise Unauthorized("the review queue is per annotator: send your token (Authorization: Bearer <token>)")
     return who
 
 
@@ -73,7 +74,7 @@ def write_annotation(model: ModelName, layer: LayerIndex, neuron: NeuronIndex, a
     """Write my first annotation of a neuron (base_revision null) or revise it (base_revision = its latest
     revision). Only the annotator named in the path, with their own token, may write it."""
     if annotator != me.name:
-        raise service.Forbidden(f"this is {annotator!r}'s annotation; you are signed in as {me.name!r}")
+        raise Forbidden(f"this is {annotator!r}'s annotation; you are signed in as {me.name!r}")
     saved, created = service.save(session, model=model, layer=layer, neuron=neuron, annotator=me, body=body)
     response.status_code = 201 if created else 200
     return saved

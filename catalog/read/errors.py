@@ -27,3 +27,21 @@ class CatalogMissing(ReadError):
     """The database has no catalog schema yet (a new data directory)."""
 
     status = 503
+
+
+class Conflict(ReadError):
+    """A write based on an outdated revision, or a first annotation where one exists."""
+
+    status = 409
+
+
+class Forbidden(ReadError):
+    """Someone else's annotation."""
+
+    status = 403
+
+
+class Unauthorized(ReadError):
+    """No annotator token, or one that is unknown or revoked."""
+
+    status = 401

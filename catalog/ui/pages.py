@@ -19,7 +19,7 @@ from catalog.api.deps import SessionDep, WriteSessionDep
 from catalog.api.routes import SearchParams, search_query
 from catalog.config import settings
 from catalog.read import catalog, search, vectors
-from catalog.read.errors import InvalidParameter, ReadError
+from catalog.read.errors import InvalidParameter, ReadError, Unauthorized
 from catalog.read.schemas import STAT_MEANINGS
 from catalog.store.models import HUMAN_LABELS, LABELS, NEURON_STATS
 from catalog.ui import auth
@@ -176,7 +176,7 @@ def annotate(request: Request, model: str, layer: int, neuron: int, session: Wri
     draft = {"label": label, "description": description}
     try:
         if user is None:
-            raise service.Unauthorized("sign in with your annotator token to annotate")
+            raise Unauthorized("sign in with your annotator token to annotate")
         auth.check_csrf(request, csrf_token)
         chosen = []
         for e in examples or []:
@@ -191,7 +191,7 @@ def annotate(request: Request, model: str, layer: int, neuron: int, session: Wri
         service.save(session, model=model, layer=layer, neuron=neuron, annotator=user, body=body)
     except ReadError as exc:
         session.rollback()
-        if isinstance(exc, auth.CsrfFailed | service.Unauthorized) or user is None:
+        if isinstance(exc, auth.CsrfFailed | Unauthorized) or user is None:
             return _error_page(request, exc)
         try:
             ctx = _card_context(request, session, user, model, layer, neuron, error=str(exc), draft=draft)
