@@ -26,8 +26,7 @@ from sqlalchemy.engine import Engine
 from catalog.annotations.agreement import cohen_kappa, fleiss_kappa
 from catalog.service import ExtractRequest, default_parameters, extract
 from catalog.store.database import session_scope
-from catalog.store.models import Annotation, AnnotationRevision, Annotator, CatalogModel
-from catalog.store.search_index import drop_orphan_vector_indexes
+from catalog.store.models import Annotation, AnnotationRevision
 
 TAG = uuid.uuid4().hex[:6]
 PARAMS: dict[str, Any] = {"top_n": 8, "window": 32}
@@ -51,12 +50,7 @@ def cat(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     try:
         yield {"name": name, "run_id": summary.run_id, "dir": directory, "other": other, "corpus": corpus}
     finally:
-        with session_scope(engine) as s:
-            model_id = s.scalar(text("SELECT id FROM catalog_models WHERE name = :n"), {"n": name})
-            s.execute(delete(Annotation).where(Annotation.model_id == model_id))
-            s.execute(delete(CatalogModel).where(CatalogModel.name == name))
-            s.execute(delete(Annotator).where(Annotator.name.like(f"%-{TAG}")))
-        drop_orphan_vector_indexes(engine)
+        api_server.drop_catalog(engine, name, annotators_like=f"%-{TAG}")
 
 
 def add_user(name: str) -> str:

@@ -18,13 +18,11 @@ import httpx
 import pytest
 import tiny_models
 from cli_runner import REPO, cli
-from sqlalchemy import delete, text
+from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from catalog.service import ExtractRequest, default_parameters, extract
 from catalog.store.database import session_scope
-from catalog.store.models import Annotation, Annotator, CatalogModel
-from catalog.store.search_index import drop_orphan_vector_indexes
 
 CHROMIUM = os.environ.get("CATALOG_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 # The README links docs/screenshots/; a run refreshes them there only when asked (so that tests do
@@ -57,12 +55,7 @@ def cat(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[di
     try:
         yield {"name": name, "run_id": run}
     finally:
-        with session_scope(engine) as s:
-            model_id = s.scalar(text("SELECT id FROM catalog_models WHERE name = :n"), {"n": name})
-            s.execute(delete(Annotation).where(Annotation.model_id == model_id))
-            s.execute(delete(CatalogModel).where(CatalogModel.name == name))
-            s.execute(delete(Annotator).where(Annotator.name.like(f"%-{TAG}")))
-        drop_orphan_vector_indexes(engine)
+        api_server.drop_catalog(engine, name, annotators_like=f"%-{TAG}")
 
 
 
