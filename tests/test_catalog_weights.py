@@ -161,12 +161,14 @@ def _neuron_rows(session: Session, run_id: int, layer: int) -> list[Neuron]:
     ))
 
 
-def _value_tokens(session: Session, run_id: int, layer: int, kind: str) -> dict[int, list[tuple[int, int, float]]]:
+def _value_tokens(session: Session, run_id: int, layer: int, kind: str,
+                  convention: str = "raw") -> dict[int, list[tuple[int, int, float]]]:
     """neuron -> [(rank, token_id, logit)] in rank order."""
     out: dict[int, list[tuple[int, int, float]]] = {}
     for n, rank, tid, logit in session.execute(
         select(ValueToken.neuron, ValueToken.rank, ValueToken.token_id, ValueToken.logit)
-        .where(ValueToken.run_id == run_id, ValueToken.layer == layer, ValueToken.kind == kind)
+        .where(ValueToken.run_id == run_id, ValueToken.layer == layer, ValueToken.kind == kind,
+               ValueToken.convention == convention)
         .order_by(ValueToken.neuron, ValueToken.rank)
     ).tuples():
         out.setdefault(n, []).append((rank, tid, logit))
@@ -285,17 +287,26 @@ def test_vectors_round_trip_through_pgvector(extracted: Extracted, session: Sess
             assert all(r.up_vector is None for r in rows)
 
 
-def test_value_tokens_are_the_extremes_of_v_times_E(extracted: Extracted, session: Session) -> None:
-    # E as stored: no final norm folded in (projection convention raw_unembedding).
+FINAL_NORMS = {"gpt2": "transformer.ln_f.weight", "gpt_neox": "gpt_neox.final_layer_norm.weight",
+               "opt": "model.decoder.final_layer_norm.weight", "llama": "model.norm.weight"}
+
+
+@pytest.mark.parametrize("convention", ["raw", "folded"])
+def test_value_tokens_are_the_extremes_of_v_times_E(extracted: Extracted, session: Session, convention: str) -> None:
+    # raw: E as stored; folded: E with the final norm's gain g multiplied into its columns
     emb = _np(extracted.model.get_output_embeddings().weight).astype(np.float64)
+    if convention == "folded":
+        gain = _np(extracted.model.state_dict()[FINAL_NORMS[extracted.family]]).astype(np.float64)
+        assert np.abs(gain - 1).max() > 0.1  # tiny_models randomises it: the two conventions differ
+        emb = emb * gain
     vocab = emb.shape[0]
     n_top, n_bottom = min(VALUE_TOP, vocab), min(VALUE_BOTTOM, vocab)
     for layer in range(N_LAYERS):
         exp = expected_vectors(extracted.model, extracted.family, layer)
         logits = exp.values.astype(np.float64) @ emb.T  # [d_mlp, vocab]
         tol = 1e-5 * float(np.abs(logits).max())  # the pipeline multiplies in float32
-        top = _value_tokens(session, extracted.run_id, layer, "top")
-        bottom = _value_tokens(session, extracted.run_id, layer, "bottom")
+        top = _value_tokens(session, extracted.run_id, layer, "top", convention)
+        bottom = _value_tokens(session, extracted.run_id, layer, "bottom", convention)
         assert sorted(top) == list(range(D_MLP)) and sorted(bottom) == list(range(D_MLP))
         for i in range(D_MLP):
             for rows, n, descending in ((top[i], n_top, True), (bottom[i], n_bottom, False)):
@@ -366,7 +377,8 @@ def test_row_counts(extracted: Extracted, session: Session) -> None:
         return int(session.scalar(select(func.count()).select_from(table).where(table.run_id == rid)) or 0)
 
     assert count(Neuron) == N_LAYERS * D_MLP
-    assert count(ValueToken) == N_LAYERS * D_MLP * (min(VALUE_TOP, vocab) + min(VALUE_BOTTOM, vocab))
+    # both projection conventions, raw and folded
+    assert count(ValueToken) == 2 * N_LAYERS * D_MLP * (min(VALUE_TOP, vocab) + min(VALUE_BOTTOM, vocab))
     assert count(Layer) == N_LAYERS
     assert count(Token) == vocab
 
@@ -384,13 +396,16 @@ def _db_truth(session: Session, name: str) -> dict[tuple[int, int], dict[str, An
         truth[(r.layer, r.neuron)] = {
             "model": name, "layer": r.layer, "neuron": r.neuron, "key_norm": r.key_norm, "value_norm": r.value_norm,
             "bias": r.bias, "alignment": r.alignment, "value_top_tokens": [], "value_bottom_tokens": [],
+            "value_top_tokens_folded": [], "value_bottom_tokens_folded": [],
             "key_vector": [float(x) for x in r.key_vector], "value_vector": [float(x) for x in r.value_vector],
         }
-    for layer, n, kind, tid, logit in session.execute(
-        select(ValueToken.layer, ValueToken.neuron, ValueToken.kind, ValueToken.token_id, ValueToken.logit)
+    for layer, n, conv, kind, tid, logit in session.execute(
+        select(ValueToken.layer, ValueToken.neuron, ValueToken.convention, ValueToken.kind, ValueToken.token_id,
+               ValueToken.logit)
         .where(ValueToken.run_id == rid).order_by(ValueToken.layer, ValueToken.neuron, ValueToken.kind, ValueToken.rank)
     ).tuples():
-        truth[(layer, n)][f"value_{kind}_tokens"].append({"token_id": tid, "token": texts[tid], "logit": logit})
+        suffix = "" if conv == "raw" else "_folded"
+        truth[(layer, n)][f"value_{kind}_tokens{suffix}"].append({"token_id": tid, "token": texts[tid], "logit": logit})
     return truth
 
 
@@ -410,7 +425,7 @@ def test_export_records_equal_the_database(extracted: Extracted, session: Sessio
     assert [(r["layer"], r["neuron"]) for r in recs] == [(x, n) for x in range(N_LAYERS) for n in range(D_MLP)]
     truth = _db_truth(session, extracted.name)
     fields = ["model", "layer", "neuron", "key_norm", "value_norm", "bias", "alignment",
-              "value_top_tokens", "value_bottom_tokens"]
+              "value_top_tokens", "value_bottom_tokens", "value_top_tokens_folded", "value_bottom_tokens_folded"]
     if vectors:
         fields += ["key_vector", "value_vector"]
     for rec in recs:

@@ -80,7 +80,7 @@ def _with_model_type(src: Path, dst: Path, model_type: str) -> Path:
     return dst
 
 
-FAMILY_NAMES = ("GPT-2", "GPT-NeoX", "OPT", "LLaMA")  # an unsupported model's error names them all
+FAMILY_NAMES = ("GPT-2", "GPT-NeoX", "OPT", "LLaMA", "BERT")  # an unsupported model's error names them all
 
 # case -> (what the error line must contain)
 BAD_INPUTS: dict[str, tuple[str, ...]] = {
@@ -88,13 +88,15 @@ BAD_INPUTS: dict[str, tuple[str, ...]] = {
     "text file": ("not a model", "{notes}"),
     "junk gguf": ("gguf", "{junk}"),
     "directory without config.json": ("config.json", "{empty}"),
-    "bert model_type": ("unsupported architecture", "'bert'", *FAMILY_NAMES),
+    # known to transformers, not to the catalog (BERT is supported since encoders came in)
+    "t5 model_type": ("unsupported architecture", "'t5'", *FAMILY_NAMES),
     "unknown model_type": ("unsupported architecture", "frobnicate", *FAMILY_NAMES),
     "unreachable db: extract": ("cannot connect to the database", "127.0.0.1:1"),
     "unreachable db: export": ("cannot connect to the database", "127.0.0.1:1"),
     "unreachable db: db current": ("cannot connect to the database", "127.0.0.1:1"),
     "unreachable db: db upgrade": ("cannot connect to the database", "127.0.0.1:1"),
     "export of unknown catalog": ("no completed catalog", "{unknown}"),
+    "unknown --bos token": ("--bos", "<nosuch>", "no such token"),
 }
 
 
@@ -121,7 +123,7 @@ def bad_input_results(model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         "text file": (("extract", "--model", places["notes"]), {}),
         "junk gguf": (("extract", "--model", places["junk"]), {}),
         "directory without config.json": (("extract", "--model", places["empty"]), {}),
-        "bert model_type": (("extract", "--model", str(_with_model_type(model_dir, root / "bert", "bert"))), {}),
+        "t5 model_type": (("extract", "--model", str(_with_model_type(model_dir, root / "t5", "t5"))), {}),
         "unknown model_type": (
             ("extract", "--model", str(_with_model_type(model_dir, root / "frob", "frobnicate"))), {}),
         "unreachable db: extract": (("extract", "--model", str(model_dir)), down),
@@ -129,6 +131,8 @@ def bad_input_results(model_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         "unreachable db: db current": (("db", "current"), down),
         "unreachable db: db upgrade": (("db", "upgrade"), down),
         "export of unknown catalog": (("export", "--model", places["unknown"], "--out", out), {}),
+        "unknown --bos token": (("extract", "--model", str(model_dir), "--name", NAME_PREFIX + "bos",
+                                 "--corpus", places["notes"], "--bos", "<nosuch>"), {}),
     }
     assert set(cases) == set(BAD_INPUTS)
     results = run_all(cases)
@@ -140,6 +144,11 @@ def test_bad_input(bad_input_results: dict[str, tuple[Result, dict[str, str]]], 
     result, places = bad_input_results[case]
     assert_one_error_line(result, *(f.format(**places) for f in BAD_INPUTS[case]))
     assert list(Path(places["out_dir"]).iterdir()) == []  # no export file, not even a partial one
+    if case == "unknown --bos token":  # refused before any row was written
+        from sqlalchemy import select
+
+        with session_scope(get_engine()) as s:
+            assert s.scalar(select(CatalogModel).where(CatalogModel.name == NAME_PREFIX + "bos")) is None
 
 
 # --- help -------------------------------------------------------------------------------------

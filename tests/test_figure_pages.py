@@ -40,7 +40,12 @@ NS = "{http://www.w3.org/2000/svg}"
 EVIL = '<script>x</script> & "quoted" \'single\''
 WEIGHT_HISTS = ("key_norm", "value_norm", "alignment", "bias")
 CORPUS_STATS = ("activation_mean", "activation_std", "activation_positive_fraction", "activation_max", "agreement",
-                "next_token_mean_rank", "ablation_last", "ablation_first", "ablation_random")
+                "next_token_mean_rank", "ablation_last", "ablation_first", "ablation_random",
+                # part 5: firing figures, baselines beside agreement, the label rule's inputs
+                "gate_open_fraction", "abs_coefficient_p50", "abs_coefficient_p90", "abs_coefficient_p99",
+                "negative_trigger_share", "agreement_shuffled", "agreement_folded", "agreement_top1",
+                "agreement_negative", "next_token_rank_percentile", "next_token_rank_percentile_shuffled",
+                "top_token_frequency", "label_contrast", "label_context", "label_confidence", "label_triggers")
 STATS = ("key_norm", "value_norm", "up_norm", "bias", "alignment", "up_alignment", *CORPUS_STATS)
 
 

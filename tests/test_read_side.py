@@ -163,24 +163,24 @@ def test_worker_parameters_from_settings(monkeypatch: pytest.MonkeyPatch) -> Non
     from catalog.service import ExtractRequest, default_parameters
     from workers.tasks import request_from_message
 
-    monkeypatch.setattr(settings, "shallow_last_drop", 0.9)
-    monkeypatch.setattr(settings, "semantic_other_drop", 0.4)
+    monkeypatch.setattr(settings, "label_min_prefix", 9)
+    monkeypatch.setattr(settings, "label_quantile", 0.4)
     req = request_from_message({"model": "x"})
     assert req.model == "x"
-    assert (req.params.shallow_last_drop, req.params.semantic_other_drop) == (0.9, 0.4)
+    assert (req.params.label_min_prefix, req.params.label_quantile) == (9, 0.4)
 
     # Explicit parameters in the message win over settings; the ones it leaves out still follow them.
-    req = request_from_message({"model": "x", "params": {"shallow_last_drop": 0.7, "top_n": 7}})
-    assert (req.params.shallow_last_drop, req.params.semantic_other_drop, req.params.top_n) == (0.7, 0.4, 7)
+    req = request_from_message({"model": "x", "params": {"label_min_prefix": 7, "top_n": 7}})
+    assert (req.params.label_min_prefix, req.params.label_quantile, req.params.top_n) == (7, 0.4, 7)
 
     # A full message as a producer builds it (asdict of a request made elsewhere) keeps its values.
-    monkeypatch.setattr(settings, "shallow_last_drop", 0.5)
-    monkeypatch.setattr(settings, "semantic_other_drop", 0.25)
-    message = asdict(ExtractRequest(model="x", params=default_parameters(shallow_last_drop=0.6)))
-    monkeypatch.setattr(settings, "shallow_last_drop", 0.9)
-    monkeypatch.setattr(settings, "semantic_other_drop", 0.4)
+    monkeypatch.setattr(settings, "label_min_prefix", 4)
+    monkeypatch.setattr(settings, "label_quantile", 0.5)
+    message = asdict(ExtractRequest(model="x", params=default_parameters(label_min_prefix=6)))
+    monkeypatch.setattr(settings, "label_min_prefix", 9)
+    monkeypatch.setattr(settings, "label_quantile", 0.4)
     req = request_from_message(message)
-    assert (req.params.shallow_last_drop, req.params.semantic_other_drop) == (0.6, 0.25)
+    assert (req.params.label_min_prefix, req.params.label_quantile) == (6, 0.5)
 
     with pytest.raises(TypeError):
         request_from_message({"model": "x", "params": {"no_such_parameter": 1}})

@@ -8,6 +8,8 @@ catalog uses.
 from __future__ import annotations
 
 import json
+import math
+import os
 import subprocess
 import sys
 
@@ -46,8 +48,10 @@ def exported(migrated_db: str, tmp_path_factory: pytest.TempPathFactory) -> dict
     corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
     out = tmp / "smollm2.jsonl"
     cli = [sys.executable, "-m", "catalog.cli"]
+    # a 6-line corpus gives at most 3 triggers here: the label rule's minimums scaled down to it
+    env = {**os.environ, "CATALOG_LABEL_MIN_PREFIX": "2", "CATALOG_LABEL_MIN_TRIGGERS": "2"}
     done = subprocess.run([*cli, "extract", "--name", NAME, "--corpus", str(corpus), "--top-n", "3"],
-                          capture_output=True, text=True, check=False, timeout=1500)
+                          capture_output=True, text=True, check=False, timeout=1500, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     done = subprocess.run([*cli, "export", "--model", NAME, "--out", str(out)], capture_output=True, text=True, check=False,
                           timeout=600)
@@ -113,13 +117,11 @@ def test_corpus_figures(exported: dict[tuple[int, int], dict]) -> None:
             # the prefix is a beginning of its document, ending at the trigger token
             assert docs[t["document"]].startswith(t["text"])
         assert rec["activation_max"] == pytest.approx(trig[0]["activation"], rel=1e-4, abs=1e-5)
-        assert 0.0 <= rec["activation_positive_fraction"] <= 1.0
         # agreement is over the triggers that have a next token (none at a document's end)
         if all(t["next_token_id"] is None for t in trig):
-            assert rec["agreement"] is None
+            assert rec["agreement"] is None and rec["agreement_shuffled"] is None
         else:
-            assert 0.0 <= rec["agreement"] <= 1.0
-        assert rec["suggested_label"] in {"shallow", "semantic", "shallow+semantic", None}
+            assert rec["agreement"] is not None and rec["agreement_shuffled"] is not None
     # the blank line is skipped but counted: document 2 does not exist, the next line is document 3
     assert all(t["document"] != 2 for rec in exported.values() for t in rec["triggers"])
 
@@ -151,33 +153,70 @@ def _coefficients(model: object, ids: list[int]) -> np.ndarray:
     return np.stack(got, axis=1)
 
 
-def test_agreement_ablation_and_label_on_real_neurons(exported: dict[tuple[int, int], dict]) -> None:
-    """A handful of real neurons: coefficients, ablations, agreement and next-token rank recomputed here
-    with this test's own forward passes and the GGUF file's own weights."""
-    from catalog.config import settings
+def _label_rule(migrated_db: str) -> dict:
+    from sqlalchemy import select
+
+    from catalog.store.database import get_engine, session_scope
+    from catalog.store.models import CatalogModel, ExtractionRun
+
+    with session_scope(get_engine(migrated_db)) as s:
+        run = s.scalar(select(ExtractionRun).join(CatalogModel, CatalogModel.current_run_id == ExtractionRun.id)
+                       .where(CatalogModel.name == NAME))
+        assert run is not None
+        return {**run.label_rule, "parameters": run.parameters}
+
+
+def _random_removed(seed: int, doc: int, start: int, n_window: int, length: int) -> int:
+    """The README's random-token rule: the window's chain r1 > r2 > ..., the first r <= length - 2."""
+    rng = np.random.default_rng([seed, doc, start])
+    bound = n_window - 1
+    while True:
+        r = int(rng.integers(bound))
+        if r <= length - 2:
+            return r
+        bound = r
+
+
+def test_agreement_ablation_and_label_on_real_neurons(exported: dict[tuple[int, int], dict], migrated_db: str) -> None:
+    """A handful of real neurons: coefficients, ablations, agreement (raw, folded), next-token rank and
+    the label recomputed here with this test's own forward passes and the GGUF file's own weights."""
     from catalog.loading import load
 
     loaded = load("smollm2", device="cpu")
     tok, model = loaded.tokenizer, loaded.model
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    # SmolLM2-Instruct's tokenizer adds no BOS (its GGUF names the chat header <|im_start|>): the
+    # documented default reads each window after <|endoftext|>
+    assert tok.add_bos_token is False and tok.bos_token == "<|im_start|>"
+    rule = _label_rule(migrated_db)
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert rule["parameters"]["bos_token_id"] == eot == 0
+    bos = [eot]
     docs = {i: tok(text, add_special_tokens=False)["input_ids"] for i, text in enumerate(CORPUS) if text}
     reader = GGUFReader(str(packaged_smollm2()))
     emb = tensor(reader, "token_embd.weight")
-    checked = 0
+    gain = tensor(reader, "output_norm.weight")
+    checked = labels_checked = 0
     for layer in LAYERS_CHECKED:
         down = tensor(reader, f"blk.{layer}.ffn_down.weight")
         for n in NEURONS_CHECKED:
             rec = exported[(layer, n)]
             logits = emb @ down[:, n]
-            top = int(np.argmax(logits))
+            folded = (emb * gain) @ down[:, n]
+            top, ftop = int(np.argmax(logits)), int(np.argmax(folded))
+            assert rec["value_top_tokens_folded"][0]["token_id"] == ftop or abs(
+                folded[rec["value_top_tokens_folded"][0]["token_id"]] - folded[ftop]) < 1e-4
             with_next = [t for t in rec["triggers"] if t["next_token_id"] is not None]
             assert rec["agreement_triggers"] == len(with_next)
             if with_next:
                 hits = sum(t["next_token_id"] == top for t in with_next)
                 assert rec["agreement"] == pytest.approx(hits / len(with_next))
+                assert rec["agreement_folded"] == pytest.approx(np.mean([t["next_token_id"] == ftop for t in with_next]))
                 ranks = [1 + int((logits > logits[t["next_token_id"]] + 1e-6).sum()) for t in with_next]
                 assert rec["next_token_mean_rank"] == pytest.approx(float(np.mean(ranks)), abs=1.0)
-            changes = {"last": [], "first": []}
+                pct = [(r - 1) / (len(logits) - 1) for r in ranks]
+                assert rec["next_token_rank_percentile"] == pytest.approx(float(np.median(pct)), abs=1e-4)
+            changes: dict[str, list[float]] = {"last": [], "first": []}
+            rows = []
             for t in rec["triggers"]:
                 ids, pos = docs[t["document"]], t["position"]
                 coeffs = _coefficients(model, bos + ids[: pos + 1])[:, layer, n]
@@ -187,23 +226,35 @@ def test_agreement_ablation_and_label_on_real_neurons(exported: dict[tuple[int, 
                     assert t["without_last"] is None
                     continue
                 # without the last token = the coefficient one position earlier; without the first:
-                # the prefix run again from its second token
+                # the prefix run again from its second token; without a random one: the documented chain
                 assert t["without_last"] == pytest.approx(coeffs[-2], rel=2e-3, abs=2e-4)
                 first = _coefficients(model, bos + ids[1 : pos + 1])[-1, layer, n]
                 assert t["without_first"] == pytest.approx(first, rel=2e-3, abs=2e-4)
+                r = _random_removed(rule["parameters"]["ablation_seed"], t["document"], 0, len(ids), pos + 1)
+                rand = _coefficients(model, bos + ids[:r] + ids[r + 1 : pos + 1])[-1, layer, n]
+                assert t["without_random"] == pytest.approx(rand, rel=2e-3, abs=2e-4)
                 a = coeffs[-1]
                 changes["last"].append((coeffs[-2] - a) / abs(a))
                 changes["first"].append((first - a) / abs(a))
+                rows.append((a, coeffs[-2], rand, pos + 1))
                 checked += 1
             if changes["last"]:
                 assert rec["ablation_last"] == pytest.approx(float(np.mean(changes["last"])), rel=1e-2, abs=1e-3)
                 assert rec["ablation_first"] == pytest.approx(float(np.mean(changes["first"])), rel=1e-2, abs=1e-3)
-                # the README's rule, from the figures recomputed here
-                drop_last, drop_first = -float(np.mean(changes["last"])), -float(np.mean(changes["first"]))
-                drop_random = -rec["ablation_random"]
-                if abs(drop_last - settings.shallow_last_drop) > 0.02 and min(
-                        abs(drop_first - settings.semantic_other_drop), abs(drop_random - settings.semantic_other_drop)) > 0.02:
-                    expected = "semantic" if drop_last < settings.shallow_last_drop else (
-                        "shallow+semantic" if max(drop_first, drop_random) >= settings.semantic_other_drop else "shallow")
-                    assert rec["suggested_label"] == expected
-    assert checked >= 5
+            # the README's label rule on the figures recomputed here, against the run's pooled thresholds
+            scale = float(np.median([t["activation"] for t in rec["triggers"]]))
+            ok = [x for x in rows if x[3] >= rule["min_prefix"]]
+            if scale <= 0 or len(ok) < rule["min_triggers"]:
+                assert rec["suggested_label"] is None
+                continue
+            contrast = float(np.median([(x[2] - x[1]) / scale for x in ok]))
+            context = float(np.median([(x[0] - x[2]) / scale for x in ok]))
+            assert rec["label_contrast"] == pytest.approx(contrast, abs=5e-3)
+            assert rec["label_context"] == pytest.approx(context, abs=5e-3)
+            t_c, t_x = rule["contrast_threshold"], rule["context_threshold"]
+            if min(abs(contrast - t_c), abs(context - t_x)) > 5e-3:
+                expected = "semantic" if contrast < t_c else "shallow+semantic" if context >= t_x else "shallow"
+                assert rec["suggested_label"] == expected
+                assert 0 < rec["label_confidence"] <= 1 and not math.isnan(rec["label_confidence"])
+                labels_checked += 1
+    assert checked >= 5 and labels_checked >= 1

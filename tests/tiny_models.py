@@ -68,6 +68,12 @@ def build(family: str, seed: int = 0) -> torch.nn.Module:
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
                 p.mul_(10.0)
+        # A final-norm gain other than 1, so that the 'folded' projection (E * g) differs from the raw
+        # one; the final norm comes after every MLP, so no memory coefficient changes.
+        final = {"gpt2": "transformer.ln_f.weight", "gpt_neox": "gpt_neox.final_layer_norm.weight",
+                 "opt": "model.decoder.final_layer_norm.weight", "llama": "model.norm.weight"}[family]
+        gain = dict(model.named_parameters())[final]
+        gain.copy_(torch.empty_like(gain).uniform_(0.2, 3.0))
     return model.eval()
 
 

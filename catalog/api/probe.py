@@ -60,11 +60,13 @@ class ModelCache:
 models = ModelCache()
 
 
-def run_probe(loaded: Any, text: str, k: int, *, window: int, max_tokens: int) -> tuple[list[ProbeToken], list[ProbeNeuron]]:
+def run_probe(loaded: Any, text: str, k: int, *, window: int, max_tokens: int,
+              bos: str | int | None = "auto") -> tuple[list[ProbeToken], list[ProbeNeuron]]:
     """Per token the k strongest neurons, and overall the k with the highest maximum over the text.
 
-    The text is read as the corpus pass reads one document (BOS first when the tokenizer has one),
-    so its coefficients are the ones the catalog's triggers were ranked by; it must fit one window.
+    The text is read as the corpus pass reads one document (the run's BOS first, if any;
+    [CLS] text [SEP] for an encoder), so its coefficients are the ones the catalog's triggers were
+    ranked by; it must fit one window.
     """
     import torch
 
@@ -72,20 +74,21 @@ def run_probe(loaded: Any, text: str, k: int, *, window: int, max_tokens: int) -
     from catalog.extract.corpus_pass import backbone, capture_coefficients, tokenise
 
     tok = loaded.tokenizer
-    corpus = tokenise([Document(0, text)], tok, window=window, max_tokens=None)
+    corpus = tokenise([Document(0, text)], tok, window=window, max_tokens=None, causal=loaded.view.causal, bos=bos)
     if not corpus.tokens:
         raise InvalidParameter("text: has no tokens")
     ids = corpus.tokens[0]
     lead = [corpus.bos] if corpus.bos is not None else []
-    cap = min(max_tokens, window - len(lead))
+    tail = [corpus.sep] if corpus.sep is not None else []
+    cap = min(max_tokens, window - len(lead) - len(tail))
     if len(ids) > cap:
         raise InvalidParameter(f"text: is {len(ids)} tokens long; the probe reads at most {cap} (one window)")
-    input_ids = torch.tensor([lead + ids], device=loaded.device)
+    input_ids = torch.tensor([lead + ids + tail], device=loaded.device)
     view = loaded.view
     layers: list[torch.Tensor] = [torch.empty(0)] * view.n_layers
 
     def on_layer(layer: int, coeffs: torch.Tensor) -> None:
-        layers[layer] = coeffs[0, len(lead):].float().cpu()  # [pos, d_mlp], BOS dropped
+        layers[layer] = coeffs[0, len(lead):len(lead) + len(ids)].float().cpu()  # [pos, d_mlp], BOS/SEP dropped
 
     shape = list(input_ids.shape)
     with torch.inference_mode(), capture_coefficients(view.value_projs(), on_layer, shape):
@@ -117,11 +120,13 @@ def probe(model: Annotated[str, Path(max_length=200)], body: ProbeRequest, sessi
     params = run.parameters or {}
     spec = str(params.get("model") or entry.source)
     window = int(params.get("window", 256))
+    # the BOS the run read documents after (runs before part 5 recorded none: the tokenizer's choice)
+    bos = params["bos_token_id"] if "bos_token_id" in params else params.get("bos", "auto")
     session.rollback()  # no transaction held while the model loads or runs
     held = models.get(entry.name, run.id, spec, run.weights_sha256)
     with held.lock:
         per_token, top = run_probe(held.loaded, body.text.replace("\x00", "\ufffd"), body.k, window=window,
-                                   max_tokens=settings.probe_max_tokens)
+                                   max_tokens=settings.probe_max_tokens, bos=bos)
     return ProbeResult(model=entry.name, run_id=run.id, tokens=per_token, top=top)
 
 

@@ -23,7 +23,7 @@ from catalog.read.schemas import (
     SimilarPage,
     TokenRanking,
 )
-from catalog.store.models import HUMAN_LABELS, LABELS, NEURON_STATS
+from catalog.store.models import HUMAN_LABELS, LABELS, NEURON_STATS, PROJECTIONS
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "The request body could not be read (not JSON)."},
@@ -43,6 +43,10 @@ SORTS = tuple(k for key in search.SORT_KEYS for k in (key, "-" + key))
 Sort = Literal[SORTS]  # type: ignore[valid-type]
 Label = Literal[LABELS]  # type: ignore[valid-type]
 HumanLabel = Literal[HUMAN_LABELS]  # type: ignore[valid-type]
+Projection = Literal[PROJECTIONS]  # type: ignore[valid-type]
+PROJECTION_HELP = ("Value projection for token, the top tokens shown and token ranking: 'raw' = v_i . E^T with E as "
+                   "stored (seed 001's convention); 'folded' = the final norm's gain g folded in, v_i . (E * g)^T, "
+                   "what the model's head does with the direction (equal to raw where the model has no gain).")
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 _search_fields: dict[str, Any] = {
@@ -64,6 +68,7 @@ _search_fields.update({
         "The value promotes this token: it is among the neuron's top token_rank tokens of v_i.E^T. id:N, "
         "text:EXACT, ' word' (space-marked form only) or word (with and without the space marker)."))),
     "token_rank": (int, Field(30, ge=1, le=1000, description="How deep in the value's top tokens token may be.")),
+    "projection": (Projection, Field("raw", description=PROJECTION_HELP)),
     "trigger_token": (str | None, Field(None, max_length=200, description="A trigger prefix ends with this token.")),
     "next_token": (str | None, Field(None, max_length=200, description="A trigger prefix is followed by this token.")),
     "human_label": (HumanLabel | None, Field(None, description="Some annotator's current label is this.")),
@@ -86,6 +91,7 @@ def search_query(p: dict[str, Any]) -> search.SearchQuery:
     return search.SearchQuery(
         layers=tuple(p.get("layer") or ()), layer_min=p.get("layer_min"), layer_max=p.get("layer_max"), ranges=ranges,
         label=p.get("label"), q=p.get("q"), token=p.get("token"), token_rank=p.get("token_rank", 30),
+        projection=p.get("projection", "raw"),
         trigger_token=p.get("trigger_token"), next_token=p.get("next_token"), human_label=p.get("human_label"),
         annotated=p.get("annotated"), annotator=p.get("annotator"), sort=p.get("sort"), limit=p.get("limit", 50),
         cursor=p.get("cursor"),
@@ -114,7 +120,7 @@ def list_models(
     rows = catalog.list_models(session, after=after, limit=limit + 1)
     items = [
         ModelInfo(name=e.name, source=e.source, family=e.family, model_type=e.model_type, n_layers=e.n_layers,
-                  d_model=e.d_model, d_mlp=e.d_mlp, vocab_size=e.vocab_size, gated=e.gated,
+                  d_model=e.d_model, d_mlp=e.d_mlp, vocab_size=e.vocab_size, gated=e.gated, causal=e.causal,
                   current_run=_run_info(r) if r is not None else None)
         for e, r in rows[:limit]
     ]
@@ -156,10 +162,12 @@ def token_ranking(
     k: Annotated[int, Query(ge=1, le=vectors.MAX_K)] = 50,
     layer_min: LayerBound = None,
     layer_max: LayerBound = None,
+    projection: Annotated[Projection, Query(description=PROJECTION_HELP)] = "raw",
 ) -> TokenRanking:
     """The neurons whose value vector gives this token the highest logit v_i.e_token, over every value
     vector of the layers asked for (not only each neuron's stored top tokens)."""
-    return vectors.token_ranking(session, model, token, k=k, layer_min=layer_min, layer_max=layer_max)
+    return vectors.token_ranking(session, model, token, k=k, layer_min=layer_min, layer_max=layer_max,
+                                 projection=projection)
 
 
 @router.get("/models/{model}/neurons/{layer}/{neuron}/similar", response_model=SimilarPage, tags=["neurons"])

@@ -74,7 +74,7 @@ def prefix_texts(corpus: TokenisedCorpus, table: PrefixTable, tokenizer: object)
     """Decoded prefix of each entry: its window's tokens up to and including the trigger token."""
     seqs = []
     for slot, pos in zip(table.slots.tolist(), table.positions.tolist(), strict=True):
-        start = pos - pos % corpus.chunk
+        start = corpus.windows[corpus.window_of(slot, pos)].start
         seqs.append(corpus.tokens[slot][start : pos + 1])
     return tokenizer.batch_decode(seqs, skip_special_tokens=False)  # type: ignore[attr-defined,no-any-return]
 

@@ -8,7 +8,10 @@ per-document maxima first, then one sort over the union of kept and new candidat
 token is kept for the whole corpus.
 
 Terms: a *document* is one corpus unit; documents longer than the window are split into
-*windows*, each starting with BOS when the tokenizer has one (BOS is never counted or a trigger).
+*windows*, each starting with the run's BOS when it has one (BOS is never counted or a trigger).
+Windows after a document's first overlap the one before: each reads ``overlap`` tokens of context
+that it does not count, then counts the next ``chunk - overlap``; so every position is counted
+exactly once and none beyond the first window has fewer than ``overlap`` tokens before it.
 A trigger's *prefix* is its window's tokens up to and including the trigger position. Positions are
 0-based among the document's own tokens.
 """
@@ -19,11 +22,13 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from catalog.corpus import Document
+from catalog.extract.encoder import frame_tokens
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,12 @@ class Window:
     doc_slot: int  # index into the tokenised document list
     start: int  # position of the window's first token in the document
     tokens: list[int]  # the document's tokens in this window (no BOS)
+    counted_from: int = -1  # first position the window counts (> start when it overlaps the one before)
+
+    @property
+    def context(self) -> int:
+        """Leading tokens read as context only (counted by the window before)."""
+        return max(self.counted_from - self.start, 0)
 
 
 @dataclass
@@ -45,13 +56,71 @@ class TokenisedCorpus:
     truncated_documents: int = 0
     # slot -> the first token that the --max-tokens cut dropped: the kept prefix's true next token
     cut_next: dict[int, int] = field(default_factory=dict)
+    # False for an encoder's corpus (catalog/extract/encoder.py): ``bos`` holds its CLS and ``sep``
+    # its SEP, read after each window's tokens and never counted
+    causal: bool = True
+    sep: int | None = None
+    overlap: int = 0  # context tokens a window after the first reads before the ones it counts
 
     @property
     def n_tokens(self) -> int:
         return sum(len(t) for t in self.tokens)
 
+    @property
+    def stride(self) -> int:
+        return self.chunk - self.overlap
+
     def window_of(self, doc_slot: int, position: int) -> int:
-        return self.first_window[doc_slot] + position // self.chunk
+        """The window that counts ``position`` of the document."""
+        if position < self.chunk:
+            return self.first_window[doc_slot]
+        return self.first_window[doc_slot] + 1 + (position - self.chunk) // self.stride
+
+    def n_windows(self, doc_slot: int) -> int:
+        n = len(self.tokens[doc_slot])
+        return 1 if n <= self.chunk else 1 + math.ceil((n - self.chunk) / self.stride)
+
+    def prefix_lengths(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Document tokens the model read up to and including each (slot, position), BOS not counted."""
+        out = [pos - self.windows[self.window_of(s, pos)].start + 1 for s, pos in zip(slots.tolist(), positions.tolist(), strict=True)]
+        return torch.tensor(out, dtype=torch.long)
+
+
+class BosError(ValueError):
+    """A --bos token the tokenizer does not have."""
+
+
+DOCUMENT_SEPARATOR = "<|endoftext|>"
+
+
+def choose_bos(tokenizer: Any, spec: str | int | None = "auto") -> tuple[int | None, str]:
+    """The token read before every window, and why: ``spec`` is "auto", "none", a token's text, an id or None.
+
+    "auto": the tokenizer's BOS when it adds one itself (``add_bos_token`` true, as LLaMA's do) or
+    does not say; when it says it adds none but the vocabulary has ``<|endoftext|>`` (GPT-2-style
+    BPE, SmolLM2), that document separator, which is what the model saw between pretraining
+    documents: SmolLM2-Instruct's GGUF names ``<|im_start|>`` as BOS, a chat-role header that would
+    put every document after "<|im_start|>". Otherwise the tokenizer's BOS, or none.
+    """
+    if spec is None or spec == "none":
+        return None, "none"
+    if isinstance(spec, int):
+        return spec, "given id"
+    if spec != "auto":
+        tid = tokenizer.convert_tokens_to_ids(spec)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if tid is None or (isinstance(tid, int) and tid == unk and spec != getattr(tokenizer, "unk_token", None)):
+            raise BosError(f"--bos {spec!r}: the tokenizer has no such token (give a token's exact text, or none)")
+        return int(tid), "given"
+    bos = getattr(tokenizer, "bos_token_id", None)
+    adds = getattr(tokenizer, "add_bos_token", None)
+    if adds is False:
+        sep = tokenizer.get_vocab().get(DOCUMENT_SEPARATOR)
+        if sep is not None:
+            return int(sep), f"the tokenizer adds no BOS; {DOCUMENT_SEPARATOR} separates pretraining documents"
+    if bos is not None:
+        return int(bos), "the tokenizer's BOS"
+    return None, "the tokenizer has no BOS"
 
 
 def tokenise(
@@ -60,14 +129,30 @@ def tokenise(
     *,
     window: int,
     max_tokens: int | None = None,
+    causal: bool = True,
+    bos: str | int | None = "auto",
+    overlap: int | None = None,
 ) -> TokenisedCorpus:
-    """Tokenise documents in corpus order, cap at ``max_tokens`` and split them into windows."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    chunk = window - 1 if bos is not None else window
+    """Tokenise documents in corpus order, cap at ``max_tokens`` and split them into windows.
+
+    ``bos``: see :func:`choose_bos`. ``causal=False`` (an encoder): each window is read as
+    [CLS] + its tokens + [SEP]. ``overlap``: context tokens of each window after a document's first
+    (default: half a window).
+    """
+    sep = None
+    if causal:
+        bos, _ = choose_bos(tokenizer, bos)
+    else:
+        bos, sep = frame_tokens(tokenizer)
+    chunk = window - (bos is not None) - (sep is not None)
     if chunk < 1:
         raise ValueError("window must hold at least one document token")
+    if overlap is None:  # an encoder reads both sides: left context alone would not help it
+        overlap = chunk // 2 if causal else 0
+    if not 0 <= overlap < chunk:
+        raise ValueError(f"overlap must be 0-{chunk - 1} tokens (the window holds {chunk} document tokens)")
     encoded = tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]  # type: ignore[operator]
-    corpus = TokenisedCorpus([], [], [], [], chunk, bos)
+    corpus = TokenisedCorpus([], [], [], [], chunk, bos, causal=causal, sep=sep, overlap=overlap)
     budget = max_tokens if max_tokens is not None else math.inf
     for doc, ids in zip(documents, encoded, strict=True):
         if budget <= 0:
@@ -83,8 +168,10 @@ def tokenise(
         corpus.documents.append(doc.index)
         corpus.tokens.append(list(ids))
         corpus.first_window.append(len(corpus.windows))
-        for start in range(0, len(ids), chunk):
-            corpus.windows.append(Window(doc.index, slot, start, list(ids[start : start + chunk])))
+        corpus.windows.append(Window(doc.index, slot, 0, list(ids[:chunk]), 0))
+        for counted in range(chunk, len(ids), corpus.stride):
+            start = counted - overlap
+            corpus.windows.append(Window(doc.index, slot, start, list(ids[start : counted + corpus.stride]), counted))
     return corpus
 
 
@@ -92,7 +179,7 @@ def tokenise(
 class Batch:
     input_ids: torch.Tensor  # [batch, pos]
     attention_mask: torch.Tensor  # [batch, pos]
-    counted: torch.Tensor  # [batch, pos] bool: a document token (not BOS, not padding)
+    counted: torch.Tensor  # [batch, pos] bool: a document token the window counts (not BOS, context or padding)
     windows: list[int]  # index into TokenisedCorpus.windows of each row
     doc_of_row: torch.Tensor  # [batch] index of each row's document among the batch's documents
     n_docs: int
@@ -116,10 +203,12 @@ def _pad_rows(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> 
 def batches(corpus: TokenisedCorpus, *, batch_tokens: int, pad: int, device: torch.device) -> Iterator[Batch]:
     """Pack whole documents (all their windows) into right-padded batches, longest first.
 
-    Right padding keeps every real position exact in a causal model. Keeping a document's windows
-    in one batch lets per-document maxima be taken before the top-N merge.
+    Right padding keeps every real position exact in a causal model (and in an encoder, whose
+    attention mask hides the padding). Keeping a document's windows in one batch lets per-document
+    maxima be taken before the top-N merge.
     """
     lead = [corpus.bos] if corpus.bos is not None else []
+    tail = [corpus.sep] if corpus.sep is not None else []
     order = sorted(range(len(corpus.tokens)), key=lambda s: (-min(len(corpus.tokens[s]), corpus.chunk), s))
     pending: list[int] = []
     width = 0
@@ -128,22 +217,29 @@ def batches(corpus: TokenisedCorpus, *, batch_tokens: int, pad: int, device: tor
         rows: list[list[int]] = []
         win_ids: list[int] = []
         doc_of_row: list[int] = []
+        contexts: list[int] = []
         for j, slot in enumerate(slots):
-            n_win = math.ceil(len(corpus.tokens[slot]) / corpus.chunk)
+            n_win = corpus.n_windows(slot)
             for w in range(corpus.first_window[slot], corpus.first_window[slot] + n_win):
-                rows.append(lead + corpus.windows[w].tokens)
+                rows.append(lead + corpus.windows[w].tokens + tail)
+                contexts.append(corpus.windows[w].context)
                 win_ids.append(w)
                 doc_of_row.append(j)
         ids, mask = _pad_rows(rows, pad, device)
         counted = mask.bool().clone()
         if lead:
             counted[:, 0] = False
+        for row, c in enumerate(contexts):  # an overlapping window's leading context was counted before
+            if c:
+                counted[row, len(lead) : len(lead) + c] = False
+        if tail:  # each row's last real token
+            counted[torch.arange(len(rows), device=device), mask.sum(dim=1) - 1] = False
         return Batch(ids, mask, counted, win_ids, torch.tensor(doc_of_row, device=device), len(slots), slots)
 
     rows_pending = 0
     for slot in order:
-        n_win = math.ceil(len(corpus.tokens[slot]) / corpus.chunk)
-        w = min(len(corpus.tokens[slot]), corpus.chunk) + len(lead)
+        n_win = corpus.n_windows(slot)
+        w = min(len(corpus.tokens[slot]), corpus.chunk) + len(lead) + len(tail)
         new_width = max(width, w)
         if pending and (rows_pending + n_win) * new_width > batch_tokens:
             yield make(pending)
@@ -171,6 +267,27 @@ def capture_coefficients(
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(i)) for i, m in enumerate(value_projs)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capture_outputs(
+    modules: Sequence[nn.Module], on_layer: Callable[[int, torch.Tensor], None], shape: list[int]
+) -> Iterator[None]:
+    """Call ``on_layer(layer, output [batch, pos, d_mlp])`` with each module's forward output
+    (the key projections: their output is the pre-activation, bias included)."""
+
+    def hook_for(layer: int) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
+        def hook(_module: nn.Module, _args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            on_layer(layer, out.detach().reshape(shape[0], shape[1], -1))
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
     try:
         yield
     finally:
@@ -280,6 +397,82 @@ class RunningStats:
                 "max": self.maximum}
 
 
+# |coefficient| histogram: log-spaced bins from ABS_LO to ABS_HI (bin 0 holds |c| < ABS_LO, the
+# last bin |c| >= ABS_HI). ABS_BINS bins over 10 decades: each spans a factor 10^(1/32) = 1.075,
+# so a quantile read off it (geometric interpolation inside its bin) is within 7.5% of the exact one.
+ABS_LO, ABS_HI, ABS_BINS = 1e-6, 1e4, 320
+
+
+@dataclass
+class FiringStats:
+    """Per neuron over every counted position: how often the key's pre-activation is positive (the
+    gate is open: gate.x > 0 for gated MLPs, x.k + b > 0 otherwise) and a histogram of |coefficient|.
+    Both are plain counts, so shards merge by addition."""
+
+    gate_open: torch.Tensor  # [d_mlp] float64
+    abs_hist: torch.Tensor  # [d_mlp, ABS_BINS + 2] int64
+    count: int = 0
+
+    @classmethod
+    def empty(cls, d_mlp: int, device: torch.device) -> FiringStats:
+        return cls(torch.zeros(d_mlp, dtype=torch.float64, device=device),
+                   torch.zeros((d_mlp, ABS_BINS + 2), dtype=torch.long, device=device))
+
+    def add_preactivation(self, pre: torch.Tensor, counted: torch.Tensor) -> None:
+        """pre [batch, pos, d_mlp] key pre-activations."""
+        m = counted.reshape(1, -1).to(pre.dtype)
+        self.gate_open += (m @ (pre.reshape(-1, pre.shape[-1]) > 0).to(pre.dtype)).squeeze(0).double()
+
+    def add_coefficients(self, coeffs: torch.Tensor, counted: torch.Tensor) -> None:
+        flat = coeffs.reshape(-1, coeffs.shape[-1])[counted.reshape(-1)]  # [n, d_mlp]
+        self.count += int(flat.shape[0])
+        self.abs_hist += abs_histogram(flat)
+
+    def merge(self, other: FiringStats) -> FiringStats:
+        return FiringStats(self.gate_open + other.gate_open, self.abs_hist + other.abs_hist, self.count + other.count)
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        n = max(self.count, 1)
+        out = {"gate_open_fraction": self.gate_open / n}
+        for q in (50, 90, 99):
+            out[f"abs_p{q}"] = histogram_quantile(self.abs_hist, q / 100)
+        return out
+
+
+def abs_bin(x: torch.Tensor) -> torch.Tensor:
+    """Histogram bin of each |x| (see ABS_LO / ABS_HI / ABS_BINS)."""
+    step = (math.log(ABS_HI) - math.log(ABS_LO)) / ABS_BINS
+    a = x.abs().float().clamp(min=ABS_LO * 0.5)  # log of 0 is -inf; anything below ABS_LO lands in bin 0
+    idx = torch.floor((a.log() - math.log(ABS_LO)) / step).long() + 1
+    return idx.clamp(0, ABS_BINS + 1)
+
+
+def abs_histogram(flat: torch.Tensor) -> torch.Tensor:
+    """[n, d_mlp] coefficients -> [d_mlp, ABS_BINS + 2] counts."""
+    width = ABS_BINS + 2
+    d = flat.shape[1]
+    idx = abs_bin(flat) + torch.arange(d, device=flat.device) * width
+    return torch.bincount(idx.reshape(-1), minlength=d * width).view(d, width)
+
+
+def histogram_quantile(hist: torch.Tensor, q: float) -> torch.Tensor:
+    """The q-quantile of |coefficient| per neuron from its histogram, geometric inside the bin
+    (0 inside bin 0, ABS_HI for the overflow bin); NaN for an empty row."""
+    h = hist.double()
+    n = h.sum(dim=1, keepdim=True)
+    cum = h.cumsum(dim=1)
+    target = q * n
+    b = torch.searchsorted(cum.contiguous(), target.contiguous()).clamp(max=h.shape[1] - 1)  # first cum >= target
+    before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target))
+    inside = h.gather(1, b)
+    frac = torch.where(inside > 0, (target - before) / inside, torch.zeros_like(target)).clamp(0, 1)
+    step = (math.log(ABS_HI) - math.log(ABS_LO)) / ABS_BINS
+    lo = math.log(ABS_LO) + (b.double() - 1) * step
+    value = torch.exp(lo + frac * step)
+    value = torch.where(b == 0, torch.zeros_like(value), torch.where(b == h.shape[1] - 1, ABS_HI, value))
+    return torch.where(n > 0, value, torch.full_like(value, math.nan)).squeeze(1)
+
+
 def row_extremes(coeffs: torch.Tensor, counted: torch.Tensor, *, lowest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row and neuron: the extreme counted coefficient and its first position, [batch, d_mlp] each."""
     fill = math.inf if lowest else -math.inf
@@ -301,6 +494,8 @@ def batch_candidates(
     prev_idx = at - 1  # BOS (index 0) when the trigger is the window's first token
     prev = coeffs.gather(1, prev_idx.clamp(min=0).unsqueeze(1)).squeeze(1)
     prev = torch.where(prev_idx >= 0, prev, torch.full_like(prev, math.nan))
+    if not corpus.causal:  # an encoder's neighbour saw the trigger too: it is no prefix without it
+        prev = torch.full_like(prev, math.nan)
     best = best * sign
     starts = torch.tensor([corpus.windows[w].start for w in batch.windows], device=coeffs.device)
     pos = at - lead + starts.unsqueeze(1)  # position in the document
@@ -328,6 +523,7 @@ class PassResult:
     """Per layer: statistics and top-N states (signs +1 and, for gated models, -1)."""
 
     stats: list[RunningStats]
+    firing: list[FiringStats]
     top: list[TopState]
     bottom: list[TopState] | None
     tokens: int = 0
@@ -344,6 +540,7 @@ def corpus_pass(
     gated: bool,
     batch_tokens: int,
     pad: int,
+    key_projs: Sequence[nn.Module] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> PassResult:
     """Run the model once over the corpus and fold every layer's coefficients into top-N and stats."""
@@ -354,6 +551,7 @@ def corpus_pass(
     n_layers = len(value_projs)
     lead = 1 if corpus.bos is not None else 0
     stats = [RunningStats.empty(d_mlp, device) for _ in range(n_layers)]
+    firing = [FiringStats.empty(d_mlp, device) for _ in range(n_layers)]
     top = [TopState.empty(d_mlp, top_n, device) for _ in range(n_layers)]
     bottom = [TopState.empty(d_mlp, top_n, device) for _ in range(n_layers)] if gated else None
     shape = [0, 0]
@@ -364,15 +562,20 @@ def corpus_pass(
         batch = current[0]
         best, at = row_extremes(coeffs, batch.counted)
         stats[layer].update(coeffs, batch.counted, best)
+        firing[layer].add_coefficients(coeffs, batch.counted)
         top[layer] = top[layer].merge(batch_candidates(coeffs, best, at, batch, corpus, lead))
         if bottom is not None:
             low, low_at = row_extremes(coeffs, batch.counted, lowest=True)
             bottom[layer] = bottom[layer].merge(batch_candidates(coeffs, low, low_at, batch, corpus, lead, sign=-1))
 
+    def on_preactivation(layer: int, pre: torch.Tensor) -> None:
+        firing[layer].add_preactivation(pre.float(), current[0].counted)
+
     t0 = time.perf_counter()
     tokens = 0
     body = backbone(model)
-    with torch.inference_mode(), capture_coefficients(value_projs, on_layer, shape):
+    with torch.inference_mode(), capture_coefficients(value_projs, on_layer, shape), \
+            capture_outputs(key_projs or [], on_preactivation, shape):
         for batch in batches(corpus, batch_tokens=batch_tokens, pad=pad, device=device):
             shape[:] = list(batch.input_ids.shape)
             current[:] = [batch]
@@ -382,7 +585,7 @@ def corpus_pass(
                 progress(batch.n_tokens)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return PassResult(stats, top, bottom, tokens, time.perf_counter() - t0)
+    return PassResult(stats, firing, top, bottom, tokens, time.perf_counter() - t0)
 
 
 def backbone(model: nn.Module) -> nn.Module:

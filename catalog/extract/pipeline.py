@@ -16,8 +16,11 @@ from typing import Any
 import torch
 
 from catalog.extract import ablation as abl
+from catalog.extract import labels as lab
 from catalog.extract.architectures import MlpView
+from catalog.extract.baselines import Baselines, agreement_figures, negative_trigger_share
 from catalog.extract.corpus_pass import TokenisedCorpus, TopState, corpus_pass
+from catalog.extract.encoder import agreement_targets, texts_after
 from catalog.extract.weights import (
     NeuronWeights,
     TokenProjection,
@@ -37,15 +40,22 @@ class Parameters:
     batch_tokens: int = 4096
     value_top: int = 30
     value_bottom: int = 10
-    ablation_seed: int = 0
-    shallow_last_drop: float = 0.5
-    semantic_other_drop: float = 0.25
+    ablation_seed: int = 0  # also seeds the shuffled-value baseline and the label bootstrap
+    label_min_prefix: int = 4
+    label_min_triggers: int = 5
+    label_quantile: float = 0.5
+    label_bootstrap: int = 200
+    # BOS read before each window: "auto" (the tokenizer's own, see corpus_pass.choose_bos), "none",
+    # or a token's text
+    bos: str = "auto"
 
 
 @dataclass
 class CorpusAnalysis:
     corpus: TokenisedCorpus
     stats: list[dict[str, torch.Tensor]]  # per layer: mean, std, positive_fraction, max
+    firing: list[dict[str, torch.Tensor]]  # per layer: gate_open_fraction, abs_p50/p90/p99
+    token_counts: torch.Tensor  # [vocab] occurrences of each token among the counted corpus tokens
     top: list[TopState]
     bottom: list[TopState] | None
     prefixes: abl.PrefixTable
@@ -53,8 +63,17 @@ class CorpusAnalysis:
     prefix_token: torch.Tensor  # [P] the trigger token
     prefix_next: torch.Tensor  # [P] the next token in the document, -1 at its end
     ablated: dict[str, list[torch.Tensor]]  # kind -> per layer [d_mlp, N] coefficients
+    labels: list[lab.LayerLabels] | None = None  # per layer; None without ablations
+    label_rule: dict[str, Any] | None = None  # the rule as applied, thresholds included
+    prefix_text_after: list[str] | None = None  # encoders: [P] the window's text after the trigger
     timings: dict[str, float] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def agreement_targets(self) -> torch.Tensor:
+        """[P] the token a trigger's value is compared with: the next one, or for an encoder the
+        trigger token itself (-1: none)."""
+        return agreement_targets(self.prefix_token, self.prefix_next, causal=self.corpus.causal)
 
 
 def analyse_corpus(
@@ -74,31 +93,50 @@ def analyse_corpus(
     t0 = time.perf_counter()
     result = corpus_pass(
         model, value_projs, corpus, top_n=params.top_n, gated=view.gated,
-        batch_tokens=params.batch_tokens, pad=pad, progress=tick("corpus pass", corpus.n_tokens),
+        batch_tokens=params.batch_tokens, pad=pad, key_projs=view.key_projs(),
+        progress=tick("corpus pass", corpus.n_tokens),
     )
     t1 = time.perf_counter()
     table = abl.prefix_table(corpus, result.top, result.bottom)
     texts = abl.prefix_texts(corpus, table, tokenizer)
     top_ids = table.top_ids
-    ablated: dict[str, list[torch.Tensor]] = {
-        "last": [t.previous.cpu() for t in result.top],
-    }
-    # A single-token prefix has no 'without last' either (the corpus pass read BOS there).
-    single = table.positions % corpus.chunk == 0  # the trigger is its window's first token
-    for layer, ids in enumerate(top_ids):
-        one_token = torch.where(ids >= 0, single[ids.clamp(min=0)], True)
-        ablated["last"][layer] = torch.where(one_token, math.nan, ablated["last"][layer])
-    jobs = abl.ablation_jobs(corpus, table, torch.cat([i.flatten() for i in top_ids]), seed=params.ablation_seed)
-    for kind in ("first", "random"):
-        job = jobs[kind]
-        ablated[kind] = abl.run_ablation(
-            model, value_projs, job, top_ids, n_prefixes=len(table), bos=corpus.bos, pad=pad,
-            batch_tokens=params.batch_tokens, progress=tick(f"ablation ({kind})", sum(len(r) for r in job.rows)),
-        )
+    lengths = corpus.prefix_lengths(table.slots, table.positions)  # tokens read up to each trigger
+    ablated: dict[str, list[torch.Tensor]] = {}
+    jobs: dict[str, abl.AblationJob] = {}
+    if corpus.causal:  # an encoder's triggers are positions in context: no prefix ablations (encoder.py)
+        ablated["last"] = [t.previous.cpu() for t in result.top]
+        # A single-token prefix has no 'without last' either (the corpus pass read BOS there).
+        single = lengths == 1  # the trigger is its window's first token
+        for layer, ids in enumerate(top_ids):
+            one_token = torch.where(ids >= 0, single[ids.clamp(min=0)], True)
+            ablated["last"][layer] = torch.where(one_token, math.nan, ablated["last"][layer])
+        jobs = abl.ablation_jobs(corpus, table, torch.cat([i.flatten() for i in top_ids]), seed=params.ablation_seed)
+        for kind in ("first", "random"):
+            job = jobs[kind]
+            ablated[kind] = abl.run_ablation(
+                model, value_projs, job, top_ids, n_prefixes=len(table), bos=corpus.bos, pad=pad,
+                batch_tokens=params.batch_tokens, progress=tick(f"ablation ({kind})", sum(len(r) for r in job.rows)),
+            )
     t2 = time.perf_counter()
+    rule = lab.LabelRule(min_prefix=params.label_min_prefix, min_triggers=params.label_min_triggers,
+                         quantile=params.label_quantile, bootstrap=params.label_bootstrap, seed=params.ablation_seed)
+    layer_labels: list[lab.LayerLabels] | None = None
+    applied: dict[str, Any] | None = None
+    if "random" in ablated:  # encoders have no prefix ablations, hence no label
+        per_layer = []
+        for layer, ids in enumerate(top_ids):
+            a = torch.where(ids >= 0, result.top[layer].values.cpu(), math.nan)
+            n_tok = torch.where(ids >= 0, lengths[ids.clamp(min=0)], 0)
+            per_layer.append((a, ablated["last"][layer], ablated["random"][layer], n_tok))
+        layer_labels, applied = lab.label_layers(per_layer, rule)
+    vocab = int(view.unembedding().shape[0])
+    counts = torch.bincount(torch.tensor([t for toks in corpus.tokens for t in toks], dtype=torch.long),
+                            minlength=vocab)[:vocab]
     return CorpusAnalysis(
         corpus=corpus,
         stats=[s.summary() for s in result.stats],
+        firing=[f.summary() for f in result.firing],
+        token_counts=counts,
         top=result.top,
         bottom=result.bottom,
         prefixes=table,
@@ -106,11 +144,15 @@ def analyse_corpus(
         prefix_token=abl.token_at(corpus, table, 0),
         prefix_next=abl.token_at(corpus, table, 1),
         ablated=ablated,
-        timings={"corpus_pass": t1 - t0, "ablation": t2 - t1},
+        labels=layer_labels,
+        label_rule=applied,
+        prefix_text_after=None if corpus.causal else texts_after(corpus, table, tokenizer),
+        timings={"corpus_pass": t1 - t0, "ablation": t2 - t1, "labels": time.perf_counter() - t2},
         counts={
             "tokens": result.tokens,
             "documents": len(corpus.tokens),
             "windows": len(corpus.windows),
+            "window_overlap": corpus.overlap,
             "truncated_documents": corpus.truncated_documents,
             "prefixes": len(table),
             "ablation_tokens": sum(len(r) for j in jobs.values() for r in j.rows),
@@ -127,12 +169,16 @@ class LayerRecord:
     values: torch.Tensor
     ups: torch.Tensor | None
     projection: TokenProjection
+    projection_folded: TokenProjection | None = None  # the final norm's gain folded into E
     seconds: dict[str, float] = field(default_factory=dict)  # compute time by stage
     # corpus figures; None for a weight-only run
     activation: dict[str, torch.Tensor] | None = None
-    agreement: abl.Agreement | None = None
+    agreement: Baselines | None = None
     ablation: dict[str, torch.Tensor] | None = None  # kind -> [d_mlp] mean relative change
     labels: list[str | None] | None = None
+    label: lab.LayerLabels | None = None  # the label rule's inputs and confidence
+    firing: dict[str, torch.Tensor] | None = None  # gate_open_fraction, abs_p50/p90/p99
+    negative_share: torch.Tensor | None = None  # gated models
     top: TopState | None = None
     bottom: TopState | None = None
     top_ablated: dict[str, torch.Tensor] | None = None  # kind -> [d_mlp, N] coefficients
@@ -148,6 +194,8 @@ def layer_records(
     progress: Progress | None = None,
 ) -> Iterator[LayerRecord]:
     unembedding = view.unembedding().detach()
+    gain = view.final_norm_gain()
+    folded_e = unembedding if gain is None else unembedding * gain.to(unembedding.dtype)
     for layer in range(view.n_layers):
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -159,13 +207,17 @@ def layer_records(
             t1 = time.perf_counter()
             logits = value_logits(w.values, unembedding)
             projection = _cpu(project_values(logits, params.value_top, params.value_bottom))
+            folded = logits if gain is None else value_logits(w.values, folded_e)
+            projection_folded = projection if gain is None else _cpu(
+                project_values(folded, params.value_top, params.value_bottom))
             t2 = time.perf_counter()
             record = LayerRecord(
                 layer=layer, stats=stats, weights=n, keys=keys, values=values, ups=ups, projection=projection,
+                projection_folded=projection_folded,
                 seconds={"weight_statistics": t1 - t0, "token_projections": t2 - t1},
             )
             if analysis is not None:
-                _add_corpus_figures(record, logits, analysis, params)
+                _add_corpus_figures(record, logits, folded, analysis, params)
                 record.seconds["corpus_figures"] = time.perf_counter() - t2
         if progress is not None:
             progress("weights and projections", 1, view.n_layers)
@@ -176,29 +228,55 @@ def _cpu(p: TokenProjection) -> TokenProjection:
     return TokenProjection(p.top_ids.cpu(), p.top_logits.cpu(), p.bottom_ids.cpu(), p.bottom_logits.cpu())
 
 
-def _add_corpus_figures(record: LayerRecord, logits: torch.Tensor, a: CorpusAnalysis, params: Parameters) -> None:
+def _median(x: torch.Tensor) -> float | None:
+    x = x[~x.isnan()]
+    return None if x.numel() == 0 else float(torch.quantile(x.double(), 0.5))
+
+
+def _add_corpus_figures(record: LayerRecord, logits: torch.Tensor, folded: torch.Tensor, a: CorpusAnalysis,
+                        params: Parameters) -> None:
     layer = record.layer
     top = a.top[layer]
     ids = a.prefixes.top_ids[layer]
-    next_ids = torch.where(ids >= 0, a.prefix_next[ids.clamp(min=0)], -1)
-    record.agreement = abl.agreement(logits.cpu(), next_ids)
+    next_ids = torch.where(ids >= 0, a.agreement_targets[ids.clamp(min=0)], -1)
+    negative_next = None
+    if a.bottom is not None and a.prefixes.bottom_ids is not None:
+        b_ids = a.prefixes.bottom_ids[layer]
+        negative_next = torch.where(b_ids >= 0, a.agreement_targets[b_ids.clamp(min=0)], -1)
+    base = agreement_figures(logits.cpu(), next_ids, a.token_counts, seed=params.ablation_seed, layer=layer,
+                             folded_logits=folded.cpu(), negative_next=negative_next)
+    record.agreement = base
     values = top.values.cpu()
     values = torch.where(ids >= 0, values, math.nan)
-    changes = {k: abl.relative_change(values, a.ablated[k][layer]) for k in abl.ABLATIONS}
+    changes = {k: abl.relative_change(values, a.ablated[k][layer]) for k in abl.ABLATIONS if k in a.ablated}
     means = {k: abl.nanmean_rows(c) for k, c in changes.items()}
     record.ablation = means
-    record.labels = abl.suggested_labels(
-        -means["last"], -means["first"], -means["random"],
-        shallow=params.shallow_last_drop, semantic=params.semantic_other_drop,
-    )
+    if a.labels is not None:
+        record.label = a.labels[layer]
+        record.labels = record.label.labels
     record.activation = {k: v.cpu() for k, v in a.stats[layer].items()}
+    record.firing = {k: v.cpu() for k, v in a.firing[layer].items()}
     record.top = top
     record.bottom = a.bottom[layer] if a.bottom is not None else None
-    record.top_ablated = {k: a.ablated[k][layer] for k in abl.ABLATIONS}
+    if record.bottom is not None:
+        record.negative_share = negative_trigger_share(top.values.cpu(), record.bottom.values.cpu())
+    record.top_ablated = {k: a.ablated[k][layer] for k in abl.ABLATIONS if k in a.ablated}
+    lab_inputs = record.label.inputs if record.label is not None else None
+    assert base.percentiles is not None and base.percentiles_shuffled is not None
     record.stats.update(
-        mean_agreement=_nanmean(record.agreement.agreement),
+        mean_agreement=_nanmean(base.agreement),
         # per layer: the mean over triggers of all its neurons (seed 001's figures)
-        mean_ablation_last=_nanmean(changes["last"]),
-        mean_ablation_first=_nanmean(changes["first"]),
-        mean_ablation_random=_nanmean(changes["random"]),
+        mean_ablation_last=_nanmean(changes["last"]) if "last" in changes else None,
+        mean_ablation_first=_nanmean(changes["first"]) if "first" in changes else None,
+        mean_ablation_random=_nanmean(changes["random"]) if "random" in changes else None,
+        # baselines: means over neurons; rank percentiles: medians over every trigger of the layer
+        mean_agreement_shuffled=_nanmean(base.shuffled) if base.shuffled is not None else None,
+        mean_agreement_folded=_nanmean(base.folded) if base.folded is not None else None,
+        agreement_top1_rate=_nanmean(base.top1) if base.top1 is not None else None,
+        mean_agreement_negative=_nanmean(base.negative) if base.negative is not None else None,
+        mean_top_token_frequency=_nanmean(base.top_token_frequency) if base.top_token_frequency is not None else None,
+        median_rank_percentile=_median(base.percentiles),
+        median_rank_percentile_shuffled=_median(base.percentiles_shuffled),
+        median_label_contrast=_median(lab_inputs.contrast) if lab_inputs is not None else None,
+        median_label_context=_median(lab_inputs.context) if lab_inputs is not None else None,
     )

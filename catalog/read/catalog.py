@@ -33,6 +33,9 @@ LAYER_FIELDS = (
     "mean_bias", "mean_alignment", "corr_bias_key_norm", "corr_bias_value_norm", "corr_bias_alignment",
     "bias_alignment_slope", "bias_alignment_intercept", "key_cosine_mean", "value_cosine_mean",
     "mean_agreement", "mean_ablation_last", "mean_ablation_first", "mean_ablation_random",
+    "mean_agreement_shuffled", "mean_agreement_folded", "agreement_top1_rate", "mean_agreement_negative",
+    "mean_top_token_frequency", "median_rank_percentile", "median_rank_percentile_shuffled",
+    "median_label_contrast", "median_label_context",
 )
 NO_SCHEMA = "the database has no catalog yet (no schema): run `neuron-catalog extract` first"
 
@@ -125,15 +128,15 @@ def records(
     for layer in only_layers:
         only = (lambda col: col.in_(neurons)) if neurons is not None else (lambda col: true())
         top_rows = session.execute(
-            select(ValueToken.neuron, ValueToken.kind, ValueToken.token_id, ValueToken.logit)
+            select(ValueToken.neuron, ValueToken.convention, ValueToken.kind, ValueToken.token_id, ValueToken.logit)
             .where(ValueToken.run_id == rid, ValueToken.layer == layer, only(ValueToken.neuron))
-            .order_by(ValueToken.neuron, ValueToken.kind, ValueToken.rank)
+            .order_by(ValueToken.neuron, ValueToken.convention, ValueToken.kind, ValueToken.rank)
         ).tuples().all()
         trigger_rows = session.execute(
             select(
                 Trigger.neuron, Trigger.sign, Trigger.document, Trigger.position, Trigger.coefficient,
                 Trigger.coefficient_without_last, Trigger.coefficient_without_first,
-                Trigger.coefficient_without_random, Prefix.text, Prefix.next_token_id,
+                Trigger.coefficient_without_random, Prefix.text, Prefix.next_token_id, Prefix.text_after,
             )
             .join(Prefix, (Prefix.run_id == Trigger.run_id) & (Prefix.document == Trigger.document)
                   & (Prefix.position == Trigger.position))
@@ -142,17 +145,18 @@ def records(
         ).tuples().all()
         names = vocab
         if names is None:
-            wanted = {r[2] for r in top_rows} | {r[9] for r in trigger_rows if r[9] is not None}
+            wanted = {r[3] for r in top_rows} | {r[9] for r in trigger_rows if r[9] is not None}
             names = dict(session.execute(
                 select(Token.token_id, Token.text).where(Token.run_id == rid, Token.token_id.in_(wanted))
             ).tuples().all())
-        tokens: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: {"top": [], "bottom": []})
-        for n, kind, tid, logit in top_rows:
-            tokens[n][kind].append({"token_id": tid, "token": names.get(tid), "logit": logit})
+        tokens: dict[int, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+        for n, convention, kind, tid, logit in top_rows:
+            tokens[n][f"{kind}_{convention}"].append({"token_id": tid, "token": names.get(tid), "logit": logit})
         triggers: dict[int, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: {1: [], -1: []})
-        for n, sign, doc, pos, coef, wl, wf, wr, txt, nxt in trigger_rows:
+        for n, sign, doc, pos, coef, wl, wf, wr, txt, nxt, after in trigger_rows:
             item: dict[str, Any] = {"document": doc, "position": pos, "text": txt, "activation": coef,
-                                    "next_token_id": nxt, "next_token": names.get(nxt) if nxt is not None else None}
+                                    "next_token_id": nxt, "next_token": names.get(nxt) if nxt is not None else None,
+                                    "text_after": after}
             if sign > 0:
                 item.update(without_last=clean(wl), without_first=clean(wf), without_random=clean(wr))
             triggers[n][sign].append(item)
@@ -167,9 +171,13 @@ def records(
             rec.update({f: clean(v) for f, v in zip(NEURON_FIELDS, row[1 : 1 + len(NEURON_FIELDS)], strict=True)})
             positive = triggers[n][1]
             # agreement and next_token_mean_rank are computed over the triggers that have a next token
-            rec["agreement_triggers"] = sum(1 for t in positive if t["next_token_id"] is not None)
-            rec["value_top_tokens"] = tokens[n]["top"]
-            rec["value_bottom_tokens"] = tokens[n]["bottom"]
+            # an encoder's triggers are scored against their own token: every trigger counts
+            rec["agreement_triggers"] = (sum(1 for t in positive if t["next_token_id"] is not None)
+                                         if entry.causal else len(positive))
+            rec["value_top_tokens"] = tokens[n]["top_raw"]
+            rec["value_bottom_tokens"] = tokens[n]["bottom_raw"]
+            rec["value_top_tokens_folded"] = tokens[n]["top_folded"]
+            rec["value_bottom_tokens_folded"] = tokens[n]["bottom_folded"]
             rec["triggers"] = positive
             if entry.gated:
                 rec["negative_triggers"] = triggers[n][-1]
@@ -202,7 +210,8 @@ def _triggers_json(sign: int, ablations: bool) -> str:
         if ablations else ", 'without_last', NULL, 'without_first', NULL, 'without_random', NULL"
     return f"""coalesce((
         SELECT json_agg(json_build_object('document', t.document, 'position', t.position, 'text', p.text,
-                        'activation', t.coefficient, 'next_token_id', p.next_token_id, 'next_token', nt.text{extra})
+                        'activation', t.coefficient, 'next_token_id', p.next_token_id, 'next_token', nt.text,
+                        'text_after', p.text_after{extra})
                         ORDER BY t.rank)
         FROM triggers t
         JOIN prefixes p ON p.run_id = t.run_id AND p.document = t.document AND p.position = t.position
@@ -210,11 +219,12 @@ def _triggers_json(sign: int, ablations: bool) -> str:
         WHERE t.run_id = n.run_id AND t.layer = n.layer AND t.neuron = n.neuron AND t.sign = {sign}), '[]')"""
 
 
-def _tokens_json(kind: str) -> str:
+def _tokens_json(kind: str, convention: str = "raw") -> str:
     return f"""coalesce((
         SELECT json_agg(json_build_object('token_id', vt.token_id, 'token', tk.text, 'logit', vt.logit) ORDER BY vt.rank)
         FROM value_tokens vt LEFT JOIN tokens tk ON tk.run_id = vt.run_id AND tk.token_id = vt.token_id
-        WHERE vt.run_id = n.run_id AND vt.layer = n.layer AND vt.neuron = n.neuron AND vt.kind = '{kind}'), '[]')"""
+        WHERE vt.run_id = n.run_id AND vt.layer = n.layer AND vt.neuron = n.neuron AND vt.kind = '{kind}'
+              AND vt.convention = '{convention}'), '[]')"""
 
 
 # The record of one neuron (NeuronRecord's fields, vectors null) built by Postgres as JSON text in one
@@ -226,8 +236,10 @@ SELECT json_build_object(
     'agreement_triggers', (SELECT count(*) FROM triggers t JOIN prefixes p ON p.run_id = t.run_id
                            AND p.document = t.document AND p.position = t.position
                            WHERE t.run_id = n.run_id AND t.layer = n.layer AND t.neuron = n.neuron AND t.sign = 1
-                           AND p.next_token_id IS NOT NULL),
+                           AND (p.next_token_id IS NOT NULL OR NOT CAST(:causal AS boolean))),
     'value_top_tokens', {_tokens_json("top")}, 'value_bottom_tokens', {_tokens_json("bottom")},
+    'value_top_tokens_folded', {_tokens_json("top", "folded")},
+    'value_bottom_tokens_folded', {_tokens_json("bottom", "folded")},
     'triggers', {_triggers_json(1, True)},
     'negative_triggers', CASE WHEN CAST(:gated AS boolean) THEN {_triggers_json(-1, False)} END,
     'key_vector', NULL, 'value_vector', NULL, 'up_vector', NULL)::text
@@ -241,7 +253,8 @@ def neuron_record_json(session: Session, name: str, layer: int, neuron: int) -> 
     if not 0 <= layer < entry.n_layers or not 0 <= neuron < entry.d_mlp:
         raise NotFound(f"catalog {name!r} has no neuron {layer}/{neuron} "
                        f"(layers 0-{entry.n_layers - 1}, neurons 0-{entry.d_mlp - 1})")
-    found = session.execute(_RECORD_JSON_SQL, {"name": name, "gated": entry.gated, "run": run.id, "layer": layer,
+    found = session.execute(_RECORD_JSON_SQL, {"name": name, "gated": entry.gated, "causal": entry.causal,
+                                               "run": run.id, "layer": layer,
                                                "neuron": neuron}).scalar()
     if found is None:
         raise NotFound(f"catalog {name!r} has no neuron {layer}/{neuron}")

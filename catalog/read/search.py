@@ -46,6 +46,7 @@ from catalog.store.models import (
     HUMAN_LABELS,
     LABELS,
     NEURON_STATS,
+    PROJECTIONS,
     TEXT_SEARCH_CONFIG,
     Annotation,
     Annotator,
@@ -82,6 +83,8 @@ class SearchQuery:
     q: str | None = None
     token: str | None = None
     token_rank: int = 30
+    # which value projection the token filter and the summaries' top tokens use (models.PROJECTIONS)
+    projection: str = "raw"
     trigger_token: str | None = None
     next_token: str | None = None
     # annotations (part 4): any annotator's current label; annotated by anyone or nobody; by this annotator
@@ -239,7 +242,8 @@ def _conditions(session: Session, run_id: int, n_layers: int, value_top: int, vo
         # (run, token, rank) index instead of merging with every neuron in order.
         joins.append(
             select(VT.c.layer, VT.c.neuron).distinct()
-            .where(VT.c.run_id == run_id, VT.c.kind == "top", VT.c.rank < query.token_rank,
+            .where(VT.c.run_id == run_id, VT.c.kind == "top", VT.c.convention == query.projection,
+                   VT.c.rank < query.token_rank,
                    VT.c.token_id.in_(tok.token_ids))
             .subquery("promoting")
         )
@@ -305,7 +309,7 @@ _TOP_TOKENS_SQL = text(f"""
 SELECT vt.layer, vt.neuron, vt.token_id, vt.logit, t.text
 FROM unnest(CAST(:layers AS smallint[]), CAST(:neurons AS int[])) AS k(layer, neuron)
 JOIN value_tokens vt ON vt.run_id = :run AND vt.layer = k.layer AND vt.neuron = k.neuron
-                    AND vt.kind = 'top' AND vt.rank < {SUMMARY_TOKENS}
+                    AND vt.kind = 'top' AND vt.convention = :conv AND vt.rank < {SUMMARY_TOKENS}
 JOIN tokens t ON t.run_id = vt.run_id AND t.token_id = vt.token_id
 ORDER BY vt.layer, vt.neuron, vt.rank
 """)
@@ -318,11 +322,11 @@ LEFT JOIN tokens nt ON nt.run_id = p.run_id AND nt.token_id = p.next_token_id
 """)
 
 
-def _summaries(session: Session, run_id: int, rows: list[Any]) -> list[NeuronSummary]:
+def _summaries(session: Session, run_id: int, rows: list[Any], projection: str = "raw") -> list[NeuronSummary]:
     """The page's neurons with their five top tokens and strongest trigger (two queries for the page)."""
     if not rows:
         return []
-    keys = {"run": run_id, "layers": [r.layer for r in rows], "neurons": [r.neuron for r in rows]}
+    keys = {"run": run_id, "layers": [r.layer for r in rows], "neurons": [r.neuron for r in rows], "conv": projection}
     tokens: dict[tuple[int, int], list[TokenLogit]] = {(r.layer, r.neuron): [] for r in rows}
     for layer, neuron, tid, logit, txt in session.execute(_TOP_TOKENS_SQL, keys).tuples():
         tokens[(layer, neuron)].append(TokenLogit(token_id=tid, token=txt, logit=logit))
@@ -345,6 +349,8 @@ def _page(session: Session, name: str, query: SearchQuery) -> tuple[int, list[An
     if not 1 <= query.limit <= MAX_LIMIT:
         raise InvalidParameter(f"limit: must be 1-{MAX_LIMIT}")
     order = _order(query.sort)
+    if query.projection not in PROJECTIONS:
+        raise InvalidParameter(f"projection: one of {', '.join(PROJECTIONS)}")
     fingerprint = hashlib.sha256(f"{name}\n{query.fingerprint()}".encode()).hexdigest()[:16]
     after = decode_cursor(query.cursor, run.id, fingerprint) if query.cursor else None
     value_top = int((run.parameters or {}).get("value_top", 30))
@@ -365,7 +371,7 @@ def _page(session: Session, name: str, query: SearchQuery) -> tuple[int, list[An
 def search(session: Session, name: str, query: SearchQuery) -> SearchPage:
     """One page of the neurons of ``name``'s current run that pass every filter of ``query``."""
     run_id, rows, next_cursor, resolved = _page(session, name, query)
-    return SearchPage(items=_summaries(session, run_id, rows), next_cursor=next_cursor, resolved_tokens=resolved)
+    return SearchPage(items=_summaries(session, run_id, rows, query.projection), next_cursor=next_cursor, resolved_tokens=resolved)
 
 
 def _num(column: str) -> str:
@@ -382,7 +388,7 @@ SELECT coalesce(json_agg(json_build_object(
         SELECT json_agg(json_build_object('token_id', vt.token_id, 'token', t.text, 'logit', vt.logit) ORDER BY vt.rank)
         FROM value_tokens vt JOIN tokens t ON t.run_id = vt.run_id AND t.token_id = vt.token_id
         WHERE vt.run_id = n.run_id AND vt.layer = n.layer AND vt.neuron = n.neuron AND vt.kind = 'top'
-          AND vt.rank < {SUMMARY_TOKENS}), '[]'),
+          AND vt.convention = :conv AND vt.rank < {SUMMARY_TOKENS}), '[]'),
     'top_trigger', (
         SELECT json_build_object('text', p.text, 'activation', tr.coefficient, 'next_token', nt.text)
         FROM triggers tr
@@ -401,7 +407,8 @@ def search_json(session: Session, name: str, query: SearchQuery) -> str:
     items = "[]"
     if rows:
         items = str(session.execute(_SUMMARIES_JSON_SQL, {"run": run_id, "layers": [r.layer for r in rows],
-                                                          "neurons": [r.neuron for r in rows]}).scalar())
+                                                          "neurons": [r.neuron for r in rows],
+                                                          "conv": query.projection}).scalar())
     tokens = json.dumps({k: v.model_dump() for k, v in resolved.items()})
     return f'{{"items": {items}, "next_cursor": {json.dumps(next_cursor)}, "resolved_tokens": {tokens}}}'
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -18,7 +19,7 @@ from catalog.read.catalog import require_run
 from catalog.read.errors import InvalidParameter, NotFound, Unsupported
 from catalog.read.schemas import RankedNeuron, SimilarNeuron, SimilarPage, TokenRanking
 from catalog.read.tokens import resolve_token
-from catalog.store.models import CatalogModel
+from catalog.store.models import PROJECTIONS, CatalogModel
 from catalog.store.search_index import MAX_HNSW_DIM, vector_expression
 
 MAX_K = 500
@@ -50,11 +51,22 @@ def _ann_settings(session: Session, k: int, filtered: bool, ef_search: int | Non
 
 
 def token_ranking(session: Session, name: str, token: str, *, k: int = 50,
-                  layer_min: int | None = None, layer_max: int | None = None) -> TokenRanking:
-    """The k neurons whose value gives the token the highest logit; a word's forms are merged by max."""
+                  layer_min: int | None = None, layer_max: int | None = None,
+                  projection: str = "raw") -> TokenRanking:
+    """The k neurons whose value gives the token the highest logit; a word's forms are merged by max.
+
+    ``projection='folded'`` scores v_i . (e_t * g) with g the final norm's gain: the same index over
+    value vectors serves both, only the query vector changes.
+    """
     entry, run = require_run(session, name)
     if not 1 <= k <= MAX_K:
         raise InvalidParameter(f"k: must be 1-{MAX_K}")
+    if projection not in PROJECTIONS:
+        raise InvalidParameter(f"projection: one of {', '.join(PROJECTIONS)}")
+    gain = None
+    if projection == "folded" and run.final_norm_gain is not None:
+        gain = np.asarray(run.final_norm_gain.to_list() if hasattr(run.final_norm_gain, "to_list")
+                          else run.final_norm_gain, dtype=np.float64)
     lo, hi = _layer_range(entry, layer_min, layer_max)
     tok = resolve_token(session, run.id, token, vocab_size=entry.vocab_size, param="token")
     rid, dim = int(run.id), int(entry.d_model)
@@ -68,6 +80,8 @@ def token_ranking(session: Session, name: str, token: str, *, k: int = 50,
     use_index = _use_index(entry, lo, hi)
     best: dict[tuple[int, int], RankedNeuron] = {}
     for token_id, e in rows:
+        if gain is not None:
+            e = np.asarray(e.to_list() if hasattr(e, "to_list") else e, dtype=np.float64) * gain
         params: dict[str, Any] = {"e": _vec(e), "lo": lo, "hi": hi, "k": k}
         if use_index:
             _ann_settings(session, k, filtered=(lo, hi) != (0, entry.n_layers - 1),

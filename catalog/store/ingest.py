@@ -86,12 +86,13 @@ class RunWriter:
         rid = self.run_id
         docs, pos = a.prefixes.documents.tolist(), a.prefixes.positions.tolist()
         tok, nxt = a.prefix_token.tolist(), a.prefix_next.tolist()
+        after: list[str | None] = list(a.prefix_text_after) if a.prefix_text_after is not None else [None] * len(docs)
         self._copy_rows(
-            "prefixes", ("run_id", "document", "position", "text", "token_id", "next_token_id"),
-            ("int4", "int8", "int4", "text", "int4", "int4"),
+            "prefixes", ("run_id", "document", "position", "text", "token_id", "next_token_id", "text_after"),
+            ("int4", "int8", "int4", "text", "int4", "int4", "text"),
             (
-                (rid, d, p, clean_text(t), k, x if x >= 0 else None)
-                for d, p, t, k, x in zip(docs, pos, a.prefix_text, tok, nxt, strict=True)
+                (rid, d, p, clean_text(t), k, x if x >= 0 else None, None if r is None else clean_text(r))
+                for d, p, t, k, x, r in zip(docs, pos, a.prefix_text, tok, nxt, after, strict=True)
             ),
         )
 
@@ -157,24 +158,50 @@ class RunWriter:
         for kind in ("last", "first", "random"):
             cols.append(Column(f"ablation_{kind}", "float8", *_np(abl.get(kind), n)))
         cols.append(Column("suggested_label", "label", rec.labels if rec.labels is not None else [None] * n))
+        fire = rec.firing or {}
+        base = rec.agreement
+        lab = rec.label
+        extra: dict[str, torch.Tensor | None] = {
+            "gate_open_fraction": fire.get("gate_open_fraction"),
+            "abs_coefficient_p50": fire.get("abs_p50"),
+            "abs_coefficient_p90": fire.get("abs_p90"),
+            "abs_coefficient_p99": fire.get("abs_p99"),
+            "negative_trigger_share": rec.negative_share,
+            "agreement_shuffled": base.shuffled if base else None,
+            "agreement_folded": base.folded if base else None,
+            "agreement_top1": base.top1 if base else None,
+            "agreement_negative": base.negative if base else None,
+            "next_token_rank_percentile": base.rank_percentile if base else None,
+            "next_token_rank_percentile_shuffled": base.rank_percentile_shuffled if base else None,
+            "top_token_frequency": base.top_token_frequency if base else None,
+            "label_contrast": lab.inputs.contrast if lab else None,
+            "label_context": lab.inputs.context if lab else None,
+            "label_confidence": lab.confidence if lab else None,
+        }
+        cols.extend(Column(name, "float8", *_np(t, n)) for name, t in extra.items())
+        cols.append(Column("label_triggers", "int4", *_np(lab.inputs.triggers if lab else None, n, np.int64)))
         self._copy_binary("neurons", cols)
 
     def _value_tokens(self, rec: LayerRecord) -> None:
-        p = rec.projection
         parts = []
-        for kind, ids, logits in (("top", p.top_ids, p.top_logits), ("bottom", p.bottom_ids, p.bottom_logits)):
-            d, k = ids.shape
-            parts.append((kind, np.repeat(np.arange(d), k), np.tile(np.arange(k), d),
-                          ids.numpy().reshape(-1), logits.double().numpy().reshape(-1)))
-        m = sum(len(x[1]) for x in parts)
+        projections = [("raw", rec.projection)]
+        if rec.projection_folded is not None:
+            projections.append(("folded", rec.projection_folded))
+        for convention, p in projections:
+            for kind, ids, logits in (("top", p.top_ids, p.top_logits), ("bottom", p.bottom_ids, p.bottom_logits)):
+                d, k = ids.shape
+                parts.append((convention, kind, np.repeat(np.arange(d), k), np.tile(np.arange(k), d),
+                              ids.numpy().reshape(-1), logits.double().numpy().reshape(-1)))
+        m = sum(len(x[2]) for x in parts)
         self._copy_binary("value_tokens", [
             Column("run_id", "int4", np.full(m, self.run_id)),
             Column("layer", "int2", np.full(m, rec.layer)),
-            Column("neuron", "int4", np.concatenate([x[1] for x in parts])),
-            Column("kind", "label", [x[0] for x in parts for _ in range(len(x[1]))]),
-            Column("rank", "int2", np.concatenate([x[2] for x in parts])),
-            Column("token_id", "int4", np.concatenate([x[3] for x in parts])),
-            Column("logit", "float8", np.concatenate([x[4] for x in parts])),
+            Column("neuron", "int4", np.concatenate([x[2] for x in parts])),
+            Column("convention", "label", [x[0] for x in parts for _ in range(len(x[2]))]),
+            Column("kind", "label", [x[1] for x in parts for _ in range(len(x[2]))]),
+            Column("rank", "int2", np.concatenate([x[3] for x in parts])),
+            Column("token_id", "int4", np.concatenate([x[4] for x in parts])),
+            Column("logit", "float8", np.concatenate([x[5] for x in parts])),
         ])
 
     def _triggers(self, rec: LayerRecord) -> None:
@@ -197,7 +224,7 @@ class RunWriter:
             cols["position"].append(state.positions.cpu().numpy().reshape(-1)[flat])
             cols["coefficient"].append((state.values.cpu().double().numpy() * sign).reshape(-1)[flat])
             for kind in ("last", "first", "random"):
-                if ablated is None:
+                if ablated is None or kind not in ablated:  # negative triggers; encoders (no ablations)
                     cols[kind].append(np.full(int(flat.sum()), np.nan))
                 else:
                     cols[kind].append(ablated[kind].double().numpy().reshape(-1)[flat])

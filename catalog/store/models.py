@@ -51,7 +51,15 @@ NEURON_STATS = (
     "key_norm", "value_norm", "up_norm", "bias", "alignment", "up_alignment",
     "activation_mean", "activation_std", "activation_positive_fraction", "activation_max",
     "agreement", "next_token_mean_rank", "ablation_last", "ablation_first", "ablation_random",
+    # part 5: architecture-aware firing figures, baselines beside agreement, the label's inputs
+    "gate_open_fraction", "abs_coefficient_p50", "abs_coefficient_p90", "abs_coefficient_p99",
+    "negative_trigger_share", "agreement_shuffled", "agreement_folded", "agreement_top1", "agreement_negative",
+    "next_token_rank_percentile", "next_token_rank_percentile_shuffled", "top_token_frequency",
+    "label_contrast", "label_context", "label_confidence", "label_triggers",
 )
+# Value-projection conventions (part 5): "raw" = v . E^T with E as stored; "folded" = the final
+# norm's gain folded into E (v . (E * g)^T), what the model's head does to a direction.
+PROJECTIONS = ("raw", "folded")
 # Suggested (automatic) labels; annotators' labels (part 4) add "none".
 LABELS = ("shallow", "semantic", "shallow+semantic")
 # Postgres text-search configuration of pattern search: no stemming, no stop words, so a pattern
@@ -83,6 +91,8 @@ class CatalogModel(Base):
     d_mlp: Mapped[int] = mapped_column(Integer)
     vocab_size: Mapped[int] = mapped_column(Integer)
     gated: Mapped[bool] = mapped_column(Boolean)
+    # False for encoders (BERT family): a trigger is a token position in context, seen from both sides
+    causal: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     current_run_id: Mapped[int | None] = mapped_column(
         ForeignKey("extraction_runs.id", use_alter=True, ondelete="SET NULL")
     )
@@ -102,6 +112,11 @@ class ExtractionRun(Base):
     tokenizer_sha256: Mapped[str | None] = mapped_column(String(64))
     # How value vectors were projected to tokens; "raw_unembedding" = v . E^T with E as stored.
     projection_convention: Mapped[str] = mapped_column(String(40), default="raw_unembedding")
+    # the final norm's gain g, folded into E for the "folded" projection; null without a gain
+    final_norm_gain: Mapped[Any | None] = mapped_column(Vector())
+    # the suggested-label rule as applied: thresholds (pooled over the whole model), minimum
+    # prefix length, bootstrap size and seed (part 5)
+    label_rule: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     corpus_sha256: Mapped[str | None] = mapped_column(String(64))
     corpus: Mapped[dict[str, Any] | None] = mapped_column(JSONB)  # source, format, provenance, counts
     timings: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
@@ -146,6 +161,16 @@ class Layer(Base):
     mean_ablation_last: Mapped[float | None] = mapped_column(Float)
     mean_ablation_first: Mapped[float | None] = mapped_column(Float)
     mean_ablation_random: Mapped[float | None] = mapped_column(Float)
+    # part 5: baselines and the label rule's inputs, per layer
+    mean_agreement_shuffled: Mapped[float | None] = mapped_column(Float)
+    mean_agreement_folded: Mapped[float | None] = mapped_column(Float)
+    agreement_top1_rate: Mapped[float | None] = mapped_column(Float)
+    mean_agreement_negative: Mapped[float | None] = mapped_column(Float)
+    mean_top_token_frequency: Mapped[float | None] = mapped_column(Float)
+    median_rank_percentile: Mapped[float | None] = mapped_column(Float)
+    median_rank_percentile_shuffled: Mapped[float | None] = mapped_column(Float)
+    median_label_contrast: Mapped[float | None] = mapped_column(Float)
+    median_label_context: Mapped[float | None] = mapped_column(Float)
     histograms: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
 
 
@@ -180,10 +205,28 @@ class Neuron(Base):
     ablation_first: Mapped[float | None] = mapped_column(Float)
     ablation_random: Mapped[float | None] = mapped_column(Float)
     suggested_label: Mapped[str | None] = mapped_column(String(20))
+    # part 5 (null for weight-only runs; see README "Figures and what they mean")
+    gate_open_fraction: Mapped[float | None] = mapped_column(Float)  # key pre-activation > 0
+    abs_coefficient_p50: Mapped[float | None] = mapped_column(Float)
+    abs_coefficient_p90: Mapped[float | None] = mapped_column(Float)
+    abs_coefficient_p99: Mapped[float | None] = mapped_column(Float)
+    negative_trigger_share: Mapped[float | None] = mapped_column(Float)  # gated models
+    agreement_shuffled: Mapped[float | None] = mapped_column(Float)
+    agreement_folded: Mapped[float | None] = mapped_column(Float)
+    agreement_top1: Mapped[float | None] = mapped_column(Float)
+    agreement_negative: Mapped[float | None] = mapped_column(Float)  # gated models
+    next_token_rank_percentile: Mapped[float | None] = mapped_column(Float)
+    next_token_rank_percentile_shuffled: Mapped[float | None] = mapped_column(Float)
+    top_token_frequency: Mapped[float | None] = mapped_column(Float)
+    label_contrast: Mapped[float | None] = mapped_column(Float)
+    label_context: Mapped[float | None] = mapped_column(Float)
+    label_confidence: Mapped[float | None] = mapped_column(Float)
+    label_triggers: Mapped[int | None] = mapped_column(Integer)
 
 
 class ValueToken(Base):
-    """Tokens with the highest (rank 0..29) and lowest (kind 'bottom') logits of v_i . E^T."""
+    """Tokens with the highest (rank 0..29) and lowest (kind 'bottom') logits of v_i . E^T, per
+    projection convention ('raw' or 'folded', see PROJECTIONS)."""
 
     __tablename__ = "value_tokens"
     __table_args__ = (
@@ -192,12 +235,16 @@ class ValueToken(Base):
             ondelete="CASCADE",
         ),
         # "which neurons promote token T" (part 4)
-        Index("ix_value_tokens_run_token_rank", "run_id", "token_id", "rank", postgresql_where="kind = 'top'"),
+        Index("ix_value_tokens_run_token_rank", "run_id", "token_id", "rank",
+              postgresql_where="kind = 'top' AND convention = 'raw'"),
+        Index("ix_value_tokens_run_token_rank_folded", "run_id", "token_id", "rank",
+              postgresql_where="kind = 'top' AND convention = 'folded'"),
     )
 
     run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    convention: Mapped[str] = mapped_column(String(6), primary_key=True, server_default="raw")
     kind: Mapped[str] = mapped_column(String(6), primary_key=True)  # 'top' | 'bottom'
     rank: Mapped[int] = mapped_column(SmallInteger, primary_key=True)  # 0 = most extreme
     token_id: Mapped[int] = mapped_column(Integer)
@@ -225,6 +272,8 @@ class Prefix(Base):
     text: Mapped[str] = mapped_column(Text)
     token_id: Mapped[int] = mapped_column(Integer)  # the trigger token itself
     next_token_id: Mapped[int | None] = mapped_column(Integer)  # null at the end of the document
+    # encoders only: the window's text after the trigger token (an encoder reads both sides)
+    text_after: Mapped[str | None] = mapped_column(Text)
 
 
 class Trigger(Base):

@@ -1,4 +1,7 @@
-"""The model page and the layer page: seed 000 / seed 001 figures drawn as SVG plots.
+"""The model page and the layer page: seed 000 / seed 001 figures drawn as SVG plots, and the findings
+report's PNG figures (``catalog.report``: the same data functions, captions and renderers as
+``neuron-catalog report``), served from ``/models/{model}/figures/{figure}.png`` and
+``/models/{model}/layers/{layer}/figures/{figure}.png`` and cached in memory per run.
 
 Routes stay thin: ``catalog.read.figures`` reads, ``catalog.ui.plots`` draws (escaping every text
 it puts in the SVG, which is why its output may be marked safe here), and the templates lay the
@@ -13,7 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from markupsafe import Markup
 
 from catalog.annotations import service as annotation_service
@@ -22,6 +25,10 @@ from catalog.read import figures
 from catalog.read.catalog import LAYER_FIELDS
 from catalog.read.errors import NotFound, ReadError
 from catalog.read.schemas import STAT_MEANINGS
+from catalog.report import NothingToDraw
+from catalog.report import build as report_build
+from catalog.report import data as report_data
+from catalog.report.cache import FigureCache
 from catalog.ui import plots
 from catalog.ui.templating import render
 
@@ -77,6 +84,46 @@ def _has(rows: list[dict[str, Any]], field: str) -> bool:
 
 def model_url(name: str) -> str:
     return f"/models/{quote(name, safe='')}"
+
+
+# --- the report's PNG figures -------------------------------------------------------------------------
+
+REPORT_CACHE = FigureCache()
+
+
+@dataclass(frozen=True)
+class ReportFigure:
+    """A report figure on a page: the PNG's URL and caption, or the note saying why it is not drawn."""
+
+    key: str
+    title: str
+    caption: str
+    note: str | None
+    url: str
+
+
+def report_figures(session: SessionDep, name: str, layer: int | None = None) -> list[ReportFigure]:
+    """The model's report figures (``layer`` None) or one layer's, as the PNG routes serve them."""
+    ref = report_data.run_ref(session, name)
+    keys = report_build.MODEL_KEYS if layer is None else report_build.LAYER_KEYS
+    base = model_url(name) + ("" if layer is None else f"/layers/{layer}")
+    out = []
+    for key in keys:
+        r = REPORT_CACHE.result(session, ref, key, layer)
+        out.append(ReportFigure(key, r.title, r.caption, r.note, f"{base}/figures/{quote(key, safe='')}.png"))
+    return out
+
+
+def _png(request: Request, session: SessionDep, model: str, figure: str, layer: int | None) -> Response:
+    try:
+        ref = report_data.run_ref(session, model)
+        png = REPORT_CACHE.png(session, ref, figure, layer)
+    except ReadError as exc:
+        return error_page(request, exc)
+    except NothingToDraw as exc:
+        return error_page(request, NotFound(f"figure {figure!r} is not drawn for {model!r}: {exc}"))
+    return Response(png, media_type="image/png",
+                    headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
 
 # --- the model page ---------------------------------------------------------------------------------
@@ -227,7 +274,8 @@ def model_page(request: Request, model: str, session: SessionDep) -> HTMLRespons
     """Model facts and the seed 000 / seed 001 figures by layer, with links to each layer page."""
     try:
         context = model_context(figures.model_figures(session, model))
-        context.update(agreement=annotation_service.agreement(session, model), model=model)
+        context.update(agreement=annotation_service.agreement(session, model), model=model,
+                       report=report_figures(session, model))
         return render(request, "model.html", context)
     except ReadError as exc:
         return error_page(request, exc)
@@ -238,6 +286,24 @@ def layer_page(request: Request, model: str, layer: str, session: SessionDep) ->
     """One layer: bias scatter plots with fitted lines, a histogram per statistic, label counts."""
     try:
         data = figures.layer_figures(session, model, _layer_index(model, layer))
-        return render(request, "layer.html", layer_context(data))
+        context = layer_context(data)
+        context["report"] = report_figures(session, model, data.layer)
+        return render(request, "layer.html", context)
     except ReadError as exc:
         return error_page(request, exc)
+
+
+@router.get("/models/{model}/figures/{figure}.png")
+def model_figure_png(request: Request, model: str, figure: str, session: SessionDep) -> Response:
+    """A report figure of the model as PNG (404 when unknown or not drawn, e.g. bias figures without bias)."""
+    return _png(request, session, model, figure, None)
+
+
+@router.get("/models/{model}/layers/{layer}/figures/{figure}.png")
+def layer_figure_png(request: Request, model: str, layer: str, figure: str, session: SessionDep) -> Response:
+    """A report figure of one layer as PNG."""
+    try:
+        index = _layer_index(model, layer)
+    except ReadError as exc:
+        return error_page(request, exc)
+    return _png(request, session, model, figure, index)

@@ -17,7 +17,6 @@ from catalog.annotations.schemas import AnnotationWrite
 from catalog.api.annotations import QueueParams
 from catalog.api.deps import SessionDep, WriteSessionDep
 from catalog.api.routes import SearchParams, search_query
-from catalog.config import settings
 from catalog.read import catalog, search, vectors
 from catalog.read.errors import InvalidParameter, ReadError, Unauthorized
 from catalog.read.schemas import STAT_MEANINGS
@@ -142,6 +141,7 @@ def _card_context(request: Request, session: SessionDep, user: Any, model: str, 
         return out
 
     queue = _queue_context(request)
+    projection = "folded" if request.query_params.get("projection") == "folded" else "raw"
     return {
         "title": f"{model} {layer}/{neuron}", "entry": entry, "run": run, "rec": rec, "model": model,
         "layer": layer, "neuron": neuron, "triggers": rows(rec["triggers"]),
@@ -151,7 +151,10 @@ def _card_context(request: Request, session: SessionDep, user: Any, model: str, 
         "others": [a for a in annotations if mine is None or a.annotator != mine.annotator],
         "stats": [(s, rec.get(s), STAT_MEANINGS[s]) for s in NEURON_STATS], "labels": HUMAN_LABELS,
         "label_keys": LABEL_KEYS, "queue": queue, "error": error, "draft": draft or {},
-        "thresholds": (settings.shallow_last_drop, settings.semantic_other_drop),
+        "rule": run.label_rule or {},
+        "projection": projection,
+        "top_tokens": rec["value_top_tokens_folded" if projection == "folded" else "value_top_tokens"],
+        "bottom_tokens": rec["value_bottom_tokens_folded" if projection == "folded" else "value_bottom_tokens"],
         "prev": (layer, neuron - 1) if neuron > 0 else (layer - 1, entry.d_mlp - 1) if layer > 0 else None,
         "next": (layer, neuron + 1) if neuron + 1 < entry.d_mlp else (layer + 1, 0) if layer + 1 < entry.n_layers else None,
     }
