@@ -70,8 +70,9 @@ def main() -> None:
         return n / s
 
     def hooked() -> float:
+        # as the extraction runs it: key-projection hooks too (gate-open fraction, part 5)
         r = corpus_pass(model, loaded.view.value_projs(), tok, top_n=params.top_n, gated=loaded.view.gated,
-                        batch_tokens=params.batch_tokens, pad=pad)
+                        batch_tokens=params.batch_tokens, pad=pad, key_projs=loaded.view.key_projs())
         return r.tokens / r.seconds
 
     plain_head = plain(head=True)
