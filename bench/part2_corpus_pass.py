@@ -75,6 +75,12 @@ def main() -> None:
                         batch_tokens=params.batch_tokens, pad=pad, key_projs=loaded.view.key_projs())
         return r.tokens / r.seconds
 
+    def hooked_without_firing() -> float:
+        # part 4's corpus pass: no key-projection hooks, no |coefficient| histogram
+        r = corpus_pass(model, loaded.view.value_projs(), tok, top_n=params.top_n, gated=loaded.view.gated,
+                        batch_tokens=params.batch_tokens, pad=pad, firing=False)
+        return r.tokens / r.seconds
+
     plain_head = plain(head=True)
     print(f"  plain pass (with LM head)     {plain_head:8.1f} tok/s", flush=True)
     if args.skip_extract:
@@ -89,6 +95,10 @@ def main() -> None:
     print(f"  corpus pass                   {cp:8.1f} tok/s", flush=True)
     plain_body = plain(head=False)
     print(f"  plain pass (backbone only)    {plain_body:8.1f} tok/s")
+    cp_no_firing = hooked_without_firing()
+    print(f"  corpus pass without the gate-open hooks and |coefficient| histogram {cp_no_firing:8.1f} tok/s")
+    print(f"  time ratio corpus pass / without them       {cp_no_firing / cp:5.2f}")
+    print(f"  time ratio without them / plain (with head) {plain_head / cp_no_firing:5.2f}")
     print(f"  time ratio corpus pass / plain (with head)  {plain_head / cp:5.2f}   (target <= 1.25)")
     print(f"  time ratio corpus pass / plain (backbone)   {plain_body / cp:5.2f}")
     if summary is not None:

@@ -524,8 +524,8 @@ def test_gate_open_fraction_quantiles_and_negative_share(case: Case) -> None:
         for q in (50, 90, 99):
             exact = float(np.quantile(np.abs(x), q / 100, method="inverted_cdf"))
             got = rec[f"abs_coefficient_p{q}"]
-            # one histogram bin spans a factor 10^(1/32); the exact quantile lies in the same bin
-            assert exact / 1.076 - 1e-6 <= got <= exact * 1.076 + 1e-6, (where, q, got, exact)
+            # one histogram bin spans at most a factor 17/16; the exact quantile lies in the same bin
+            assert exact / 1.0625 - 1e-6 <= got <= exact * 1.0625 + 1e-6, (where, q, got, exact)
         if case.family == "llama":
             pooled = sorted([(abs(t["activation"]), 0) for t in rec["triggers"]]
                             + [(abs(t["activation"]), 1) for t in rec["negative_triggers"]], key=lambda v: -v[0])
@@ -830,3 +830,27 @@ def test_a_document_cut_by_max_tokens_keeps_its_next_token() -> None:
     # 'ran' follows the cut "a dog"; the first document really ends after 'mat'
     assert token_at(corpus, table, 1).tolist() == [ran, -1, tok("dog", add_special_tokens=False)["input_ids"][0]]
     assert token_at(corpus, table, 2).tolist() == [-1, -1, ran]
+
+
+def test_abs_histogram_quantiles_against_numpy() -> None:
+    """Quantiles of |x| from the bit-binned histogram, against numpy's exact ones, over seven decades,
+    exact zeros and values beyond both ends of the binned range."""
+    from catalog.extract.corpus_pass import abs_histogram, histogram_quantile
+
+    rng = np.random.default_rng(3)
+    x = rng.lognormal(mean=-2.0, sigma=3.0, size=(5000, 6)) * rng.choice([-1.0, 1.0], size=(5000, 6))
+    x[:400, 1] = 0.0  # a neuron that is exactly zero 8% of the time
+    x[:, 2] = rng.uniform(1e-9, 1e-8, 5000)  # entirely below 2^-20: bin 0
+    x[:, 3] *= 1e5  # much of it above 2^14: the overflow bin
+    t = torch.from_numpy(x.astype(np.float32))
+    hist = abs_histogram(t[:2500]) + abs_histogram(t[2500:])  # shards add
+    assert int(hist.sum()) == x.size
+    for q in (0.05, 0.5, 0.9, 0.99):
+        got = histogram_quantile(hist, q).numpy()
+        exact = np.quantile(np.abs(x.astype(np.float32)), q, axis=0, method="inverted_cdf")
+        for j in (0, 1, 4, 5):  # within a bin's width: 6.25%, or 2^-20 in bin 0 (the zeros' bin)
+            assert exact[j] / 1.0625 - 2.0**-20 <= got[j] <= exact[j] * 1.0625 + 2.0**-20, (q, j, got[j], exact[j])
+        assert 0 <= got[2] <= 2.0**-20  # below the range: reported inside bin 0
+        if exact[3] >= 2.0**14:
+            assert got[3] == 2.0**14  # beyond the range: its lower edge, said so in the README
+    assert histogram_quantile(torch.zeros((1, hist.shape[1]), dtype=torch.long), 0.5).isnan().all()

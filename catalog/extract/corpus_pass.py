@@ -375,9 +375,9 @@ class RunningStats:
         rough = (m @ flat).squeeze(0) / n  # [d_mlp] float32: off by its rounding for a large mean
         centred = flat - rough
         residual = (m @ centred).squeeze(0).double() / n  # the rounding, from small numbers
-        m2 = (m @ (centred * centred)).squeeze(0).double() - n * residual * residual
+        m2 = (m @ centred.mul_(centred)).squeeze(0).double() - n * residual * residual  # squared in place
         batch = RunningStats(rough.double() + residual, m2.clamp(min=0),
-                             (m @ (flat > 0).to(flat.dtype)).squeeze(0).double(), best.max(0).values.double(), n)
+                             (m @ positive(flat)).squeeze(0).double(), best.max(0).values.double(), n)
         merged = self.merge(batch)
         self.mean, self.m2, self.positive, self.maximum, self.count = (
             merged.mean, merged.m2, merged.positive, merged.maximum, merged.count)
@@ -397,10 +397,15 @@ class RunningStats:
                 "max": self.maximum}
 
 
-# |coefficient| histogram: log-spaced bins from ABS_LO to ABS_HI (bin 0 holds |c| < ABS_LO, the
-# last bin |c| >= ABS_HI). ABS_BINS bins over 10 decades: each spans a factor 10^(1/32) = 1.075,
-# so a quantile read off it (geometric interpolation inside its bin) is within 7.5% of the exact one.
-ABS_LO, ABS_HI, ABS_BINS = 1e-6, 1e4, 320
+# |coefficient| histogram, binned straight from the float32 bits (no logarithm): the exponent and the
+# top ABS_MANTISSA_BITS bits of the mantissa, i.e. 16 linear bins per octave from 2^ABS_LO_EXP to
+# 2^ABS_HI_EXP (bin 0 holds smaller |c|, the last bin larger). A bin's upper edge is at most 17/16 of
+# its lower one, so a quantile read off it (linear inside its bin) is within 6.25% of the exact one.
+ABS_MANTISSA_BITS = 4
+ABS_LO_EXP, ABS_HI_EXP = -20, 14  # 2^-20 ~ 1e-6 .. 2^14 ~ 1.6e4
+ABS_BINS = (ABS_HI_EXP - ABS_LO_EXP) << ABS_MANTISSA_BITS
+_ABS_SHIFT = 23 - ABS_MANTISSA_BITS
+_ABS_FIRST = (ABS_LO_EXP + 127) << ABS_MANTISSA_BITS  # the bit pattern >> _ABS_SHIFT of 2^ABS_LO_EXP
 
 
 @dataclass
@@ -421,12 +426,21 @@ class FiringStats:
     def add_preactivation(self, pre: torch.Tensor, counted: torch.Tensor) -> None:
         """pre [batch, pos, d_mlp] key pre-activations."""
         m = counted.reshape(1, -1).to(pre.dtype)
-        self.gate_open += (m @ (pre.reshape(-1, pre.shape[-1]) > 0).to(pre.dtype)).squeeze(0).double()
+        self.gate_open += (m @ positive(pre.reshape(-1, pre.shape[-1]))).squeeze(0).double()
 
     def add_coefficients(self, coeffs: torch.Tensor, counted: torch.Tensor) -> None:
         flat = coeffs.reshape(-1, coeffs.shape[-1])[counted.reshape(-1)]  # [n, d_mlp]
         self.count += int(flat.shape[0])
         self.abs_hist += abs_histogram(flat)
+
+    def add_masked(self, masked: torch.Tensor, counted: torch.Tensor) -> None:
+        """``add_coefficients`` from a copy whose uncounted positions hold -inf: those all land in the
+        overflow bin and are taken out of it again (no gather of the counted rows)."""
+        n = int(counted.sum())
+        self.count += n
+        hist = abs_histogram(masked.reshape(-1, masked.shape[-1]))
+        hist[:, -1] -= counted.numel() - n
+        self.abs_hist += hist
 
     def merge(self, other: FiringStats) -> FiringStats:
         return FiringStats(self.gate_open + other.gate_open, self.abs_hist + other.abs_hist, self.count + other.count)
@@ -440,24 +454,41 @@ class FiringStats:
 
 
 def abs_bin(x: torch.Tensor) -> torch.Tensor:
-    """Histogram bin of each |x| (see ABS_LO / ABS_HI / ABS_BINS)."""
-    step = (math.log(ABS_HI) - math.log(ABS_LO)) / ABS_BINS
-    a = x.abs().float().clamp(min=ABS_LO * 0.5)  # log of 0 is -inf; anything below ABS_LO lands in bin 0
-    idx = torch.floor((a.log() - math.log(ABS_LO)) / step).long() + 1
-    return idx.clamp(0, ABS_BINS + 1)
+    """Histogram bin of each |x| (int32), from its float32 bits; NaN lands in the overflow bin."""
+    bits = (x.float().contiguous().view(torch.int32) & 0x7FFFFFFF) >> _ABS_SHIFT
+    return (bits - (_ABS_FIRST - 1)).clamp_(0, ABS_BINS + 1)
+
+
+def positive(x: torch.Tensor) -> torch.Tensor:
+    """1.0 where x > 0, else 0.0 (same dtype): the sign of relu(x). About 3x faster on CPU than
+    (x > 0).to(dtype), whose bool tensor costs a pass of its own."""
+    return torch.relu(x).sign_()
 
 
 def abs_histogram(flat: torch.Tensor) -> torch.Tensor:
-    """[n, d_mlp] coefficients -> [d_mlp, ABS_BINS + 2] counts."""
+    """[n, d_mlp] coefficients -> [d_mlp, ABS_BINS + 2] counts.
+
+    Binned neuron-major (one transposed copy): bincount then walks each neuron's bins in turn, about
+    4x faster than scattering position by position across every neuron's bins.
+    """
     width = ABS_BINS + 2
     d = flat.shape[1]
-    idx = abs_bin(flat) + torch.arange(d, device=flat.device) * width
-    return torch.bincount(idx.reshape(-1), minlength=d * width).view(d, width)
+    bits = flat.float().T.contiguous().view(torch.int32)  # [d_mlp, n], a copy we may overwrite
+    bits.bitwise_and_(0x7FFFFFFF).bitwise_right_shift_(_ABS_SHIFT).sub_(_ABS_FIRST - 1).clamp_(0, ABS_BINS + 1)
+    bits.add_(torch.arange(0, d * width, width, dtype=torch.int32, device=flat.device).unsqueeze(1))
+    return torch.bincount(bits.reshape(-1), minlength=d * width).view(d, width)
+
+
+def bin_edges() -> torch.Tensor:
+    """[ABS_BINS + 1] float64 edges of the inner bins (bin b, 1 <= b <= ABS_BINS, is [edge[b-1], edge[b]))."""
+    k = torch.arange(ABS_BINS + 1, dtype=torch.float64)
+    octave, step = torch.div(k, 1 << ABS_MANTISSA_BITS, rounding_mode="floor"), k % (1 << ABS_MANTISSA_BITS)
+    return torch.pow(2.0, octave + ABS_LO_EXP) * (1 + step / (1 << ABS_MANTISSA_BITS))
 
 
 def histogram_quantile(hist: torch.Tensor, q: float) -> torch.Tensor:
-    """The q-quantile of |coefficient| per neuron from its histogram, geometric inside the bin
-    (0 inside bin 0, ABS_HI for the overflow bin); NaN for an empty row."""
+    """The q-quantile of |coefficient| per neuron from its histogram, linear inside the bin (0 inside
+    bin 0, the top edge for the overflow bin); NaN for an empty row."""
     h = hist.double()
     n = h.sum(dim=1, keepdim=True)
     cum = h.cumsum(dim=1)
@@ -466,17 +497,24 @@ def histogram_quantile(hist: torch.Tensor, q: float) -> torch.Tensor:
     before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target))
     inside = h.gather(1, b)
     frac = torch.where(inside > 0, (target - before) / inside, torch.zeros_like(target)).clamp(0, 1)
-    step = (math.log(ABS_HI) - math.log(ABS_LO)) / ABS_BINS
-    lo = math.log(ABS_LO) + (b.double() - 1) * step
-    value = torch.exp(lo + frac * step)
-    value = torch.where(b == 0, torch.zeros_like(value), torch.where(b == h.shape[1] - 1, ABS_HI, value))
+    edges = bin_edges().to(h.device)
+    lo = edges[(b - 1).clamp(0, ABS_BINS)]
+    hi = edges[b.clamp(max=ABS_BINS)]
+    value = lo + frac * (hi - lo)
+    value = torch.where(b == 0, frac * edges[0], torch.where(b == h.shape[1] - 1, edges[-1], value))
     return torch.where(n > 0, value, torch.full_like(value, math.nan)).squeeze(1)
 
 
 def row_extremes(coeffs: torch.Tensor, counted: torch.Tensor, *, lowest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row and neuron: the extreme counted coefficient and its first position, [batch, d_mlp] each."""
     fill = math.inf if lowest else -math.inf
-    masked = coeffs.masked_fill(~counted.unsqueeze(-1), fill)
+    # torch.where with a scalar: about 2x faster than masked_fill on CPU for [batch, pos, d_mlp]
+    masked = torch.where(counted.unsqueeze(-1), coeffs, fill)
+    return masked_extremes(masked, lowest=lowest)
+
+
+def masked_extremes(masked: torch.Tensor, *, lowest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``row_extremes`` of coefficients whose uncounted positions already hold -inf (max) / +inf (min)."""
     # max/min along a dim return the index of the first extreme value: ties go to the shorter prefix.
     out = masked.min(dim=1) if lowest else masked.max(dim=1)
     return out.values, out.indices
@@ -542,6 +580,7 @@ def corpus_pass(
     pad: int,
     key_projs: Sequence[nn.Module] | None = None,
     progress: Callable[[int], None] | None = None,
+    firing: bool = True,
 ) -> PassResult:
     """Run the model once over the corpus and fold every layer's coefficients into top-N and stats."""
     import time
@@ -551,7 +590,8 @@ def corpus_pass(
     n_layers = len(value_projs)
     lead = 1 if corpus.bos is not None else 0
     stats = [RunningStats.empty(d_mlp, device) for _ in range(n_layers)]
-    firing = [FiringStats.empty(d_mlp, device) for _ in range(n_layers)]
+    # firing=False leaves the |coefficient| histogram out (bench/part2_corpus_pass.py measures its cost)
+    fire = [FiringStats.empty(d_mlp, device) for _ in range(n_layers)]
     top = [TopState.empty(d_mlp, top_n, device) for _ in range(n_layers)]
     bottom = [TopState.empty(d_mlp, top_n, device) for _ in range(n_layers)] if gated else None
     shape = [0, 0]
@@ -560,16 +600,21 @@ def corpus_pass(
     def on_layer(layer: int, coeffs: torch.Tensor) -> None:
         coeffs = coeffs.float()
         batch = current[0]
-        best, at = row_extremes(coeffs, batch.counted)
+        # one masked copy serves the maxima, the |coefficient| histogram and (refilled) the minima
+        keep = batch.counted.unsqueeze(-1)
+        masked = torch.where(keep, coeffs, -math.inf)
+        best, at = masked_extremes(masked)
         stats[layer].update(coeffs, batch.counted, best)
-        firing[layer].add_coefficients(coeffs, batch.counted)
+        if firing:
+            fire[layer].add_masked(masked, batch.counted)
         top[layer] = top[layer].merge(batch_candidates(coeffs, best, at, batch, corpus, lead))
         if bottom is not None:
-            low, low_at = row_extremes(coeffs, batch.counted, lowest=True)
+            masked.masked_fill_(~keep, math.inf)
+            low, low_at = masked_extremes(masked, lowest=True)
             bottom[layer] = bottom[layer].merge(batch_candidates(coeffs, low, low_at, batch, corpus, lead, sign=-1))
 
     def on_preactivation(layer: int, pre: torch.Tensor) -> None:
-        firing[layer].add_preactivation(pre.float(), current[0].counted)
+        fire[layer].add_preactivation(pre.float(), current[0].counted)
 
     t0 = time.perf_counter()
     tokens = 0
@@ -585,7 +630,7 @@ def corpus_pass(
                 progress(batch.n_tokens)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return PassResult(stats, firing, top, bottom, tokens, time.perf_counter() - t0)
+    return PassResult(stats, fire, top, bottom, tokens, time.perf_counter() - t0)
 
 
 def backbone(model: nn.Module) -> nn.Module:

@@ -39,9 +39,9 @@ STAT_MEANINGS: dict[str, str] = {
     "gate_open_fraction": "Fraction of corpus positions where the key pre-activation is > 0: gate.x > 0 for "
                           "gated MLPs (their firing rate), x.k + b > 0 for GELU/ReLU (equal to "
                           "activation_positive_fraction there).",
-    "abs_coefficient_p50": "Median |memory coefficient| over the corpus (from a log histogram, within 7.5%).",
-    "abs_coefficient_p90": "90th percentile of |memory coefficient| over the corpus (within 7.5%).",
-    "abs_coefficient_p99": "99th percentile of |memory coefficient| over the corpus (within 7.5%).",
+    "abs_coefficient_p50": "Median |memory coefficient| over the corpus (from a histogram of 16 bins per octave, within 6.25%).",
+    "abs_coefficient_p90": "90th percentile of |memory coefficient| over the corpus (within 6.25%).",
+    "abs_coefficient_p99": "99th percentile of |memory coefficient| over the corpus (within 6.25%).",
     "negative_trigger_share": "Gated models: of the neuron's N strongest triggers by |coefficient| (the top-N "
                               "positive and top-N negative pooled), the share that are negative; null for "
                               "GELU/ReLU, whose coefficient is >= -0.17.",
