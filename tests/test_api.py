@@ -1024,3 +1024,37 @@ def test_errors(api: httpx.Client, cats: dict[str, Cat]) -> None:
         if r.status_code != status or not isinstance(r.json().get("detail"), str) or set(r.json()) != {"detail"}:
             failures.append((method_, path, params, body, r.status_code, r.text[:300]))
     assert not failures, "\n".join(map(str, failures))
+
+
+FINAL_NORM = {"gpt2": "transformer.ln_f.weight", "spaced": "transformer.ln_f.weight", "llama": "model.norm.weight"}
+
+
+@pytest.mark.parametrize("label", ["gpt2", "llama"])
+def test_folded_projection_in_search_and_ranking(api: httpx.Client, cats: dict[str, Cat], label: str,
+                                                 method: str) -> None:
+    """projection=folded: the token filter and token ranking score v . (E * g)^T, g the final norm's
+    gain read here from the model's own state dict."""
+    cat = cats[label]
+    gain = cat.model.state_dict()[FINAL_NORM[label]].double().numpy()
+    assert np.abs(gain - 1).max() > 0.1  # tiny_models randomises it, so folded differs from raw
+    folded_e = cat.E * gain
+    tops = {l: np.argsort(-(cat.values[l] @ folded_e.T), axis=1, kind="stable")[:, :VALUE_TOP]
+            for l in range(cat.n_layers)}
+    differs = False
+    for given, ids in _token_forms(cat)[:4]:
+        want = {(l, n) for l in range(cat.n_layers) for n in range(cat.d_mlp) if set(tops[l][n][:3]) & set(ids)}
+        items, _ = pages(api, cat.name, {"token": given, "token_rank": 3, "projection": "folded"}, limit=500)
+        assert keys_of(items) == sorted(want), given
+        raw, _ = pages(api, cat.name, {"token": given, "token_rank": 3}, limit=500)
+        differs |= keys_of(raw) != keys_of(items)
+        # the summaries show the folded top tokens too
+        for it in items[:5]:
+            assert [t["token_id"] for t in it["top_tokens"]] == list(tops[it["layer"]][it["neuron"]][:len(it["top_tokens"])])
+        scores = {(l, n): max(float(cat.values[l, n] @ folded_e[i]) for i in ids)
+                  for l in range(cat.n_layers) for n in range(cat.d_mlp)}
+        body = ok(api.get(f"/models/{cat.name}/tokens/{given}/neurons", params={"k": 10, "projection": "folded"}))
+        assert body["method"] == method
+        _check_ranking(body["items"], scores, 10, method, "logit")
+    assert differs, "folding changed no search result: the check is vacuous"
+    detail_error(api.get(f"/models/{cat.name}/neurons", params={"projection": "tilted"}), 422)
+    detail_error(api.get(f"/models/{cat.name}/tokens/cat/neurons", params={"projection": "tilted"}), 422)
