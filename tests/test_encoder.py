@@ -444,6 +444,13 @@ def test_api_and_card_say_triggers_are_positions_in_context(case: Case, server: 
     card = httpx.get(f"{server}/models/{case.name}/neurons/1/3", timeout=60.0)
     assert card.status_code == 200
     assert 'id="encoder-triggers"' in card.text and "token position in context" in card.text
+    # each trigger row shows the window's text after the trigger (escaped), no "next token" arrow
+    import html
+
+    rec = api.get(f"/models/{case.name}/neurons/1/3").json()
+    after = [t["text_after"] for t in rec["triggers"] if t["text_after"]]
+    assert after and all(f'<span class="context after">{html.escape(a)}</span>' in card.text for a in after)
+    assert '<span class="next">→' not in card.text
 
 
 # --- loading ----------------------------------------------------------------------------------
