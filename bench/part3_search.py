@@ -71,7 +71,7 @@ def build(vocab_texts: list[str], corpus_lines: list[str]) -> dict[str, float]:
     import torch
     from sqlalchemy import text, update
 
-    from catalog.extract.ablation import Agreement
+    from catalog.extract.baselines import Baselines
     from catalog.extract.corpus_pass import TopState
     from catalog.extract.pipeline import LayerRecord
     from catalog.extract.weights import NeuronWeights, TokenProjection
@@ -141,7 +141,7 @@ def build(vocab_texts: list[str], corpus_lines: list[str]) -> dict[str, float]:
                 layer=layer, stats=stats,
                 weights=NeuronWeights(kn, vn, align, bias, None, None), keys=keys, values=values, ups=None,
                 projection=proj, activation=act,
-                agreement=Agreement(torch.from_numpy(rng.beta(1, 60, D_MLP)), torch.from_numpy(rng.normal(vocab / 2, 3000, D_MLP))),
+                agreement=Baselines(torch.from_numpy(rng.beta(1, 60, D_MLP)), torch.from_numpy(rng.normal(vocab / 2, 3000, D_MLP))),
                 ablation={k: torch.from_numpy(rng.normal(m, 0.2, D_MLP)) for k, m in (("last", -0.8), ("first", -0.1), ("random", -0.2))},
                 labels=labels, top=top, bottom=None, top_ablated=ablated,
             )

@@ -1026,16 +1026,13 @@ def test_errors(api: httpx.Client, cats: dict[str, Cat]) -> None:
     assert not failures, "\n".join(map(str, failures))
 
 
-FINAL_NORM = {"gpt2": "transformer.ln_f.weight", "spaced": "transformer.ln_f.weight", "llama": "model.norm.weight"}
-
-
 @pytest.mark.parametrize("label", ["gpt2", "llama"])
 def test_folded_projection_in_search_and_ranking(api: httpx.Client, cats: dict[str, Cat], label: str,
                                                  method: str) -> None:
     """projection=folded: the token filter and token ranking score v . (E * g)^T, g the final norm's
     gain read here from the model's own state dict."""
     cat = cats[label]
-    gain = cat.model.state_dict()[FINAL_NORM[label]].double().numpy()
+    gain = cat.model.state_dict()[tiny_models.FINAL_NORM["llama" if label == "llama" else "gpt2"]].double().numpy()
     assert np.abs(gain - 1).max() > 0.1  # tiny_models randomises it, so folded differs from raw
     folded_e = cat.E * gain
     tops = {l: np.argsort(-(cat.values[l] @ folded_e.T), axis=1, kind="stable")[:, :VALUE_TOP]

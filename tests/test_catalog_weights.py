@@ -287,16 +287,12 @@ def test_vectors_round_trip_through_pgvector(extracted: Extracted, session: Sess
             assert all(r.up_vector is None for r in rows)
 
 
-FINAL_NORMS = {"gpt2": "transformer.ln_f.weight", "gpt_neox": "gpt_neox.final_layer_norm.weight",
-               "opt": "model.decoder.final_layer_norm.weight", "llama": "model.norm.weight"}
-
-
 @pytest.mark.parametrize("convention", ["raw", "folded"])
 def test_value_tokens_are_the_extremes_of_v_times_E(extracted: Extracted, session: Session, convention: str) -> None:
     # raw: E as stored; folded: E with the final norm's gain g multiplied into its columns
     emb = _np(extracted.model.get_output_embeddings().weight).astype(np.float64)
     if convention == "folded":
-        gain = _np(extracted.model.state_dict()[FINAL_NORMS[extracted.family]]).astype(np.float64)
+        gain = _np(extracted.model.state_dict()[tiny_models.FINAL_NORM[extracted.family]]).astype(np.float64)
         assert np.abs(gain - 1).max() > 0.1  # tiny_models randomises it: the two conventions differ
         emb = emb * gain
     vocab = emb.shape[0]

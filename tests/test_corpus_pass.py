@@ -433,9 +433,7 @@ def test_agreement_and_next_token_rank(case: Case) -> None:
 def _final_gain(case: Case) -> np.ndarray:
     """The final norm's weight, read from the saved model by this test (not through MlpView)."""
     model = AutoModelForCausalLM.from_pretrained(case.model_dir, dtype=torch.float32)
-    norm = {"gpt2": lambda m: m.transformer.ln_f, "gpt_neox": lambda m: m.gpt_neox.final_layer_norm,
-            "opt": lambda m: m.model.decoder.final_layer_norm, "llama": lambda m: m.model.norm}[case.family](model)
-    return norm.weight.detach().double().numpy()
+    return model.state_dict()[tiny_models.FINAL_NORM[case.family]].detach().double().numpy()
 
 
 def test_baselines_and_folded_projection(case: Case) -> None:

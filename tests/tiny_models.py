@@ -26,6 +26,9 @@ WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "ran", "fast", "slow", "r
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 FAMILIES = ("gpt2", "gpt_neox", "opt", "llama")
 D_MODEL, D_MLP, N_LAYERS, MAX_POS = 16, 24, 2, 64
+# The final norm's weight (the gain that the 'folded' projection multiplies into E), per family
+FINAL_NORM = {"gpt2": "transformer.ln_f.weight", "gpt_neox": "gpt_neox.final_layer_norm.weight",
+              "opt": "model.decoder.final_layer_norm.weight", "llama": "model.norm.weight"}
 
 
 def tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:
@@ -70,9 +73,7 @@ def build(family: str, seed: int = 0) -> torch.nn.Module:
                 p.mul_(10.0)
         # A final-norm gain other than 1, so that the 'folded' projection (E * g) differs from the raw
         # one; the final norm comes after every MLP, so no memory coefficient changes.
-        final = {"gpt2": "transformer.ln_f.weight", "gpt_neox": "gpt_neox.final_layer_norm.weight",
-                 "opt": "model.decoder.final_layer_norm.weight", "llama": "model.norm.weight"}[family]
-        gain = dict(model.named_parameters())[final]
+        gain = dict(model.named_parameters())[FINAL_NORM[family]]
         gain.copy_(torch.empty_like(gain).uniform_(0.2, 3.0))
     return model.eval()
 

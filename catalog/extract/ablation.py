@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from catalog.extract.corpus_pass import TokenisedCorpus, TopState, _pad_rows, backbone, capture_coefficients
-from catalog.extract.weights import token_ranks
 
 ABLATIONS = ("last", "first", "random")
 
@@ -206,46 +205,3 @@ def relative_change(original: torch.Tensor, ablated: torch.Tensor) -> torch.Tens
 def nanmean_rows(x: torch.Tensor) -> torch.Tensor:
     """Mean of each row over its non-NaN entries (NaN for a row with none)."""
     return x.nanmean(dim=1)
-
-
-def suggested_labels(drop_last: torch.Tensor, drop_first: torch.Tensor, drop_random: torch.Tensor,
-                     *, shallow: float, semantic: float) -> list[str | None]:
-    """The README rule, on drops (= minus the mean relative change):
-
-    - ``shallow``: the coefficient falls by at least ``shallow`` when only the last token goes and by
-      less than ``semantic`` when the first or a random token goes;
-    - ``shallow+semantic``: it falls by at least ``shallow`` without the last token and by at least
-      ``semantic`` without the first or a random one;
-    - ``semantic``: it survives losing the last token (falls by less than ``shallow``);
-    - null when the neuron has no ablated trigger.
-    """
-    other = torch.fmax(drop_first, drop_random)
-    labels: list[str | None] = []
-    for last, oth in zip(drop_last.tolist(), other.tolist(), strict=True):
-        if math.isnan(last):
-            labels.append(None)
-        elif last >= shallow:
-            labels.append("shallow+semantic" if not math.isnan(oth) and oth >= semantic else "shallow")
-        else:
-            labels.append("semantic")
-    return labels
-
-
-@dataclass(frozen=True)
-class Agreement:
-    agreement: torch.Tensor  # [d_mlp] fraction of triggers whose next token is the value's top token
-    mean_rank: torch.Tensor  # [d_mlp] mean 1-based rank of the triggers' next tokens in v . E^T
-
-
-def agreement(logits: torch.Tensor, next_ids: torch.Tensor) -> Agreement:
-    """Seed 001's precision@N: next_ids [d_mlp, N] (-1: no trigger or end of document) against logits [d_mlp, vocab]."""
-    valid = next_ids >= 0
-    n = valid.sum(dim=1).double()
-    top1 = logits.argmax(dim=1, keepdim=True)
-    hits = ((next_ids == top1) & valid).sum(dim=1).double()
-    ranks = token_ranks(logits, next_ids).double()
-    nan = torch.full_like(n, math.nan)
-    return Agreement(
-        torch.where(n > 0, hits / n.clamp(min=1), nan),
-        torch.where(n > 0, ranks.sum(dim=1) / n.clamp(min=1), nan),
-    )
