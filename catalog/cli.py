@@ -280,8 +280,10 @@ def serve(
     _run(check_connection)
     _run(lambda: migrate.upgrade(None))  # a new database gets the schema (and answers "no catalog yet")
     typer.echo(f"serving {safe_url(database_url())} on http://{host}:{port} (docs: http://{host}:{port}/docs)", err=True)
+    from catalog.api.server import JsonErrorsProtocol
+
     uvicorn.run("catalog.api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level="warning", access_log=False)
+                log_level="warning", access_log=False, http=JsonErrorsProtocol)
 
 
 def _schema_session() -> Any:

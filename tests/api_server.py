@@ -30,7 +30,10 @@ SPACE = "\u0120"  # GPT-2's byte-level space marker
 def running_server(app: object, *, startup_s: float = 30.0) -> Iterator[str]:
     """Serve ``app`` with uvicorn in a background thread; yields the base URL, stops on exit."""
     port = free_port()
+    from catalog.api.server import JsonErrorsProtocol
+
     server = uvicorn.Server(uvicorn.Config(app=app, host="127.0.0.1", port=port, log_level="warning",  # type: ignore[arg-type]
+                                           http=JsonErrorsProtocol,
                                            lifespan="off"))
     thread = threading.Thread(target=server.run, name="api-test-server", daemon=True)
     thread.start()
