@@ -76,7 +76,14 @@ def test_document_declares_every_error_answer() -> None:
     assert OPENAPI["components"]["schemas"]["ErrorBody"]["properties"]["detail"]["type"] == "string"
 
 
-def _config(model: str | None, seed: int) -> schemathesis.Config:
+# Control characters (NUL first: Postgres text cannot hold it) for every text path and query parameter
+# of the ``control`` run; the edge must answer each with a 4xx, never a 500.
+CONTROLS = ["Smol\x00LM", "a\x00b", "\x00", "\x01\x02", "x\x7f", "\n", "red\x00cat", "\x1b[31m", "\t\r"]
+TEXT_PARAMS = ("query.q", "query.token", "query.trigger_token", "query.next_token", "query.annotator",
+               "query.cursor", "query.human_label", "query.sort", "query.label", "query.projection", "query.space")
+
+
+def _config(model: str | None, seed: int, *, controls: bool = False) -> schemathesis.Config:
     data: dict[str, Any] = {
         "seed": seed,
         "request-timeout": 60,
@@ -110,6 +117,17 @@ def _config(model: str | None, seed: int) -> schemathesis.Config:
             "query.q": {"dictionary": "patterns", "probability": 0.3},
             "body.text": {"dictionary": "texts", "probability": 0.7},
         }
+    if controls:
+        data["dictionaries"]["controls"] = {"values": CONTROLS}
+        data["dictionaries"]["models"] = {"values": [model, *CONTROLS[:3]]}
+        data["dictionaries"]["annotators"] = {"values": [BOT, *CONTROLS[:3]]}
+        data["parameters"].update({
+            "path.model": {"dictionary": "models", "probability": 1.0},
+            "path.annotator": {"dictionary": "annotators", "probability": 1.0},
+            "path.token": {"dictionary": "controls", "probability": 0.5},
+            "body.text": {"dictionary": "controls", "probability": 0.5},
+            **{name: {"dictionary": "controls", "probability": 0.5} for name in TEXT_PARAMS},
+        })
     return schemathesis.Config.from_dict(data)
 
 
@@ -122,6 +140,7 @@ DECLARED = OPENAPI
 random_names = schemathesis.openapi.from_dict(DECLARED, config=_config(None, SEED))
 gpt2 = schemathesis.openapi.from_dict(DECLARED, config=_config(NAMES["gpt2"], SEED + 1))
 llama = schemathesis.openapi.from_dict(DECLARED, config=_config(NAMES["llama"], SEED + 2))
+controls = schemathesis.openapi.from_dict(DECLARED, config=_config(NAMES["gpt2"], SEED + 3, controls=True))
 
 
 # --- server-side error capture ----------------------------------------------------------------
@@ -256,6 +275,12 @@ def test_real_llama(case: schemathesis.Case, server: str) -> None:
     check(case, server, NAMES["llama"])
 
 
+@controls.parametrize()
+def test_control_characters(case: schemathesis.Case, server: str) -> None:
+    """NUL and other control characters in the path and query (annotation routes included)."""
+    check(case, server, "control")
+
+
 def test_zz_requests_reached_real_data() -> None:
     """The real-name runs got past the 404s: every operation answered 200 at least once."""
     if not REQUESTS:
@@ -274,3 +299,6 @@ def test_zz_requests_reached_real_data() -> None:
         missing = {op.path for op in operations(random_names)} - got
         if any(v == variant for v, *_ in REQUESTS):
             assert not missing, f"{variant}: no 200 from {sorted(missing)}"
+    if any(v == "control" for v, *_ in REQUESTS):  # the control run got answers from the edge, not only 200s
+        refused = {path for (v, _, path, status) in REQUESTS if v == "control" and status in (404, 422)}
+        assert len(refused) >= len({op.path for op in operations(random_names)}) // 2, refused
