@@ -859,7 +859,8 @@ def test_token_ranking(api: httpx.Client, cats: dict[str, Cat], label: str, meth
             params = {"k": k} | ({"layer_min": lo} if lo is not None else {}) | ({"layer_max": hi} if hi is not None else {})
             body = ok(api.get(f"/models/{cat.name}/tokens/{given}/neurons", params=params))
             assert body["method"] == method
-            assert body["token"]["token_ids"] == sorted(ids)
+            assert body["resolved_tokens"]["token"]["token_ids"] == sorted(ids)
+            assert body["order"] == "logit"
             _check_ranking(body["items"], scores, k, method, "logit")
             for it in body["items"]:
                 key = (it["layer"], it["neuron"])

@@ -48,6 +48,8 @@ KINDS: dict[str, Callable[[Session], Any]] = {
     "trigger token": lambda s: search.search(s, NAME, S(trigger_token="cat")),
     "next token": lambda s: search.search(s, NAME, S(next_token="cat")),
     "token ranking (hnsw)": lambda s: vectors.token_ranking(s, NAME, "cat", k=5),
+    "token ranking by cosine (hnsw)": lambda s: vectors.token_ranking(s, NAME, "cat", k=5, order="cosine"),
+    "token ranking by rank": lambda s: vectors.token_ranking(s, NAME, "cat", k=5, order="rank"),
     "similar (hnsw)": lambda s: vectors.similar(s, NAME, 1, 3, space="key", k=5),
 }
 

@@ -4,10 +4,15 @@ Both use the run's HNSW indexes (catalog/store/search_index.py) unless the neuro
 few enough to score them all exactly (``settings.exact_vector_scan_max``). Index candidates are
 re-scored with the full-precision vectors, so every returned score is exact; only recall is
 approximate (measured in bench/part3_search.py).
+
+Token ranking has four orders (schemas.TOKEN_ORDERS): logit (value_ip index), cosine (value_cos
+index), effect (coefficient x logit: always an exact scan, no index orders by c_i v_i . e) and rank
+(the stored top tokens first, then candidates ranked over the whole vocabulary; see _by_rank).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -17,12 +22,14 @@ from sqlalchemy.orm import Session
 from catalog.config import settings
 from catalog.read.catalog import require_run
 from catalog.read.errors import InvalidParameter, NotFound, Unsupported
-from catalog.read.schemas import RankedNeuron, SimilarNeuron, SimilarPage, TokenRanking
+from catalog.read.schemas import TOKEN_ORDERS, RankedNeuron, SimilarNeuron, SimilarPage, TokenRanking
 from catalog.read.tokens import resolve_token
 from catalog.store.models import PROJECTIONS, CatalogModel
 from catalog.store.search_index import MAX_HNSW_DIM, vector_expression
 
 MAX_K = 500
+# The typical coefficient of order=effect (README, "Token ranking orders").
+EFFECT_COEFFICIENT = "abs_coefficient_p99"
 
 
 def _layer_range(entry: CatalogModel, layer_min: int | None, layer_max: int | None) -> tuple[int, int]:
@@ -52,54 +59,263 @@ def _ann_settings(session: Session, k: int, filtered: bool, ef_search: int | Non
 
 def token_ranking(session: Session, name: str, token: str, *, k: int = 50,
                   layer_min: int | None = None, layer_max: int | None = None,
-                  projection: str = "raw") -> TokenRanking:
-    """The k neurons whose value gives the token the highest logit; a word's forms are merged by max.
+                  projection: str = "raw", order: str = "logit") -> TokenRanking:
+    """The k neurons that promote the token most under ``order`` (schemas.TOKEN_ORDERS); a word's
+    forms are merged per neuron by the better one.
 
-    ``projection='folded'`` scores v_i . (e_t * g) with g the final norm's gain: the same index over
-    value vectors serves both, only the query vector changes.
+    ``projection='folded'`` scores v_i . (e_t * g) with g the final norm's gain: the same indexes over
+    value vectors serve both, only the query vector changes.
     """
     entry, run = require_run(session, name)
     if not 1 <= k <= MAX_K:
         raise InvalidParameter(f"k: must be 1-{MAX_K}")
     if projection not in PROJECTIONS:
         raise InvalidParameter(f"projection: one of {', '.join(PROJECTIONS)}")
+    if order not in TOKEN_ORDERS:
+        raise InvalidParameter(f"order: one of {', '.join(TOKEN_ORDERS)}")
     gain = None
     if projection == "folded" and run.final_norm_gain is not None:
-        gain = np.asarray(run.final_norm_gain.to_list() if hasattr(run.final_norm_gain, "to_list")
-                          else run.final_norm_gain, dtype=np.float64)
+        gain = _array(run.final_norm_gain)
     lo, hi = _layer_range(entry, layer_min, layer_max)
     tok = resolve_token(session, run.id, token, vocab_size=entry.vocab_size, param="token")
-    rid, dim = int(run.id), int(entry.d_model)
+    rid = int(run.id)
     rows = session.execute(
-        text("SELECT token_id, unembedding FROM tokens WHERE run_id = :r AND token_id = ANY(:ids)"),
+        text("SELECT token_id, unembedding FROM tokens WHERE run_id = :r AND token_id = ANY(:ids) ORDER BY token_id"),
         {"r": rid, "ids": tok.token_ids},
     ).all()
     if any(u is None for _, u in rows):
         raise Unsupported(f"catalog {name!r} was extracted before token ranking existed (no unembedding "
                           "stored): extract it again")
+    # the query vector of each form: e_t, or e_t * g (v . (e * g) = (v * g) . e)
+    queries = {int(t): _array(e) * gain if gain is not None else _array(e) for t, e in rows}
+    convention = "folded" if projection == "folded" else "raw"
+    stored_top = _stored_top(session, rid, convention, lo)
     use_index = _use_index(entry, lo, hi)
-    best: dict[tuple[int, int], RankedNeuron] = {}
-    for token_id, e in rows:
-        if gain is not None:
-            e = np.asarray(e.to_list() if hasattr(e, "to_list") else e, dtype=np.float64) * gain
-        params: dict[str, Any] = {"e": _vec(e), "lo": lo, "hi": hi, "k": k}
-        if use_index:
-            _ann_settings(session, k, filtered=(lo, hi) != (0, entry.n_layers - 1),
-                          ef_search=settings.hnsw_ef_search_ranking)
-            sql = (f"WITH c AS (SELECT layer, neuron, value_vector, value_norm FROM neurons "
-                   f"WHERE run_id = {rid} AND layer BETWEEN :lo AND :hi "
-                   f"ORDER BY {vector_expression('value_vector', dim)} <#> CAST(CAST(:e AS vector) AS halfvec({dim})) LIMIT :k) "
-                   f"SELECT layer, neuron, -(value_vector <#> CAST(:e AS vector)) AS logit, value_norm FROM c")
+    scan = _Scan(session, entry, rid, lo, hi, use_index)
+    ranks: dict[Key, int] = {}
+    if order == "rank":
+        best, complete, method = _by_rank(scan, queries, k, convention, gain, stored_top, ranks)
+    elif order == "effect":
+        if not session.execute(text(
+                f"SELECT EXISTS (SELECT 1 FROM neurons WHERE run_id = {rid} AND layer BETWEEN :lo AND :hi "
+                f"AND {EFFECT_COEFFICIENT} IS NOT NULL)"), {"lo": lo, "hi": hi}).scalar():
+            raise Unsupported(f"order=effect needs corpus figures ({EFFECT_COEFFICIENT}): catalog {name!r} has none "
+                              "in these layers (extracted without --corpus, or before part 5); use logit, rank or "
+                              "cosine")
+        best = _merge({t: scan.top(q, k, "effect") for t, q in queries.items()}, k)
+        complete, method = True, "exact"  # no index orders by c_i v_i . e: every vector in range is scored
+    else:
+        best = _merge({t: scan.top(q, k, order) for t, q in queries.items()}, k)
+        complete, method = not use_index, "hnsw" if use_index else "exact"
+    items = _figures(session, rid, best, queries, convention, ranks)
+    return TokenRanking(items=items, resolved_tokens={"token": tok}, order=order,  # type: ignore[arg-type]
+                        method=method, complete=complete, stored_top_tokens=stored_top)  # type: ignore[arg-type]
+
+
+Key = tuple[int, int]
+# A neuron's place in an order: (sort key, token_id); the lowest key comes first.
+Placed = dict[Key, tuple[tuple[float, ...], int]]
+
+
+class _Scan:
+    """Scores of the value vectors of one run's layers lo..hi against a query vector, exactly or through
+    the run's HNSW index (candidates re-scored in full precision)."""
+
+    def __init__(self, session: Session, entry: CatalogModel, rid: int, lo: int, hi: int, use_index: bool) -> None:
+        self.session, self.entry, self.rid, self.lo, self.hi, self.use_index = session, entry, rid, lo, hi, use_index
+        self.dim = int(entry.d_model)
+
+    def top(self, q: np.ndarray, k: int, order: str) -> list[tuple[int, int, float]]:
+        """(layer, neuron, score) of the k best by logit, cosine or effect, best first."""
+        rid, dim = self.rid, self.dim
+        score = {"logit": "-(value_vector <#> CAST(:e AS vector))",
+                 "cosine": "1 - (value_vector <=> CAST(:e AS vector))",
+                 "effect": f"{EFFECT_COEFFICIENT} * -(value_vector <#> CAST(:e AS vector))"}[order]
+        params: dict[str, Any] = {"e": _vec(q), "lo": self.lo, "hi": self.hi, "k": k}
+        where = f"run_id = {rid} AND layer BETWEEN :lo AND :hi"
+        if order != "effect" and self.use_index:
+            op, ef = ("<#>", settings.hnsw_ef_search_ranking) if order == "logit" else ("<=>", settings.hnsw_ef_search)
+            _ann_settings(self.session, k, filtered=(self.lo, self.hi) != (0, self.entry.n_layers - 1), ef_search=ef)
+            sql = (f"WITH c AS (SELECT layer, neuron, value_vector FROM neurons WHERE {where} "
+                   f"ORDER BY {vector_expression('value_vector', dim)} {op} CAST(CAST(:e AS vector) AS halfvec({dim})) "
+                   f"LIMIT :k) SELECT layer, neuron, {score} AS score FROM c")
         else:
-            sql = (f"SELECT layer, neuron, -(value_vector <#> CAST(:e AS vector)) AS logit, value_norm FROM neurons "
-                   f"WHERE run_id = {rid} AND layer BETWEEN :lo AND :hi "
-                   f"ORDER BY value_vector <#> CAST(:e AS vector), layer, neuron LIMIT :k")
-        for layer, neuron, logit, norm in session.execute(text(sql), params).tuples():
+            if order == "effect":
+                where += f" AND {EFFECT_COEFFICIENT} IS NOT NULL"
+            sql = (f"SELECT layer, neuron, {score} AS score FROM neurons WHERE {where} "
+                   f"ORDER BY score DESC, layer, neuron LIMIT :k")
+        return [(a, b, float(c)) for a, b, c in self.session.execute(text(sql), params).tuples()]
+
+    def vectors(self, keys: list[Key] | None) -> tuple[list[Key], np.ndarray]:
+        """Value vectors of the given neurons (None: every neuron in range), float64 [n, d_model]."""
+        if keys is None:
+            rows = self.session.execute(text(
+                f"SELECT layer, neuron, value_vector FROM neurons WHERE run_id = {self.rid} "
+                "AND layer BETWEEN :lo AND :hi ORDER BY layer, neuron"), {"lo": self.lo, "hi": self.hi}).tuples().all()
+        else:
+            rows = self.session.execute(text(
+                f"SELECT n.layer, n.neuron, n.value_vector FROM unnest(CAST(:l AS int[]), CAST(:n AS int[])) AS "
+                f"k(layer, neuron) JOIN neurons n ON n.run_id = {self.rid} AND n.layer = k.layer "
+                "AND n.neuron = k.neuron ORDER BY n.layer, n.neuron"),
+                {"l": [a for a, _ in keys], "n": [b for _, b in keys]}).tuples().all()
+        found = [(int(a), int(b)) for a, b, _ in rows]
+        return found, (np.stack([_array(v) for _, _, v in rows]) if rows else np.zeros((0, self.dim)))
+
+
+def _merge(per_token: dict[int, list[tuple[int, int, float]]], k: int) -> Placed:
+    """The k best neurons over every form (each neuron by its best form), from each form's k best."""
+    best: Placed = {}
+    for token_id, rows in per_token.items():
+        for layer, neuron, score in rows:
+            key = (-score, layer, neuron)
+            if (layer, neuron) not in best or key < best[(layer, neuron)][0]:
+                best[(layer, neuron)] = (key, token_id)
+    return dict(sorted(best.items(), key=lambda kv: kv[1][0])[:k])
+
+
+def _by_rank(scan: _Scan, queries: dict[int, np.ndarray], k: int, convention: str, gain: np.ndarray | None,
+             stored_top: int, ranks: dict[Key, int]) -> tuple[Placed, bool, str]:
+    """The k neurons giving the token the best (lowest) rank in their own logits, ties by cosine.
+
+    1. Every neuron whose stored top tokens (value_tokens, the first ``stored_top`` of the whole
+       vocabulary) hold the token: rank exact, and this is every neuron with rank <= stored_top.
+       When these are k or more, the answer is exact and complete.
+    2. Otherwise the rest have rank > stored_top: candidates are ranked over the whole vocabulary
+       (1 + the tokens with a higher logit, float64 from the stored vectors): every neuron in range
+       when neurons x vocabulary <= rank_exact_max_logits (complete), else the nearest values to the
+       token by cosine (rank_candidates, at least 2x the neurons still wanted; not complete).
+    """
+    session, rid = scan.session, scan.rid
+    found: dict[Key, tuple[tuple[float, ...], int]] = {}
+    full = True  # each form's stored list was read to its end
+    for token_id, q in queries.items():
+        rows = session.execute(text(
+            f"SELECT v.layer, v.neuron, v.rank + 1 AS rank, 1 - (n.value_vector <=> CAST(:e AS vector)) AS cosine "
+            f"FROM value_tokens v JOIN neurons n ON n.run_id = v.run_id AND n.layer = v.layer AND n.neuron = v.neuron "
+            f"WHERE v.run_id = {rid} AND v.kind = 'top' AND v.convention = '{convention}' AND v.token_id = :t "
+            "AND v.layer BETWEEN :lo AND :hi ORDER BY v.rank, cosine DESC, v.layer, v.neuron LIMIT :k"),
+            {"e": _vec(q), "t": token_id, "lo": scan.lo, "hi": scan.hi, "k": k}).tuples().all()
+        full &= len(rows) < k
+        for layer, neuron, rank, cos in rows:
+            sort_key = (float(rank), -float(cos), layer, neuron)
+            if (layer, neuron) not in found or sort_key < found[(layer, neuron)][0]:
+                found[(layer, neuron)] = (sort_key, token_id)
+                ranks[(layer, neuron)] = int(rank)
+    if not full or len(found) >= k:
+        return dict(sorted(found.items(), key=lambda kv: kv[1][0])[:k]), True, "exact"
+    wanted = k - len(found)
+    n_range = (scan.hi - scan.lo + 1) * int(scan.entry.d_mlp)
+    vocab = int(scan.entry.vocab_size)
+    method = "exact"
+    if n_range * vocab <= settings.rank_exact_max_logits:
+        keys, vecs = scan.vectors(None)
+        complete = True
+    else:
+        m = max(settings.rank_candidates, 2 * wanted)
+        pool: set[Key] = set()
+        for q in queries.values():
+            pool.update((a, b) for a, b, _ in scan.top(q, m + len(found), "cosine"))
+        method = "hnsw" if scan.use_index else "exact"
+        keys, vecs = scan.vectors(sorted(pool - set(found)))
+        complete = len(keys) >= n_range - len(found)  # every other neuron was a candidate
+    keep = [i for i, key in enumerate(keys) if key not in found]
+    keys, vecs = [keys[i] for i in keep], vecs[keep]
+    if keys:
+        E = _unembedding(session, rid)
+        ids = list(queries)
+        r = _vocabulary_ranks(vecs * gain if gain is not None else vecs, E, ids)  # [n, forms]
+        norms = np.linalg.norm(vecs, axis=1)
+        cos = np.stack([vecs @ queries[t] / np.maximum(norms * np.linalg.norm(queries[t]), 1e-300) for t in ids],
+                       axis=1)
+        extra: Placed = {}
+        for i, key in enumerate(keys):
+            j = min(range(len(ids)), key=lambda j: (r[i, j], -cos[i, j]))
+            extra[key] = ((float(r[i, j]), -float(cos[i, j]), *key), ids[j])
+        for key, placed in sorted(extra.items(), key=lambda kv: kv[1][0])[:wanted]:
+            found[key] = placed
+            ranks[key] = int(placed[0][0])
+    return dict(sorted(found.items(), key=lambda kv: kv[1][0])[:k]), complete, method
+
+
+def _vocabulary_ranks(vecs: np.ndarray, E: np.ndarray, ids: list[int], chunk_elems: int = 1 << 22) -> np.ndarray:
+    """[n, len(ids)] 1-based rank of each token id in each row's logits vecs @ E.T over the whole
+    vocabulary: 1 + the number of tokens with a strictly higher logit (the extraction's definition).
+    The token itself is never counted, whatever the rounding of its own logit."""
+    n = vecs.shape[0]
+    targets = np.stack([vecs @ E[t].astype(np.float64) for t in ids], axis=1)  # [n, forms]
+    counts = np.zeros((n, len(ids)), dtype=np.int64)
+    step = max(1, chunk_elems // max(n, 1))
+    for start in range(0, E.shape[0], step):
+        logits = vecs @ E[start:start + step].astype(np.float64).T  # [n, chunk]
+        for j, t in enumerate(ids):
+            above = logits > targets[:, j:j + 1]
+            if start <= t < start + step:
+                above[:, t - start] = False
+            counts[:, j] += above.sum(axis=1)
+    return counts + 1
+
+
+def _figures(session: Session, rid: int, best: Placed, queries: dict[int, np.ndarray], convention: str,
+             ranks: dict[Key, int]) -> list[RankedNeuron]:
+    """Every figure of the chosen neurons, for the form that placed each, in the order's order."""
+    by_token: dict[int, list[Key]] = {}
+    for key, (_, token_id) in best.items():
+        by_token.setdefault(token_id, []).append(key)
+    out: dict[Key, RankedNeuron] = {}
+    for token_id, keys in by_token.items():
+        rows = session.execute(text(
+            "SELECT n.layer, n.neuron, -(n.value_vector <#> CAST(:e AS vector)) AS logit, "
+            "1 - (n.value_vector <=> CAST(:e AS vector)) AS cosine, n.value_norm, "
+            f"n.{EFFECT_COEFFICIENT}, n.activation_max, v.rank + 1 AS rank "
+            "FROM unnest(CAST(:l AS int[]), CAST(:n AS int[])) AS k(layer, neuron) "
+            f"JOIN neurons n ON n.run_id = {rid} AND n.layer = k.layer AND n.neuron = k.neuron "
+            f"LEFT JOIN value_tokens v ON v.run_id = n.run_id AND v.layer = n.layer AND v.neuron = n.neuron "
+            f"AND v.convention = '{convention}' AND v.kind = 'top' AND v.token_id = :t"),
+            {"e": _vec(queries[token_id]), "t": token_id, "l": [a for a, _ in keys], "n": [b for _, b in keys]},
+        ).tuples().all()
+        for layer, neuron, logit, cos, norm, coef, amax, rank in rows:
             key = (layer, neuron)
-            if key not in best or logit > best[key].logit:
-                best[key] = RankedNeuron(layer=layer, neuron=neuron, logit=logit, token_id=token_id, value_norm=norm)
-    items = sorted(best.values(), key=lambda r: (-r.logit, r.layer, r.neuron))[:k]
-    return TokenRanking(items=items, token=tok, method="hnsw" if use_index else "exact")
+            out[key] = RankedNeuron(
+                layer=layer, neuron=neuron, token_id=token_id, logit=logit, cosine=cos, value_norm=norm,
+                rank=ranks.get(key, rank), coefficient=coef, activation_max=amax,
+                effect=None if coef is None else coef * logit)
+    return [out[key] for key in best if key in out]
+
+
+def _stored_top(session: Session, rid: int, convention: str, layer: int) -> int:
+    """How many top tokens per neuron the run stores (30, or the vocabulary when it is smaller)."""
+    n = session.execute(text(
+        "SELECT count(*) FROM value_tokens WHERE run_id = :r AND layer = :l AND neuron = 0 AND convention = :c "
+        "AND kind = 'top'"), {"r": rid, "l": layer, "c": convention}).scalar()
+    return int(n or 0)
+
+
+# One run's unembedding in memory (float32 [vocab, d_model], token id order), for ranks beyond the
+# stored top tokens: read once per server process and run (e.g. 113 MB for SmolLM2, 322 MB for GPT-2-XL).
+_E_CACHE: dict[int, np.ndarray] = {}
+_E_LOCK = threading.Lock()
+
+
+def _unembedding(session: Session, rid: int) -> np.ndarray:
+    with _E_LOCK:
+        if rid not in _E_CACHE:
+            rows = session.execute(text("SELECT token_id, unembedding FROM tokens WHERE run_id = :r ORDER BY token_id"),
+                                   {"r": rid}).tuples().all()
+            if any(e is None for _, e in rows) or [t for t, _ in rows] != list(range(len(rows))):
+                raise Unsupported("this catalog's tokens table lacks unembeddings (extracted before token ranking "
+                                  "existed): extract it again")
+            E = np.stack([_array(e) for _, e in rows]).astype(np.float32)
+            _E_CACHE.clear()  # one run at a time
+            _E_CACHE[rid] = E
+        return _E_CACHE[rid]
+
+
+def _array(v: Any) -> np.ndarray:
+    if hasattr(v, "to_numpy"):
+        v = v.to_numpy()
+    elif hasattr(v, "to_list"):
+        v = v.to_list()
+    return np.asarray(v, dtype=np.float64)
 
 
 def similar(session: Session, name: str, layer: int, neuron: int, *, space: str = "value", k: int = 20,

@@ -5,6 +5,25 @@
     return el && (el.tagName === "INPUT" && el.type !== "checkbox" && el.type !== "radio" || el.tagName === "TEXTAREA" || el.tagName === "SELECT");
   }
   function go(id) { var a = document.getElementById(id); if (a) { window.location.href = a.href; } }
+  // k inside a review queue: the page before, when it was a card of the same queue (the neuron just
+  // saved or skipped); otherwise the #prev link (the neuron skipped last, or the numeric neighbour).
+  function back() {
+    var nav = document.getElementById("neighbours");
+    var card = document.getElementById("card");
+    if (nav && card && nav.dataset.queue && document.referrer && window.history.length > 1) {
+      try {
+        var ref = new URL(document.referrer);
+        var here = new URL(window.location.href);
+        var prefix = "/models/" + encodeURIComponent(card.dataset.model) + "/neurons/";
+        if (ref.origin === here.origin && ref.pathname.indexOf(prefix) === 0 && ref.pathname !== here.pathname &&
+            ref.searchParams.get("queue") === here.searchParams.get("queue")) {
+          window.history.back();
+          return;
+        }
+      } catch (e) { /* an unreadable referrer: fall back to the link */ }
+    }
+    go("prev");
+  }
   document.addEventListener("keydown", function (ev) {
     if (ev.ctrlKey || ev.metaKey || ev.altKey) { return; }
     var form = document.getElementById("annotate-form");
@@ -20,7 +39,7 @@
     if (ev.key === "/" && document.getElementById("q")) { ev.preventDefault(); document.getElementById("q").focus(); return; }
     if (ev.key === "?") { var h = document.getElementById("help"); if (h) { h.hidden = !h.hidden; } return; }
     if (ev.key === "j") { go("next"); return; }
-    if (ev.key === "k") { go("prev"); return; }
+    if (ev.key === "k") { back(); return; }
     if (ev.key === "n") { go("skip"); return; }
     if (!form) { return; }
     var radio = form.querySelector('input[type=radio][data-key="' + ev.key + '"]');
