@@ -117,8 +117,9 @@ def test_sign_in_by_keyboard(page: Any, token: str, server: str) -> None:
     page.wait_for_url(f"{server}/")
     assert f"ada-{TAG}" in page.locator("header").inner_text()
     assert token not in page.url
-    cookie = next(c for c in page.context.cookies() if c["name"] == "nc_token")
+    cookie = next(c for c in page.context.cookies() if c["name"] == "nc_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    assert token not in cookie["value"]  # a random session id, never the token (tests/test_security.py)
 
 
 def test_annotate_three_by_keyboard_as_the_queue_advances(page: Any, cat: dict[str, Any], server: str,
@@ -220,10 +221,15 @@ def test_planted_script_in_a_prefix_does_not_run(page: Any, cat: dict[str, Any],
 def test_forms_refuse_cross_site_posts(server: str, cat: dict[str, Any], token: str) -> None:
     url = f"{server}/models/{cat['name']}/neurons/0/0/annotate"
     form = {"label": "shallow", "description": "x"}
-    # with the session cookie but without the form's CSRF token (what a foreign page could send)
-    r = httpx.post(url, data=form, cookies={"nc_token": token})
+    signed = httpx.post(f"{server}/signin", data={"token": token}, headers={"Origin": server})
+    assert signed.status_code == 303
+    same_site = {"Origin": server, "Cookie": f"nc_session={signed.cookies['nc_session']}"}
+    # a foreign origin is refused before anything else (tests/test_security.py has the rest)
+    assert httpx.post(url, data=form, headers={**same_site, "Origin": "http://evil.example"}).status_code == 403
+    # with the session cookie but without the form's CSRF token, or a wrong one
+    r = httpx.post(url, data=form, headers=same_site)
     assert r.status_code == 403 and "CSRF" in r.text
-    r = httpx.post(url, data={**form, "csrf_token": "0" * 64}, cookies={"nc_token": token})
-    assert r.status_code == 403
-    r = httpx.post(url, data=form)  # no cookie at all
+    r = httpx.post(url, data={**form, "csrf_token": "0" * 64}, headers=same_site)
+    assert r.status_code == 403 and "CSRF" in r.text
+    r = httpx.post(url, data=form, headers={"Origin": server})  # no cookie at all
     assert r.status_code == 401

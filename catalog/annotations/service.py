@@ -18,6 +18,7 @@ from sqlalchemy import BigInteger, ColumnElement, and_, exists, func, insert, se
 from sqlalchemy.orm import Session
 
 from catalog.annotations import agreement as agree
+from catalog.annotations import sessions
 from catalog.annotations.schemas import (
     AgreementReport,
     AnnotationHistory,
@@ -91,6 +92,7 @@ def revoke_annotator(session: Session, name: str) -> None:
         raise Conflict(f"annotator {name!r} has no token to revoke")
     # The annotations stay; the name stays theirs, so a new token can be issued later.
     found.token_sha256, found.revoked_at = None, datetime.now(UTC)
+    sessions.end_all(session, found.id)  # every signed-in browser of theirs is signed out too
     session.flush()
 
 
@@ -134,6 +136,37 @@ def neuron_annotations(session: Session, model: str, layer: int, neuron: int) ->
         .order_by(Annotation.created_at, Annotation.id)
     ).tuples().all()
     return [_read(a, model, name, run.weights_sha256) for a, name in rows]
+
+
+# Blind first labelling, enforced wherever labels are read (README, "Annotations and the review UI"):
+# one annotator's label, description or examples of a neuron are shown only to an annotator who has
+# saved their own annotation of that neuron; readers without a token see none. Aggregates over many
+# neurons (agreement, label shares per layer, queue counts) are not per-annotator labels.
+
+
+def has_annotated(session: Session, model_id: int, layer: int, neuron: int, viewer: Annotator | None) -> bool:
+    if viewer is None:
+        return False
+    return session.scalar(select(exists().where(
+        Annotation.model_id == model_id, Annotation.layer == layer, Annotation.neuron == neuron,
+        Annotation.annotator_id == viewer.id))) or False
+
+
+def visible_annotations(session: Session, model: str, layer: int, neuron: int,
+                        viewer: Annotator | None) -> tuple[list[AnnotationRead], int]:
+    """(the current annotations of a neuron ``viewer`` may see, how many others are hidden): all of them
+    once ``viewer`` has annotated the neuron, none before, none for a reader (``viewer`` None)."""
+    every = neuron_annotations(session, model, layer, neuron)
+    if viewer is not None and any(a.annotator == viewer.name for a in every):
+        return every, 0
+    return [], len(every)
+
+
+def may_read_annotation(session: Session, model: str, layer: int, neuron: int, annotator: str,
+                        viewer: Annotator | None) -> bool:
+    """Whether ``viewer`` may read ``annotator``'s annotation (and revisions) of a neuron."""
+    entry, _ = _neuron(session, model, layer, neuron)
+    return viewer is not None and (viewer.name == annotator or has_annotated(session, entry.id, layer, neuron, viewer))
 
 
 def history(session: Session, model: str, layer: int, neuron: int, annotator: str) -> AnnotationHistory:
@@ -220,6 +253,9 @@ def save(session: Session, *, model: str, layer: int, neuron: int, annotator: An
             latest = session.scalar(select(Annotation.revision).where(key))
             if latest is None:
                 raise Conflict(f"you have no annotation of {layer}/{neuron} to revise; send base_revision null")
+            if body.base_revision > latest:  # not stale: a revision that never existed
+                raise Conflict(f"revision {body.base_revision} does not exist: the latest is {latest} "
+                               "(send base_revision from the annotation you read)")
             raise Conflict(f"revision {body.base_revision} is outdated: the latest is {latest} "
                            "(reload the neuron and edit that)")
         annotation_id, revision = got

@@ -17,8 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import exists, select
+from sqlalchemy.orm import Session, aliased
 
 from catalog.read.errors import InvalidParameter, NotFound
 from catalog.store.models import HUMAN_LABELS, Annotation, AnnotationRevision, Annotator, CatalogModel
@@ -39,8 +39,10 @@ class ImportReport:
     annotators_created: int = 0
 
 
-def rows(session: Session, model: str | None = None) -> Iterator[dict[str, Any]]:
-    """Every revision of every annotation (of ``model``, or of all models), in a stable order."""
+def rows(session: Session, model: str | None = None, *, visible_to: int | None = None) -> Iterator[dict[str, Any]]:
+    """Every revision of every annotation (of ``model``, or of all models), in a stable order; with
+    ``visible_to`` (an annotator id) only those of the neurons that annotator has annotated (blind first
+    labelling: what they may read)."""
     stmt = (
         select(CatalogModel.name, Annotation.layer, Annotation.neuron, Annotator.name, AnnotationRevision)
         .join(Annotation, Annotation.id == AnnotationRevision.annotation_id)
@@ -48,6 +50,10 @@ def rows(session: Session, model: str | None = None) -> Iterator[dict[str, Any]]
         .join(Annotator, Annotator.id == Annotation.annotator_id)
         .order_by(CatalogModel.name, Annotation.layer, Annotation.neuron, Annotator.name, AnnotationRevision.revision)
     )
+    if visible_to is not None:
+        own = aliased(Annotation)
+        stmt = stmt.where(exists().where(own.model_id == Annotation.model_id, own.layer == Annotation.layer,
+                                         own.neuron == Annotation.neuron, own.annotator_id == visible_to))
     if model is not None:
         if session.scalar(select(CatalogModel.id).where(CatalogModel.name == model)) is None:
             raise NotFound(f"no catalog named {model!r}")

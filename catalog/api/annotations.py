@@ -26,7 +26,8 @@ from catalog.store.models import Annotator
 WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     401: {"model": ErrorBody, "description": "No token, or a token that is unknown or revoked."},
-    403: {"model": ErrorBody, "description": "The annotation is another annotator's."},
+    403: {"model": ErrorBody, "description": "The annotation is another annotator's, another annotator's "
+                                             "label is hidden (blind first labelling), or a cross-origin request."},
     409: {"model": ErrorBody, "description": "Stale base_revision, or a first annotation where one exists."},
 }
 router = APIRouter(responses=WRITE_ERRORS, tags=["annotations"])
@@ -55,15 +56,36 @@ def reviewer(session: SessionDep, token: Annotated[str | None, Depends(bearer)])
     return who
 
 
+def viewer(session: SessionDep, token: Annotated[str | None, Depends(bearer)]) -> Annotator | None:
+    """Who reads (blind first labelling): None without a token; a token that is wrong is an error, not
+    a reader, so a mistyped token never looks like 'nobody has annotated this'."""
+    if token is None:
+        return None
+    who = service.authenticate(session, token)
+    if who is None:
+        raise Unauthorized("unknown or revoked token (Authorization: Bearer <token>)")
+    return who
+
+
 AnnotatorDep = Annotated[Annotator, Depends(current_annotator)]
 ReviewerDep = Annotated[Annotator, Depends(reviewer)]
+ViewerDep = Annotated[Annotator | None, Depends(viewer)]
+BLIND = ("blind first labelling: save your own annotation of this neuron before reading others' "
+         "(send your token: Authorization: Bearer <token>)")
 NEURON = "/models/{model}/neurons/{layer}/{neuron}/annotations"
 
 
-@router.get(NEURON, response_model=list[AnnotationRead])
-def list_annotations(model: ModelName, layer: LayerIndex, neuron: NeuronIndex, session: SessionDep) -> list[AnnotationRead]:
-    """Every annotator's current annotation of one neuron."""
-    return service.neuron_annotations(session, model, layer, neuron)
+@router.get(NEURON, response_model=list[AnnotationRead], responses={200: {"headers": {"X-Hidden-Annotations": {
+    "description": "How many annotations of the neuron are not shown (blind first labelling).",
+    "schema": {"type": "integer"}}}}})
+def list_annotations(model: ModelName, layer: LayerIndex, neuron: NeuronIndex, session: SessionDep, me: ViewerDep,
+                     response: Response) -> list[AnnotationRead]:
+    """Every annotator's current annotation of one neuron, once I (my token) have annotated it myself;
+    before that, and without a token, none (blind first labelling): the header X-Hidden-Annotations says
+    how many there are."""
+    shown, hidden = service.visible_annotations(session, model, layer, neuron, me)
+    response.headers["X-Hidden-Annotations"] = str(hidden)
+    return shown
 
 
 @router.put(NEURON + "/{annotator}", response_model=AnnotationRead, status_code=200,
@@ -82,8 +104,13 @@ def write_annotation(model: ModelName, layer: LayerIndex, neuron: NeuronIndex, a
 
 @router.get(NEURON + "/{annotator}/revisions", response_model=AnnotationHistory)
 def revisions(model: ModelName, layer: LayerIndex, neuron: NeuronIndex, annotator: AnnotatorName,
-              session: SessionDep) -> AnnotationHistory:
-    """One annotator's annotation of one neuron with every revision, oldest first."""
+              session: SessionDep, me: ViewerDep) -> AnnotationHistory:
+    """One annotator's annotation of one neuron with every revision, oldest first: my own, or another's
+    once I have annotated the neuron myself (blind first labelling; needs my token)."""
+    if me is None:
+        raise Unauthorized(BLIND)
+    if not service.may_read_annotation(session, model, layer, neuron, annotator, me):
+        raise Forbidden(BLIND)
     return service.history(session, model, layer, neuron, annotator)
 
 
@@ -119,11 +146,15 @@ def agreement(model: ModelName, session: SessionDep) -> AgreementReport:
 @router.get("/models/{model}/annotations/export", response_class=StreamingResponse,
             responses={200: {"content": {"application/x-ndjson": {}, "text/csv": {}},
                              "description": "One row per revision."}})
-def export_annotations(model: ModelName, session: SessionDep,
+def export_annotations(model: ModelName, session: SessionDep, me: ViewerDep,
                        format: Annotated[Literal["jsonl", "csv"], Query()] = "jsonl") -> StreamingResponse:
-    """Every revision of every annotation of this model, as JSONL or CSV (`neuron-catalog annotations import`
-    reads either back)."""
-    items = list(transfer.rows(session, model))  # read inside the request's session
+    """Every revision of the annotations of this model that I may read (needs my token): those of the
+    neurons I have annotated, mine and others' (blind first labelling), as JSONL or CSV
+    (`neuron-catalog annotations import` reads either back). The CLI's export has every annotation."""
+    if me is None:
+        raise Unauthorized("the export holds annotators' labels: send your token (Authorization: Bearer <token>); "
+                           "`neuron-catalog annotations export` exports every annotation")
+    items = list(transfer.rows(session, model, visible_to=me.id))  # read inside the request's session
     body = transfer.to_jsonl(items) if format == "jsonl" else transfer.to_csv(items)
     media = "application/x-ndjson" if format == "jsonl" else "text/csv"
     return StreamingResponse(body, media_type=media, headers={

@@ -404,3 +404,22 @@ class AnnotationRevision(Base):
     run_id: Mapped[int | None] = mapped_column(Integer)
     weights_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class UiSession(Base):
+    """A signed-in browser of the review UI (issue 15). The cookie carries only a random id; the table
+    keeps its SHA-256, so a copy of the table signs nobody in. Rotated at every sign-in, deleted at
+    sign-out, revoked with the annotator; the CSRF token of its forms is random per session."""
+
+    __tablename__ = "ui_sessions"
+    __table_args__ = (Index("ix_ui_sessions_annotator_id", "annotator_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id", ondelete="CASCADE"))
+    # Plain: the page must show it, and it is worthless without the cookie's id, which is stored hashed.
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # absolute end
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
