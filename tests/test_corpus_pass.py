@@ -595,6 +595,8 @@ def test_ablation(case: Case) -> None:
         rel: dict[str, list[float]] = {"last": [], "first": [], "random": []}
         err: dict[str, float] = {"last": 0.0, "first": 0.0, "random": 0.0}
         rows = []  # (a, a_last, a_random, prefix length) from the reference runs
+        # the neuron's typical trigger coefficient: the floor of the relative change's denominator
+        s = float(np.median([t["activation"] for t in rec["triggers"]]))
         for t in rec["triggers"]:
             a = t["activation"]
             abl = _ablated(case, t["document"], t["position"])
@@ -607,9 +609,9 @@ def test_ablation(case: Case) -> None:
                     continue
                 want = float(vec[layer, n])
                 assert got is not None and case.close(got, want), f"{where} {kind}: {got} vs {want}"
-                if a != 0:
-                    changes.append((want - a) / abs(a))
-                    err[kind] += 1e-4 * max(case.scale, abs(want)) / abs(a)
+                if s > 0:  # (a' - a) / max(|a|, s); none where the neuron has no positive s
+                    changes.append((want - a) / max(abs(a), s))
+                    err[kind] += 1e-4 * max(case.scale, abs(want)) / max(abs(a), s)
             n_tok = len(case.window_prefix(t["document"], t["position"]))
             if abl["last"] is not None and abl["random"] is not None:
                 rows.append((a, float(abl["last"][layer, n]), float(abl["random"][layer, n]), n_tok))
@@ -623,8 +625,7 @@ def test_ablation(case: Case) -> None:
             means[kind] = float(np.mean(xs))
             assert stored == pytest.approx(means[kind], abs=err[kind] / len(xs) + 1e-5), f"{where} {kind}"
         # The label's inputs: medians of the paired contrast and the context drop, in units of the
-        # neuron's median trigger coefficient, over triggers with long enough prefixes.
-        s = float(np.median([t["activation"] for t in rec["triggers"]]))
+        # neuron's median trigger coefficient s, over triggers with long enough prefixes.
         ok = [r for r in rows if r[3] >= p.label_min_prefix]
         c = np.array([(r[2] - r[1]) / s for r in ok])
         x = np.array([(r[0] - r[2]) / s for r in ok])
@@ -673,12 +674,17 @@ def test_per_layer_means(case: Case) -> None:
         agreements = [r["agreement"] for r in case.records if r["layer"] == row.layer and r["agreement"] is not None]
         assert row.mean_agreement == pytest.approx(np.mean(agreements), rel=1e-9)
         tops = [t for t in case.triggers if t.layer == row.layer and t.sign == 1]
+        coefs: dict[int, list[float]] = {}
+        for t in tops:
+            coefs.setdefault(t.neuron, []).append(t.coefficient)
+        scale = {n: float(np.median(c)) for n, c in coefs.items()}  # the neuron's typical trigger coefficient
         for kind in ("last", "first", "random"):
             changes = [
-                (getattr(t, f"coefficient_without_{kind}") - t.coefficient) / abs(t.coefficient)
-                for t in tops if getattr(t, f"coefficient_without_{kind}") is not None and t.coefficient != 0
+                (getattr(t, f"coefficient_without_{kind}") - t.coefficient) / max(abs(t.coefficient), scale[t.neuron])
+                for t in tops if getattr(t, f"coefficient_without_{kind}") is not None and scale[t.neuron] > 0
             ]
-            assert getattr(row, f"mean_ablation_{kind}") == pytest.approx(np.mean(changes), rel=1e-5, abs=1e-6)
+            # the layer's figure is the median over every trigger of the layer (the column keeps 'mean_')
+            assert getattr(row, f"mean_ablation_{kind}") == pytest.approx(np.median(changes), rel=1e-5, abs=1e-6)
 
 
 def test_export_record_fields(case: Case) -> None:
@@ -710,10 +716,13 @@ def test_signed_zeros_tie() -> None:
 
 
 def test_relative_change_of_negative_coefficients() -> None:
-    """(a' - a) / |a|: a negative top coefficient that moves towards zero has a positive change."""
-    got = relative_change(torch.tensor([-2.0, 4.0, 0.0, 1.0]), torch.tensor([-1.0, 2.0, 1.0, math.nan]))
-    assert got[:2].tolist() == [0.5, -0.5]
-    assert got[2:].isnan().all()
+    """(a' - a) / max(|a|, s): a negative top coefficient that moves towards zero has a positive change;
+    |a| below the floor s divides by s; no floor (s NaN) or a missing a' gives NaN."""
+    got = relative_change(torch.tensor([[-2.0, 4.0, 0.0, 1.0, 0.5], [1.0, 1.0, 1.0, 1.0, 1.0]]),
+                          torch.tensor([[-1.0, 2.0, 1.0, math.nan, 1.5], [2.0, 2.0, 2.0, 2.0, 2.0]]),
+                          torch.tensor([1.0, math.nan]))
+    assert got[0, :3].tolist() == [0.5, -0.5, 1.0] and got[0, 4].item() == 1.0
+    assert got[0, 3].isnan() and got[1].isnan().all()
 
 
 # --- the CLI --------------------------------------------------------------------------------

@@ -297,11 +297,22 @@ def test_layer_page_histograms_count_every_neuron(ui: httpx.Client, cats: dict[s
         if stat in WEIGHT_HISTS:
             assert len(values) == cat.d_mlp
         if stat in CORPUS_STATS:  # computed by the page, not stored: the same bins as numpy's
+            # (README, "Histograms": clipped to the 1st-99th percentiles when the full span is over 3x theirs)
             lo, hi = float(values.min()), float(values.max())
-            if lo == hi:
+            q1, q99 = (float(q) for q in np.percentile(values, [1, 99]))
+            clipped = q99 > q1 and hi - lo > 3 * (q99 - q1)
+            if clipped:
+                lo, hi = q1, q99
+            elif lo == hi:
                 lo, hi = lo - 0.5, hi + 0.5
-            want, _ = np.histogram(values, bins=40, range=(lo, hi))
-            assert counts == [int(c) for c in want if c], stat
+            want, _ = np.histogram(values[(values >= lo) & (values <= hi)], bins=40, range=(lo, hi))
+            over = [int(r.get("data-count", "0")) for r in figs[f"hist-{stat}"].svg.iter(f"{NS}rect")
+                    if r.get("data-overflow")]
+            assert sum(over) == int((values < lo).sum() + (values > hi).sum()), stat
+            bins = [c for r, c in zip((r for r in figs[f"hist-{stat}"].svg.iter(f"{NS}rect") if r.get("data-count")),
+                                      counts, strict=True) if not r.get("data-overflow")]
+            assert bins == [int(c) for c in want if c], stat
+            assert ("clipped to the 1st-99th percentile" in figs[f"hist-{stat}"].caption) == clipped, stat
 
 
 def test_layer_page_labels_links_and_figures(ui: httpx.Client, cats: dict[str, Cat]) -> None:
@@ -361,7 +372,7 @@ def test_model_page_facts_and_seed_figures(ui: httpx.Client, cats: dict[str, Cat
         means = marker_values(figs["means"].svg)
         assert close4(means[("mean alignment", layer)], float(np.mean(cols["alignment"])))
         assert close4(means[("mean bias", layer)], float(np.mean(cols["bias"])))
-        ablation = marker_values(figs["ablation"].svg)
+        ablation = marker_values(figs["ablation"].svg)  # the stored per-layer medians
         assert close4(ablation[("without last token", layer)], cat.layers[layer]["mean_ablation_last"])
         assert close4(marker_values(figs["agreement"].svg)[("mean agreement", layer)],
                       cat.layers[layer]["mean_agreement"])

@@ -274,6 +274,28 @@ def test_seed001_figure_data_matches_numpy(reports: dict[str, Report], cats: dic
         assert "seed 001" in rep.fig(key)["caption"], key
     last = ab["mean_ablation_last"][0]
     assert f"{-last * 100:.1f}%" in rep.fig("ablation")["caption"]
+    assert "median" in rep.fig("ablation")["caption"] and "max(|a|, s)" in rep.fig("ablation")["caption"]
+
+
+def test_ablation_figure_is_the_median_over_triggers(reports: dict[str, Report], cats: dict[str, Cat],
+                                                     engine: Engine) -> None:
+    """The drawn per-layer figure against the median over every trigger of (a' - a) / max(|a|, s), s the
+    neuron's median trigger coefficient, computed here from the triggers read with plain SQL."""
+    cat, ab = cats["gpt2"], reports["gpt2"].fig("ablation")["data"]
+    with engine.connect() as c:
+        rows = c.execute(text(
+            "SELECT layer, neuron, coefficient, coefficient_without_last, coefficient_without_first, "
+            "coefficient_without_random FROM triggers WHERE run_id = :r AND sign = 1"), {"r": cat.run_id}).all()
+    coefs: dict[tuple[int, int], list[float]] = {}
+    for r in rows:
+        coefs.setdefault((r[0], r[1]), []).append(r[2])
+    scale = {k: float(np.median(v)) for k, v in coefs.items()}
+    for layer in range(cat.n_layers):
+        for k, kind in enumerate(("last", "first", "random")):
+            changes = [(r[3 + k] - r[2]) / max(abs(r[2]), scale[(r[0], r[1])]) for r in rows
+                       if r[0] == layer and r[3 + k] is not None and not np.isnan(r[3 + k])
+                       and scale[(r[0], r[1])] > 0]
+            assert close(ab[f"mean_ablation_{kind}"][layer], float(np.median(changes)), rel=1e-6, abs_=1e-9), (kind, layer)
 
 
 # --- the page ---------------------------------------------------------------------------------------

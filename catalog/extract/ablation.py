@@ -17,6 +17,10 @@ neuron's coefficient at the prefix's last token:
   one pass per prefix would cost about T^2 / 2.
 
 A single-token prefix has nothing left to ablate: its ablated coefficients are NaN (stored null).
+
+Each trigger's figure is the relative change (a' - a) / max(|a|, s), s the neuron's typical trigger
+coefficient (``relative_change``); a neuron's ``ablation_*`` is its mean over the neuron's triggers,
+a layer's ``mean_ablation_*`` the median over every trigger of the layer (robust to one outlier).
 """
 
 from __future__ import annotations
@@ -195,13 +199,29 @@ def run_ablation(
     return [o.cpu() for o in out]
 
 
-def relative_change(original: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
-    """(a' - a) / |a| per trigger; NaN where either is missing or a is zero."""
-    denom = original.abs()
-    rel = (ablated - original) / denom
+def relative_change(original: torch.Tensor, ablated: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(a' - a) / max(|a|, s) per trigger [d_mlp, N], float64.
+
+    ``scale`` [d_mlp] is the neuron's typical trigger coefficient s (``labels.typical_coefficient``: the
+    median of its trigger coefficients). Dividing by |a| alone let one trigger with a near-zero
+    coefficient (0.0004 on SmolLM2 28/678) turn a modest change into 10^5 and wreck every mean above
+    it; with the floor s such a trigger's change is measured in the neuron's own units, while triggers
+    with |a| >= s (most of them) keep seed 001's (a' - a) / |a|. NaN where a or a' is missing, or the
+    neuron has no typical coefficient (s not positive: it does not fire on the corpus)."""
+    a, b = original.double(), ablated.double()
+    s = scale.double().reshape(-1, *([1] * (a.dim() - 1))) if a.dim() > 1 else scale.double()
+    denom = torch.maximum(a.abs(), s)  # NaN where s is NaN
+    rel = (b - a) / denom
     return torch.where(denom > 0, rel, torch.full_like(rel, math.nan))
 
 
 def nanmean_rows(x: torch.Tensor) -> torch.Tensor:
     """Mean of each row over its non-NaN entries (NaN for a row with none)."""
     return x.nanmean(dim=1)
+
+
+def nanmedian_all(x: torch.Tensor) -> float | None:
+    """Median (numpy's: the mean of the two middle values) over every non-NaN entry; None if there is none."""
+    v = x.double().reshape(-1)
+    v = v[~v.isnan()]
+    return None if v.numel() == 0 else float(torch.quantile(v, 0.5))

@@ -64,12 +64,21 @@ def _median(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.nanquantile(x.double(), 0.5, dim=dim)
 
 
+def typical_coefficient(a: torch.Tensor) -> torch.Tensor:
+    """The neuron's typical trigger coefficient s [d_mlp] float64: the median of its (top) trigger
+    coefficients a [d_mlp, N] (NaN where no trigger), NaN where that median is not positive (a neuron
+    that does not fire on the corpus has no scale). The unit of the label's contrast and context, and
+    the floor of the prefix ablations' relative change (``catalog.extract.ablation.relative_change``),
+    so that a tiny |a| cannot blow a ratio up."""
+    scale = _median(a.double())
+    return torch.where(scale > 0, scale, torch.full_like(scale, math.nan))
+
+
 def per_trigger(a: torch.Tensor, a_last: torch.Tensor, a_rand: torch.Tensor, lengths: torch.Tensor,
                 rule: LabelRule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[d_mlp, N] contrast and context per trigger (NaN where not eligible), and the scale [d_mlp]."""
     a, a_last, a_rand = a.double(), a_last.double(), a_rand.double()
-    scale = _median(a)
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, math.nan)).unsqueeze(1)
+    scale = typical_coefficient(a).unsqueeze(1)
     ok = (lengths >= rule.min_prefix) & a.isfinite() & a_last.isfinite() & a_rand.isfinite()
     nan = torch.full_like(a, math.nan)
     contrast = torch.where(ok, (a_rand - a_last) / scale, nan)

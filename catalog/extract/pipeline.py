@@ -174,7 +174,7 @@ class LayerRecord:
     # corpus figures; None for a weight-only run
     activation: dict[str, torch.Tensor] | None = None
     agreement: Baselines | None = None
-    ablation: dict[str, torch.Tensor] | None = None  # kind -> [d_mlp] mean relative change
+    ablation: dict[str, torch.Tensor] | None = None  # kind -> [d_mlp] mean relative change (ablation.py)
     labels: list[str | None] | None = None
     label: lab.LayerLabels | None = None  # the label rule's inputs and confidence
     firing: dict[str, torch.Tensor] | None = None  # gate_open_fraction, abs_p50/p90/p99
@@ -248,7 +248,9 @@ def _add_corpus_figures(record: LayerRecord, logits: torch.Tensor, folded: torch
     record.agreement = base
     values = top.values.cpu()
     values = torch.where(ids >= 0, values, math.nan)
-    changes = {k: abl.relative_change(values, a.ablated[k][layer]) for k in abl.ABLATIONS if k in a.ablated}
+    # (a' - a) / max(|a|, s), s the neuron's typical trigger coefficient: the label rule's scale
+    scale = lab.typical_coefficient(values)
+    changes = {k: abl.relative_change(values, a.ablated[k][layer], scale) for k in abl.ABLATIONS if k in a.ablated}
     means = {k: abl.nanmean_rows(c) for k, c in changes.items()}
     record.ablation = means
     if a.labels is not None:
@@ -265,10 +267,11 @@ def _add_corpus_figures(record: LayerRecord, logits: torch.Tensor, folded: torch
     assert base.percentiles is not None and base.percentiles_shuffled is not None
     record.stats.update(
         mean_agreement=_nanmean(base.agreement),
-        # per layer: the mean over triggers of all its neurons (seed 001's figures)
-        mean_ablation_last=_nanmean(changes["last"]) if "last" in changes else None,
-        mean_ablation_first=_nanmean(changes["first"]) if "first" in changes else None,
-        mean_ablation_random=_nanmean(changes["random"]) if "random" in changes else None,
+        # per layer: the MEDIAN over every trigger of the layer (the columns keep seed 001's 'mean_'
+        # names; a mean was wrecked by one outlying trigger)
+        mean_ablation_last=abl.nanmedian_all(changes["last"]) if "last" in changes else None,
+        mean_ablation_first=abl.nanmedian_all(changes["first"]) if "first" in changes else None,
+        mean_ablation_random=abl.nanmedian_all(changes["random"]) if "random" in changes else None,
         # baselines: means over neurons; rank percentiles: medians over every trigger of the layer
         mean_agreement_shuffled=_nanmean(base.shuffled) if base.shuffled is not None else None,
         mean_agreement_folded=_nanmean(base.folded) if base.folded is not None else None,

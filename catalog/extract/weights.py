@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from catalog import histograms
 from catalog.extract.architectures import LayerWeights
 
-HISTOGRAM_BINS = 40
+HISTOGRAM_BINS = histograms.BINS
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,10 @@ def mean_offdiagonal_cosine(vectors: torch.Tensor) -> float:
     return (total - n) / (n * (n - 1))
 
 
-def histogram(values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> dict[str, list[float] | list[int]]:
-    v = values.double()
-    lo, hi = float(v.min()), float(v.max())
-    if lo == hi:
-        lo, hi = lo - 0.5, hi + 0.5
-    counts = torch.histc(v, bins=bins, min=lo, max=hi)
-    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
-    return {"edges": edges.tolist(), "counts": [int(c) for c in counts.tolist()]}
+def histogram(values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> dict[str, object]:
+    """The stored histogram of one statistic over a layer's neurons (``catalog.histograms``' rule: the axis
+    clipped to the 1st-99th percentiles when outliers would flatten it, the rest counted apart)."""
+    return histograms.histogram(values.detach().double().cpu().numpy(), bins)
 
 
 def layer_weight_stats(w: LayerWeights, n: NeuronWeights) -> dict[str, object]:

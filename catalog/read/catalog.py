@@ -15,6 +15,7 @@ from sqlalchemy import func, select, text, true
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session
 
+from catalog import histograms as histograms_rule
 from catalog.read.errors import CatalogMissing, NotFound
 from catalog.store.models import (
     NEURON_STATS,
@@ -108,7 +109,9 @@ def layer_summaries(session: Session, name: str, *, histograms: bool = False) ->
         row.update({f: clean(getattr(stored, f)) for f in LAYER_FIELDS})
         row["label_counts"] = dict(counts[stored.layer])
         if histograms:
-            row["histograms"] = stored.histograms
+            # runs made before the clipping rule stored full-range histograms: normalised() says so
+            row["histograms"] = {k: histograms_rule.normalised(h) if isinstance(h, dict) else h
+                                 for k, h in (stored.histograms or {}).items()}
         rows.append(row)
     return rows
 

@@ -2,7 +2,8 @@
 layer's neuron statistics (for scatter plots and histograms), and human-label counts by layer.
 
 No torch here (the read side never loads it); numpy computes the histograms that the extraction
-did not store (the corpus statistics), with the same binning as the stored ones.
+did not store (the corpus statistics), with the same binning as the stored ones (``catalog.histograms``:
+the axis clipped to the 1st-99th percentiles when outliers would flatten it, the rest counted apart).
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from catalog import histograms as hist_rule
 from catalog.read.catalog import LAYER_FIELDS, clean, layer_summaries, require_run
 from catalog.read.errors import NotFound
 from catalog.store.models import NEURON_STATS, Annotation, CatalogModel, ExtractionRun, Layer, Neuron
 
-# As catalog.extract.weights.HISTOGRAM_BINS (not imported: that module loads torch).
-HISTOGRAM_BINS = 40
+HISTOGRAM_BINS = hist_rule.BINS  # catalog.extract.weights uses the same
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class LayerFigures:
     figures: dict[str, Any]  # the layers row: LAYER_FIELDS (NaN read as None)
     neurons: np.ndarray  # [d_mlp] neuron indices, ascending
     stats: dict[str, np.ndarray]  # statistic -> [d_mlp] float64, NaN where null; only stats with a value
-    histograms: dict[str, dict[str, list[Any]]]  # statistic -> {"edges", "counts"}
+    histograms: dict[str, dict[str, Any]]  # statistic -> catalog.histograms' format
     label_counts: dict[str, int]  # suggested labels in this layer
     human_counts: dict[str, int]  # annotators' current labels in this layer
 
@@ -69,17 +70,9 @@ def model_figures(session: Session, name: str) -> ModelFigures:
                         human_label_counts(session, entry))
 
 
-def numpy_histogram(values: np.ndarray, bins: int = HISTOGRAM_BINS) -> dict[str, list[Any]]:
-    """The stored histograms' format and binning (equal-width bins over [min, max], the last bin
-    closed); NaN values are left out."""
-    v = values[np.isfinite(values)]
-    if len(v) == 0:
-        return {"edges": [], "counts": []}
-    lo, hi = float(v.min()), float(v.max())
-    if lo == hi:
-        lo, hi = lo - 0.5, hi + 0.5
-    counts, edges = np.histogram(v, bins=bins, range=(lo, hi))
-    return {"edges": edges.tolist(), "counts": [int(c) for c in counts]}
+def numpy_histogram(values: np.ndarray, bins: int = HISTOGRAM_BINS) -> dict[str, Any]:
+    """The stored histograms' format and binning (``catalog.histograms.histogram``); NaN values are left out."""
+    return hist_rule.histogram(values, bins)
 
 
 def _usable(hist: Any) -> bool:
@@ -108,7 +101,8 @@ def layer_figures(session: Session, name: str, layer: int) -> LayerFigures:
             stats[stat] = col
     # Stored histograms were computed from the weights in float64; the others are computed here.
     saved = stored.histograms or {}
-    histograms = {s: saved[s] if _usable(saved.get(s)) else numpy_histogram(v) for s, v in stats.items()}
+    histograms = {s: hist_rule.normalised(saved[s]) if _usable(saved.get(s)) else numpy_histogram(v)
+                  for s, v in stats.items()}
     labels = Counter(str(x) for x in columns[-1] if x is not None)
     human = human_label_counts(session, entry, layer).get(layer, {})
     return LayerFigures(

@@ -109,7 +109,7 @@ def alignment(fig: d.Alignment, ref: d.RunRef) -> str:
             "one positively and one negatively aligned, which in later layers become a single, slightly negative "
             f"cluster. Measured mean: {per_layer(fig.layers, fig.mean)}; share of neurons with positive alignment: "
             f"{per_layer(fig.layers, fig.positive_share, pct)}{_trend(fig.layers, fig.positive_share, pct)}."
-            + gated)
+            + gated + _single_clip(fig.layers, [("alignment", fig.values)]))
 
 
 def cosines(fig: d.Cosines, ref: d.RunRef) -> str:
@@ -123,7 +123,8 @@ def cosines(fig: d.Cosines, ref: d.RunRef) -> str:
             f"pairs (key_cosine_mean, value_cosine_mean: exact). Tests {d.SEED_000}, Figure 3: the keys tend to "
             "point, at least partly, in a shared direction (mean cosine above 0), while the values are nearly "
             f"uncorrelated (around 0). Measured mean cosine of keys: {per_layer(fig.layers, fig.stored_key_mean)}; "
-            f"of values: {per_layer(fig.layers, fig.stored_value_mean)}.")
+            f"of values: {per_layer(fig.layers, fig.stored_value_mean)}."
+            + _single_clip(fig.layers, [("keys", fig.keys), ("values", fig.values)], bins=50))
 
 
 def ablation(fig: d.Ablation, ref: d.RunRef) -> str:
@@ -131,8 +132,10 @@ def ablation(fig: d.Ablation, ref: d.RunRef) -> str:
         return fig.note
     drops = {k: [None if v is None else -v for v in vs] for k, vs in
              (("last", fig.last), ("first", fig.first), ("random", fig.random))}
-    return ("Drop of the top triggers' memory coefficients (the negated mean relative change (a'-a)/|a| over all "
-            f"triggers of a layer) when the prefix's last token, its first token or a random other token is removed. "
+    return ("Drop of the top triggers' memory coefficients (the negated median, over every trigger of a layer, of "
+            "the relative change (a'-a)/max(|a|, s), s the neuron's median trigger coefficient: a floor, so a "
+            "near-zero coefficient cannot blow the ratio up, and a median, so one outlying trigger cannot move a "
+            f"layer) when the prefix's last token, its first token or a random other token is removed. "
             f"Tests {d.SEED_001}, 'change in memory coefficient': removing the last token lowers the coefficient "
             "most, by 60% or more in lower layers and by about 40% in upper layers, and the first or a random token "
             f"by up to 25%, most in low layers. Measured drop without the last token: "
@@ -153,7 +156,15 @@ def contrast(fig: d.Contrast, ref: d.RunRef) -> str:
             f"Tests the finding of {d.SEED_001} that patterns are shallow in lower layers and semantic in upper ones, "
             "with the random removal as the control for 'any change lowers a maximum' (so the contrast should fall "
             f"with depth). Measured median contrast: {per_layer(fig.layers, med)}{_trend(fig.layers, med)}; median "
-            f"context drop: {per_layer(fig.layers, ctx)}.{_rule(fig.rule)}")
+            f"context drop: {per_layer(fig.layers, ctx)}.{_rule(fig.rule)}"
+            + _single_clip(fig.layers, [("label_contrast", fig.contrast), ("label_context", fig.context)]))
+
+
+def _single_clip(layers: Sequence[int], named: Sequence[tuple[str, dict[int, Any]]], bins: int = 40) -> str:
+    """A one-layer figure draws histograms: say how each one's axis was clipped, if it was ('' otherwise)."""
+    if len(layers) != 1:
+        return ""
+    return d.clip_notes([(name, values[layers[0]]) for name, values in named if layers[0] in values], bins)
 
 
 def agreement(fig: d.Agreement, ref: d.RunRef) -> str:

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from sqlalchemy import and_, func, select, text
 from sqlalchemy.orm import Session
 
+from catalog import histograms as hist_rule
 from catalog.annotations.agreement import cohen_kappa
 from catalog.read.catalog import require_run
 from catalog.store.models import Annotation, Layer, Neuron
@@ -120,6 +121,18 @@ def nanmean(a: FloatArray) -> float | None:
 def nanmedian(a: FloatArray) -> float | None:
     v = finite(a)
     return float(np.median(v)) if len(v) else None
+
+
+def histogram(a: FloatArray, bins: int = hist_rule.BINS) -> dict[str, Any]:
+    """A one-layer figure's histogram: ``catalog.histograms``' bins, the axis clipped to the 1st-99th
+    percentiles when outliers would flatten it (the values beyond counted in ``below``/``above``)."""
+    return hist_rule.histogram(a, bins)
+
+
+def clip_notes(named: Sequence[tuple[str, FloatArray]], bins: int = hist_rule.BINS) -> str:
+    """' <name>: <how its axis was clipped>' for each named histogram that was clipped ('' if none)."""
+    notes = [f"{name}: {note}" for name, v in named if (note := hist_rule.clip_note(histogram(v, bins)))]
+    return "".join(f" {n}" for n in notes)
 
 
 @dataclass(frozen=True)
@@ -380,12 +393,13 @@ def _clean(v: Any) -> float | None:
     return None if v is None or not math.isfinite(float(v)) else float(v)
 
 
-# seed 001: change of the memory coefficient when a token is removed (stored per-layer means)
+# seed 001: change of the memory coefficient when a token is removed (the stored per-layer figures: the
+# median over every trigger of the layer, in columns that keep seed 001's mean_ names)
 
 
 @dataclass(frozen=True)
 class Ablation(FigureData):
-    last: list[float | None] = field(default_factory=list)  # mean relative change (a' - a) / |a|
+    last: list[float | None] = field(default_factory=list)  # median relative change (a' - a) / max(|a|, s)
     first: list[float | None] = field(default_factory=list)
     random: list[float | None] = field(default_factory=list)
 

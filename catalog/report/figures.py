@@ -67,6 +67,25 @@ def _series(ax: Axes, layers: Sequence[int], values: Sequence[float | None], lab
     return True
 
 
+def _hist(ax: Axes, values: np.ndarray, colour: str, bins: int = 40) -> None:
+    """A histogram on the rule of ``catalog.histograms``: when outliers would flatten it, the axis is
+    clipped to the 1st-99th percentiles and the values beyond are drawn as grey bars past each end."""
+    h = d.histogram(values, bins)
+    edges, counts = np.array(h["edges"], dtype=np.float64), np.array(h["counts"], dtype=np.float64)
+    if len(counts) == 0:
+        return
+    ax.stairs(counts, edges, fill=True, color=colour)
+    width = float(edges[-1] - edges[0]) / len(counts)
+    for side, c, x in (("below", h["below"], edges[0] - 1.5 * width), ("above", h["above"], edges[-1] + 1.5 * width)):
+        if c:
+            ax.bar([x], [c], width=1.6 * width, color="#bab0ac", edgecolor="#777777", linewidth=0.5)
+            ax.text(x, c, f"{'<' if side == 'below' else '>'}{edges[0] if side == 'below' else edges[-1]:.3g}\n{c}",
+                    ha="center", va="bottom", fontsize=7, color="#555555")
+    if h["clipped"]:
+        ax.text(0.99, 0.98, f"clipped to the 1st-99th percentiles: {h['below']} below, {h['above']} above (grey)",
+                transform=ax.transAxes, ha="right", va="top", fontsize=7, color="#555555")
+
+
 def _zero(ax: Axes) -> None:
     ax.axhline(0.0, color="#999999", linewidth=0.8, linestyle="--")
 
@@ -151,7 +170,7 @@ def alignment(fig_data: d.Alignment, ref: d.RunRef) -> Figure:
     if len(layers) == 1:
         fig = _new(7.0, 4.0)
         ax = fig.subplots()
-        ax.hist(fig_data.values[layers[0]], bins=40, color="#4e79a7")
+        _hist(ax, fig_data.values[layers[0]], "#4e79a7")
         ax.set_xlabel("alignment cos(k_i, v_i)")
         ax.set_ylabel("neurons")
     else:
@@ -175,7 +194,7 @@ def cosines(fig_data: d.Cosines, ref: d.RunRef) -> Figure:
             ("keys", fig_data.keys, fig_data.stored_key_mean, "#4e79a7"),
             ("values", fig_data.values, fig_data.stored_value_mean, "#f28e2b")), strict=True):
         if single:
-            ax.hist(vals.get(layers[0], np.array([])), bins=50, color=colour)
+            _hist(ax, vals.get(layers[0], np.array([])), colour, bins=50)
             if stored[0] is not None:
                 ax.axvline(stored[0], color="black", linestyle="--", label=f"mean over all pairs {stored[0]:.3g}")
                 ax.legend(fontsize=8)
@@ -247,7 +266,7 @@ def contrast(fig_data: d.Contrast, ref: d.RunRef) -> Figure:
         if single:
             v = vals.get(layers[0], np.array([]))
             if len(v):
-                ax.hist(v, bins=40, color=colour)
+                _hist(ax, v, colour)
             ax.axvline(0.0, color="#999999", linewidth=0.8)
             ax.set_xlabel(name)
             ax.set_ylabel("neurons")

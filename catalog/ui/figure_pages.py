@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from markupsafe import Markup
 
+from catalog import histograms as hist_rule
 from catalog.annotations import service as annotation_service
 from catalog.api.deps import SessionDep
 from catalog.read import figures
@@ -171,10 +172,12 @@ def seed001_plots(rows: list[dict[str, Any]], human: dict[int, dict[str, int]]) 
             {"without last token": _column(rows, "mean_ablation_last"),
              "without first token": _column(rows, "mean_ablation_first"),
              "without a random token": _column(rows, "mean_ablation_random")},
-            title="Change of the trigger coefficient when a token is removed", y_label="mean relative change",
+            title="Change of the trigger coefficient when a token is removed", y_label="median relative change",
             xs=xs),
-            "Mean relative change (a'-a)/|a| of the top triggers' coefficients when the prefix's last, first or a "
-            "random token is removed (seed 001: removing the last token lowers it most, by 60%+ in lower layers "
+            "Median over every top trigger of a layer of the relative change (a'-a)/max(|a|, s) of its coefficient "
+            "when the prefix's last, first or a random token is removed, s the neuron's median trigger coefficient "
+            "(a floor, so a near-zero coefficient cannot blow the ratio up; the median, so one outlying trigger "
+            "cannot move a layer) (seed 001: removing the last token lowers it most, by 60%+ in lower layers "
             "and about 40% in upper ones, the first or a random token by up to 25%)."))
         out.append(_figure("agreement", plots.line_chart(
             {"mean agreement": _column(rows, "mean_agreement")}, title="Agreement by layer",
@@ -233,10 +236,12 @@ def histogram_plots(data: figures.LayerFigures) -> list[Plot]:
     for stat, hist in data.histograms.items():
         seed = SEED_000 if stat in WEIGHT_STATS else SEED_001
         n = int(sum(hist.get("counts", [])))
+        n += int(hist.get("below") or 0) + int(hist.get("above") or 0)
         svg = plots.histogram(hist, title=f"Layer {data.layer}: {STAT_NAMES.get(stat, stat)}", x_label=stat)
+        clip = hist_rule.clip_note(hist, plots.num)
         out.append(_figure(f"hist-{stat}", svg,
                            f"Distribution of {stat} over {n} neurons of the layer ({seed}): "
-                           f"{STAT_MEANINGS.get(stat, '')}"))
+                           f"{STAT_MEANINGS.get(stat, '')}" + (f" {clip}" if clip else "")))
     return out
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from html import escape
 from itertools import pairwise
+from typing import Any
 
 import numpy as np
 
@@ -360,13 +361,21 @@ def stacked_bars(counts: Sequence[Mapping[str, int]], *, title: str, categories:
 # --- histogram ------------------------------------------------------------------------------------
 
 
-def histogram(hist: Mapping[str, Sequence[float]] | None, *, title: str, x_label: str, y_label: str = "neurons",
+OVERFLOW_COLOUR = "#bab0ac"
+OVERFLOW_PX = 34  # room at each end of a clipped histogram for its overflow bar
+
+
+def histogram(hist: Mapping[str, Any] | None, *, title: str, x_label: str, y_label: str = "neurons",
               width: int = WIDTH, height: int = HEIGHT) -> str:
-    """Bars of a stored histogram ``{"edges": [b+1 floats], "counts": [b ints]}``."""
+    """Bars of a histogram in ``catalog.histograms``' format (``{"edges": [b+1 floats], "counts": [b ints]}``,
+    optionally ``below``/``above``: values beyond a clipped axis). Values below or above the clipped range
+    are drawn as a grey bar at that end of the axis (``data-overflow``), outside the scale: the x ticks
+    cover the bins only."""
     if not hist:
         return no_data(title)
     edges = [float(e) for e in hist.get("edges", [])]
     counts = [int(c) for c in hist.get("counts", [])]
+    below, above = int(hist.get("below") or 0), int(hist.get("above") or 0)
     well_formed = (len(edges) == len(counts) + 1 and bool(counts) and all(map(math.isfinite, edges))
                    and all(a <= b for a, b in pairwise(edges)))
     if not well_formed:
@@ -374,10 +383,16 @@ def histogram(hist: Mapping[str, Sequence[float]] | None, *, title: str, x_label
     if edges[-1] == edges[0]:  # every value equal: give the bins a width around it
         pad = abs(edges[0]) * 0.1 or 0.5
         edges = np.linspace(edges[0] - pad, edges[0] + pad, len(counts) + 1).tolist()
-    total = sum(counts)
+    total = sum(counts) + below + above
     if total == 0:
         return no_data(title)
-    f = frame([edges[0], edges[-1]], [0.0, float(max(counts))], width=width, height=height, y_integer=True)
+    f = frame([edges[0], edges[-1]], [0.0, float(max(counts + [below, above]))], width=width, height=height,
+              y_integer=True)
+    if below or above:  # the bins' scale stops at the clipped range; each overflow bar gets a slot outside it
+        a, b = f.left + (OVERFLOW_PX if below else 0), f.right - (OVERFLOW_PX if above else 0)
+        slack = 1e-9 * max(abs(edges[0]), abs(edges[-1]))
+        ticks = [t for t in f.x_ticks if edges[0] - slack <= t <= edges[-1] + slack]
+        f = replace(f, x=Scale(edges[0], edges[-1], a, b), x_ticks=ticks or [edges[0], edges[-1]])
     body = _axes(f, x_label, y_label)
     body.append('<g class="bars" fill="#4e79a7">')
     for k, c in enumerate(counts):
@@ -391,5 +406,24 @@ def histogram(hist: Mapping[str, Sequence[float]] | None, *, title: str, x_label
         body.append(f'<rect x="{_px(x0)}" y="{_px(y0)}" width="{_px(max(x1 - x0 - 0.5, 0.5))}" '
                     f'height="{_px(f.bottom - y0)}" data-count="{c}"><title>{esc(tip)}</title></rect>')
     body.append("</g>")
-    return _svg("histogram", f"{title} (histogram, n = {total})", body, width=width, height=height, title=title,
-                attrs={"data-n": str(total)})
+    label = f"{title} (histogram, n = {total})"
+    if below or above:
+        body.append(f'<g class="overflow" fill="{OVERFLOW_COLOUR}">')
+        for side, c, x0 in (("below", below, f.left + 4), ("above", above, f.right - OVERFLOW_PX + 4)):
+            if not c:
+                continue
+            edge = edges[0] if side == "below" else edges[-1]
+            extreme = hist.get("min" if side == "below" else "max")
+            beyond = (f" ({'down' if side == 'below' else 'up'} to {num(float(extreme))})"
+                      if extreme is not None and _finite(extreme) else "")
+            tip = f"{x_label} {'<' if side == 'below' else '>'} {num(edge)}{beyond}: {c} (outside the clipped axis)"
+            y0 = f.y(c)
+            body.append(f'<rect x="{_px(x0)}" y="{_px(y0)}" width="{_px(OVERFLOW_PX - 8)}" '
+                        f'height="{_px(f.bottom - y0)}" data-count="{c}" data-overflow="{side}">'
+                        f'<title>{esc(tip)}</title></rect>')
+            body.append(f'<text x="{_px(x0 + (OVERFLOW_PX - 8) / 2)}" y="{_px(y0 - 3)}" text-anchor="middle" '
+                        f'font-size="9" fill="#555">{"&lt;" if side == "below" else "&gt;"}{esc(num(edge))}</text>')
+        body.append("</g>")
+        label += f", {below} below and {above} above the clipped axis [{num(edges[0])}, {num(edges[-1])}]"
+    return _svg("histogram", label, body, width=width, height=height, title=title,
+                attrs={"data-n": str(total), "data-below": str(below), "data-above": str(above)})
