@@ -107,7 +107,7 @@ def build(vocab_texts: list[str], corpus_lines: list[str]) -> dict[str, float]:
         prefixes=SimpleNamespace(documents=torch.from_numpy(docs), positions=torch.tensor([len(t.split()) - 1 for t in texts])),
         prefix_token=torch.from_numpy(rng.integers(0, vocab, N_PREFIXES)),
         prefix_next=torch.from_numpy(np.where(rng.random(N_PREFIXES) < 0.05, -1, rng.integers(0, vocab, N_PREFIXES))),
-        prefix_text=texts,
+        prefix_text=texts, prefix_text_after=None,
     )
     with engine.connect() as conn, conn.begin():
         writer = RunWriter(conn.connection.driver_connection, run_id)

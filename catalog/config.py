@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import Field
@@ -37,10 +38,45 @@ class Settings(BaseSettings):
     # 0.91 at 400, 0.948 at 800, 0.960 at 1000 on the GPT-2-XL-sized benchmark, docs/benchmarks.md).
     hnsw_ef_search: int = 400
     hnsw_ef_search_ranking: int = 1000
+    # Token ranking with order=rank (README, "Token ranking orders"): ranks up to the stored top tokens
+    # come from value_tokens; beyond them every neuron in range is ranked over the whole vocabulary
+    # when (neurons x vocabulary) is at most this, and otherwise this many candidates (nearest values
+    # by cosine, at least 2x the neurons still wanted) are.
+    rank_exact_max_logits: int = 20_000_000
+    rank_candidates: int = 200
     # A search query running longer than this is cancelled (503) rather than holding a connection.
     statement_timeout_ms: int = 10_000
     # Longest text POST /probe accepts, in tokens (the run's window caps it too).
     probe_max_tokens: int = 256
+
+    # Bounded pattern search (part 6; README "Design notes"). A q that the neurons' lexeme sets do
+    # not decide alone (several words, a phrase, an exclusion) is checked per prefix, on at most
+    # this many prefixes (found through the prefixes' GIN index) ...
+    pattern_prefixes_max: int = Field(default=5_000, ge=1)
+    # ... or, when more prefixes match, on at most this many candidate neurons (each up to top_n
+    # prefixes); beyond both, q is refused (422: too broad). sort=relevance needs the same bound.
+    pattern_candidates_max: int = Field(default=2_000, ge=1)
+    # A search page's total is counted exactly up to this many neurons, estimated above.
+    search_total_max: int = Field(default=10_000, ge=0)
+    # Expensive requests (pattern search, token ranking, similar, probe) running at once per server
+    # process; keep it below the API engine's connection pool (5 + 10 overflow), so /healthz and
+    # cheap requests always find a connection. One more waits up to expensive_wait_s, then 429.
+    expensive_concurrency: int = Field(default=4, ge=1)
+    expensive_wait_s: float = Field(default=2.0, ge=0)
+    # Per client IP, a token bucket over every request but /healthz and /static: this many requests
+    # a second on average, bursts of rate_limit_burst; beyond, 429 with Retry-After. 0 turns it off.
+    rate_limit_per_s: float = Field(default=100.0, ge=0)
+    rate_limit_burst: int = Field(default=1_000, ge=1)
+
+    # Review UI sign-in (README, "Design notes"). Origins, besides the request's own, that may send
+    # POST/PUT/PATCH/DELETE: comma-separated scheme://host[:port] (e.g. the public URL when a proxy
+    # rewrites Host). The session cookie's Secure flag: auto = when the request is https (as uvicorn
+    # sees it, X-Forwarded-Proto from its trusted proxies included), or forced true / false.
+    trusted_origins: str = ""
+    cookie_secure: Literal["auto", "true", "false"] = "auto"
+    # A UI session ends after this long without a request, and at the latest this long after sign-in.
+    session_idle_hours: float = Field(default=12, gt=0)
+    session_max_days: float = Field(default=7, gt=0)
 
     @property
     def model_cache_dir(self) -> Path:

@@ -13,6 +13,7 @@ from catalog.read import catalog, search, vectors
 from catalog.read.errors import InvalidParameter
 from catalog.read.schemas import (
     STAT_MEANINGS,
+    TOKEN_ORDERS,
     ErrorBody,
     LayerInfo,
     ModelInfo,
@@ -21,6 +22,7 @@ from catalog.read.schemas import (
     RunInfo,
     SearchPage,
     SimilarPage,
+    TokenOrder,
     TokenRanking,
 )
 from catalog.store.models import HUMAN_LABELS, LABELS, NEURON_STATS, PROJECTIONS
@@ -39,7 +41,7 @@ ModelName = Annotated[str, Path(max_length=200, description="Catalog entry name 
 LayerIndex = Annotated[int, Path(ge=0, le=32767, description="0-based layer.")]
 NeuronIndex = Annotated[int, Path(ge=0, le=2**31 - 1, description="0-based neuron within the layer.")]
 LayerBound = Annotated[int | None, Query(ge=0, le=32767)]
-SORTS = tuple(k for key in search.SORT_KEYS for k in (key, "-" + key))
+SORTS = (*(k for key in search.SORT_KEYS for k in (key, "-" + key)), search.RELEVANCE)
 Sort = Literal[SORTS]  # type: ignore[valid-type]
 Label = Literal[LABELS]  # type: ignore[valid-type]
 HumanLabel = Literal[HUMAN_LABELS]  # type: ignore[valid-type]
@@ -76,7 +78,8 @@ _search_fields.update({
     "annotator": (str | None, Field(None, max_length=100, description="Annotated by this annotator.")),
     "sort": (Sort | None, Field(None, description=(
         "A figure to sort by, '-' first for descending; ties by (layer, neuron) in the same direction; neurons "
-        "without the figure come last. Default: layer, neuron."))),
+        "without the figure come last. Default: layer, neuron. 'relevance' (with q only): by the coefficient of "
+        "the neuron's best trigger matching q, descending."))),
     "limit": (int, Field(50, ge=1, le=search.MAX_LIMIT, description="Page size.")),
     "cursor": (str | None, Field(None, max_length=2000, description="next_cursor of the previous page.")),
 })
@@ -85,8 +88,15 @@ SearchParams: type[BaseModel] = create_model(  # type: ignore[call-overload]
 )
 
 
+def check_layer_range(layer_min: int | None, layer_max: int | None) -> None:
+    """An empty range is a mistake, not a question with no answer: 422 rather than an empty page."""
+    if layer_min is not None and layer_max is not None and layer_min > layer_max:
+        raise InvalidParameter(f"layer_min: {layer_min} is above layer_max {layer_max}")
+
+
 def search_query(p: dict[str, Any]) -> search.SearchQuery:
     """A SearchQuery from validated SearchParams fields (shared with the review queue and the UI)."""
+    check_layer_range(p.get("layer_min"), p.get("layer_max"))
     ranges = tuple((s, b, p[f"{b}_{s}"]) for s in NEURON_STATS for b in ("min", "max") if p.get(f"{b}_{s}") is not None)
     return search.SearchQuery(
         layers=tuple(p.get("layer") or ()), layer_min=p.get("layer_min"), layer_max=p.get("layer_max"), ranges=ranges,
@@ -163,11 +173,15 @@ def token_ranking(
     layer_min: LayerBound = None,
     layer_max: LayerBound = None,
     projection: Annotated[Projection, Query(description=PROJECTION_HELP)] = "raw",
+    order: Annotated[TokenOrder, Query(description="How to rank the neurons (the answer's order says which was "
+                                       "used): " + " ".join(f"{o}: {m}" for o, m in TOKEN_ORDERS.items()))] = "logit",
 ) -> TokenRanking:
-    """The neurons whose value vector gives this token the highest logit v_i.e_token, over every value
-    vector of the layers asked for (not only each neuron's stored top tokens)."""
+    """The neurons that promote this token most, over every value vector of the layers asked for (not only
+    each neuron's stored top tokens): by its logit v_i.e_token (default), its rank among the neuron's own
+    logits, the cosine, or the logit times a typical coefficient; every item carries all four figures."""
+    check_layer_range(layer_min, layer_max)
     return vectors.token_ranking(session, model, token, k=k, layer_min=layer_min, layer_max=layer_max,
-                                 projection=projection)
+                                 projection=projection, order=order)
 
 
 @router.get("/models/{model}/neurons/{layer}/{neuron}/similar", response_model=SimilarPage, tags=["neurons"])
@@ -179,4 +193,5 @@ def similar(
     layer_max: LayerBound = None,
 ) -> SimilarPage:
     """Nearest neighbours of one neuron by cosine of their key or value vectors (the neuron itself left out)."""
+    check_layer_range(layer_min, layer_max)
     return vectors.similar(session, model, layer, neuron, space=space, k=k, layer_min=layer_min, layer_max=layer_max)

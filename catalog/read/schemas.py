@@ -32,10 +32,13 @@ STAT_MEANINGS: dict[str, str] = {
                  "top token under the raw projection (see agreement_triggers for N; compare "
                  "agreement_shuffled and top_token_frequency, the chance levels).",
     "next_token_mean_rank": "Mean 1-based rank of the triggers' next tokens in v_i . E^T (vocabulary/2 = chance).",
-    "ablation_last": "Mean relative change (a'-a)/|a| of the trigger coefficient when the prefix's last token "
-                     "is removed (seed 001's figure; mostly selection, see label_contrast).",
-    "ablation_first": "Mean relative change when the window's first token is removed.",
-    "ablation_random": "Mean relative change when one random token other than the last is removed.",
+    "ablation_last": "Mean over the triggers of the relative change (a'-a)/max(|a|, s) of the trigger coefficient "
+                     "when the prefix's last token is removed, s the neuron's median trigger coefficient (a floor "
+                     "for near-zero coefficients; (a'-a)/|a| wherever |a| >= s). Seed 001's figure; mostly "
+                     "selection, see label_contrast.",
+    "ablation_first": "Mean relative change (a'-a)/max(|a|, s) when the window's first token is removed.",
+    "ablation_random": "Mean relative change (a'-a)/max(|a|, s) when one random token other than the last is "
+                       "removed.",
     "gate_open_fraction": "Fraction of corpus positions where the key pre-activation is > 0: gate.x > 0 for "
                           "gated MLPs (their firing rate), x.k + b > 0 for GELU/ReLU (equal to "
                           "activation_positive_fraction there).",
@@ -123,9 +126,13 @@ class LayerInfo(BaseModel):
     key_cosine_mean: float | None = None
     value_cosine_mean: float | None = None
     mean_agreement: float | None = None
-    mean_ablation_last: float | None = None
-    mean_ablation_first: float | None = None
-    mean_ablation_random: float | None = None
+    mean_ablation_last: float | None = Field(None, description="MEDIAN (despite the name, kept from seed 001) "
+                                             "over every trigger of the layer of (a'-a)/max(|a|, s) without the "
+                                             "last token; see ablation_last.")
+    mean_ablation_first: float | None = Field(None, description="Median over every trigger of the layer of the "
+                                              "relative change without the window's first token.")
+    mean_ablation_random: float | None = Field(None, description="Median over every trigger of the layer of the "
+                                               "relative change without one random other token.")
     mean_agreement_shuffled: float | None = Field(None, description="Mean agreement_shuffled: the chance level.")
     mean_agreement_folded: float | None = None
     agreement_top1_rate: float | None = Field(None, description="Geva et al.'s top-1 trigger agreement rate.")
@@ -136,7 +143,10 @@ class LayerInfo(BaseModel):
     median_label_contrast: float | None = None
     median_label_context: float | None = None
     label_counts: dict[str, int] = Field(default_factory=dict, description="Suggested labels in this layer.")
-    histograms: dict[str, Any] = Field(default_factory=dict)
+    histograms: dict[str, Any] = Field(default_factory=dict, description="Per statistic {edges, counts, below, "
+                                       "above, min, max, clipped, quantiles, n}: 40 bins over [min, max], or, when "
+                                       "clipped (the full span is over 3x the 1st-99th percentile span), over the "
+                                       "1st-99th percentiles with the values beyond counted in below/above.")
 
 
 class TokenLogit(BaseModel):
@@ -226,6 +236,16 @@ class TopTrigger(BaseModel):
     next_token: str | None
 
 
+class MatchingTrigger(BaseModel):
+    """A positive trigger whose prefix matches the search's ``q``, with the matched words marked."""
+
+    text: str = Field(description="The trigger prefix (untrusted corpus text).")
+    activation: float = Field(description="The memory coefficient at the trigger.")
+    next_token: str | None
+    spans: list[list[int]] = Field(description="[start, end) character offsets in text of the words q looks "
+                                   "for (every occurrence, as the 'simple' configuration splits words), in order.")
+
+
 class NeuronSummary(NeuronStats):
     """A search hit: the figures, the value's five top tokens and the strongest trigger."""
 
@@ -233,6 +253,9 @@ class NeuronSummary(NeuronStats):
     neuron: int
     top_tokens: list[TokenLogit]
     top_trigger: TopTrigger | None
+    matching_triggers: list[MatchingTrigger] | None = Field(
+        None, description="With q only: up to 3 of the neuron's positive triggers whose prefix matches q, "
+        "strongest first (empty when only an annotation description matched); null without q.")
 
 
 class ResolvedToken(BaseModel):
@@ -246,20 +269,60 @@ class ResolvedToken(BaseModel):
 class SearchPage(Page[NeuronSummary]):
     resolved_tokens: dict[str, ResolvedToken] = Field(
         default_factory=dict, description="For token, trigger_token and next_token: the token ids they matched.")
+    total: int | None = Field(None, description="How many neurons pass the filters (all pages): exact when "
+                              "total_exact, else the planner's estimate (above CATALOG_SEARCH_TOTAL_MAX).")
+    total_exact: bool | None = Field(None, description="Whether total is an exact count.")
+
+
+# The orders of token ranking (GET /models/{m}/tokens/{token}/neurons?order=...): one line each.
+TOKEN_ORDERS: dict[str, str] = {
+    "logit": "v_i . e_token, highest first: what the token receives per unit coefficient (large-norm values win).",
+    "rank": "the token's 1-based rank among the neuron's own logits over the whole vocabulary, lowest first "
+            "(1 = its top token; norm-free); ties by cosine.",
+    "cosine": "cos(v_i, e_token), highest first: the value's direction only, norm-free.",
+    "effect": "abs_coefficient_p99 x logit, highest first: the logit scaled by a strong, typical coefficient "
+              "(the neuron's 99th-percentile |coefficient| over the corpus); neurons without corpus figures "
+              "are left out, and a catalog without any answers 409.",
+}
+TokenOrder = Literal["logit", "rank", "cosine", "effect"]
 
 
 class RankedNeuron(BaseModel):
+    """One neuron of a token ranking with every figure behind the orders (e_token below is the
+    unembedding row of ``token_id``, times the final norm's gain with projection=folded)."""
+
     layer: int
     neuron: int
-    logit: float = Field(description="v_i . e_token with E as stored (raw unembedding).")
-    token_id: int = Field(description="Which of the resolved tokens this logit is for.")
+    token_id: int = Field(description="Which of the resolved tokens these figures are for (a word naming two "
+                          "tokens ranks each neuron by its better one under the order).")
+    logit: float = Field(description="v_i . e_token: what the token receives per unit coefficient.")
+    rank: int | None = Field(description="1-based rank of the token among the neuron's logits over the whole "
+                             "vocabulary (1 + the tokens with a higher logit). Exact for every item with "
+                             "order=rank; otherwise from the stored top tokens, null when beyond them (rank > "
+                             "stored_top_tokens).")
+    cosine: float = Field(description="cos(v_i, e_token).")
     value_norm: float
+    coefficient: float | None = Field(description="The typical coefficient of effect: abs_coefficient_p99, the "
+                                      "neuron's 99th-percentile |coefficient| over the corpus (within 6.25%); "
+                                      "null without corpus figures.")
+    activation_max: float | None = Field(description="The highest coefficient seen in the corpus (for "
+                                         "comparison with coefficient).")
+    effect: float | None = Field(description="coefficient x logit; null without corpus figures.")
 
 
 class TokenRanking(Page[RankedNeuron]):
-    token: ResolvedToken
+    resolved_tokens: dict[str, ResolvedToken] = Field(description="How the path's token was read, as search's "
+                                                      "resolved_tokens: {'token': {given, token_ids, tokens}}.")
+    order: TokenOrder = Field(description="The order of the items: " + " ".join(
+        f"{k}: {v}" for k, v in TOKEN_ORDERS.items()))
     method: Literal["exact", "hnsw"] = Field(description="exact: every value vector in range was scored; "
                                               "hnsw: candidates from the HNSW index, re-scored exactly.")
+    complete: bool = Field(description="true when the items are provably the first k of the order over the "
+                           "layers asked for. false: hnsw (approximate recall), or order=rank beyond the stored "
+                           "top tokens, where only candidates (the nearest values by cosine) had their rank "
+                           "computed; their ranks are exact either way.")
+    stored_top_tokens: int = Field(description="How many top tokens per neuron the catalog stores: ranks up to "
+                                   "this are read from them.")
 
 
 class SimilarNeuron(BaseModel):

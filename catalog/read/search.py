@@ -10,6 +10,17 @@ through the triggers primary key) are checked exactly.
 Pages are keyset pages in (sort value, layer, neuron) order, so no neuron is repeated or skipped
 across pages; neurons lacking the sorted figure (null) come last, in (layer, neuron) order. The
 cursor names the run it was made on: pages never mix runs.
+
+Bounded patterns (part 6): a pattern that the lexeme sets decide alone (one word, words joined by
+OR, a word repeated) needs nothing more. Any other needs the per-prefix check, and it is only run
+on a bounded set: the prefixes that match (counted through the prefixes' GIN index with a LIMIT,
+at most ``pattern_prefixes_max``; the neurons are then found from them through the triggers'
+(document, position) index), else the candidate neurons of the lexeme sets (at most
+``pattern_candidates_max``, each with at most top_n prefixes). Beyond both the pattern is refused
+(422, "too broad") instead of running into the statement timeout. ``sort=relevance`` (the best
+matching trigger's coefficient, descending) needs the same bound. Each hit of a pattern search
+carries up to three matching triggers with the matched words' character spans, and every page the
+number of neurons that pass (exact up to ``search_total_max``, the planner's estimate above).
 """
 
 from __future__ import annotations
@@ -38,9 +49,17 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import TSQUERY
 from sqlalchemy.orm import Session
 
+from catalog.config import settings
 from catalog.read.catalog import clean, require_run
 from catalog.read.errors import InvalidParameter
-from catalog.read.schemas import NeuronSummary, ResolvedToken, SearchPage, TokenLogit, TopTrigger
+from catalog.read.schemas import (
+    MatchingTrigger,
+    NeuronSummary,
+    ResolvedToken,
+    SearchPage,
+    TokenLogit,
+    TopTrigger,
+)
 from catalog.read.tokens import clean_arg, resolve_token
 from catalog.store.models import (
     HUMAN_LABELS,
@@ -58,6 +77,8 @@ from catalog.store.models import (
 )
 
 SORT_KEYS = ("layer", *NEURON_STATS)
+RELEVANCE = "relevance"  # with q only: the best matching trigger's coefficient, descending
+MATCHING_TRIGGERS = 3
 MAX_LIMIT = 500
 MAX_Q = 500
 SUMMARY_TOKENS = 5
@@ -69,8 +90,19 @@ P = Prefix.__table__
 VT = ValueToken.__table__
 A = Annotation.__table__
 CONFIG: ColumnElement[Any] = literal_column(f"'{TEXT_SEARCH_CONFIG}'::regconfig")
-_SINGLE_LEXEME = re.compile(r"^'(?:[^']|'')+'$")
 _PHRASE_OP = re.compile(r"<(?:\d+|-)>")
+_LEXEME = re.compile(r"'((?:[^']|'')+)'")
+# Tokens of the default text-search parser that are followed by their parts (a hyphenated word, a
+# URL): they take no room of their own when the parts' offsets are summed up.
+_COMPOUND_TOKENS = "('asciihword', 'hword', 'numhword', 'url')"
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    full: str  # the query as tsquery text (per prefix)
+    loose: str | None  # over a neuron's lexeme set; None when there is none (only exclusions)
+    decided: bool  # the lexeme sets decide alone: no per-prefix check
+    words: tuple[str, ...]  # the lexemes looked for (not excluded): highlighted in matching triggers
 
 
 @dataclass(frozen=True)
@@ -120,9 +152,12 @@ class _Cursor:
 def _order(sort: str | None) -> _Order:
     if sort is None or sort == "":
         return _Order("layer", False)
+    if sort == RELEVANCE:
+        return _Order(RELEVANCE, True)
     key, descending = (sort[1:], True) if sort.startswith("-") else (sort, False)
     if key not in SORT_KEYS:
-        raise InvalidParameter(f"sort: unknown figure {key!r}; one of {', '.join(SORT_KEYS)} ('-' for descending)")
+        raise InvalidParameter(f"sort: unknown figure {key!r}; one of {', '.join(SORT_KEYS)} ('-' for descending), "
+                               f"or {RELEVANCE} (with q)")
     return _Order(key, descending)
 
 
@@ -168,6 +203,108 @@ def _tsquery(session: Session, q: str) -> tuple[str, str | None]:
     return full, None if tree == "T" else _PHRASE_OP.sub("&", tree)
 
 
+def _pattern(session: Session, q: str) -> _Pattern:
+    full, loose = _tsquery(session, q)
+    words = tuple(dict.fromkeys(w.replace("''", "'") for w in _LEXEME.findall(loose or "")))
+    ops = _LEXEME.sub("L", full)
+    decided = False
+    if loose is not None and "!" not in ops and "<" not in ops:
+        if "&" not in ops:
+            decided = True  # words joined by OR: some prefix has one iff the neuron's lexeme set has one
+        elif "|" not in ops and len(set(_LEXEME.findall(full))) == 1:
+            # the same word repeated ("a a a"): that word
+            decided, full = True, _LEXEME.search(full).group(0)  # type: ignore[union-attr]
+            loose = full
+    return _Pattern(full, loose, decided, words)
+
+
+def _count(session: Session, stmt: Select[Any], cap: int) -> int:
+    """How many rows ``stmt`` has, counted up to cap + 1; through indexes (a sequential scan would not stop
+    early when the rows are sparse)."""
+    before = session.scalar(text("SELECT current_setting('enable_seqscan') || left(set_config('enable_seqscan', "
+                                 "'off', true), 0)"))
+    try:
+        return int(session.scalar(select(func.count()).select_from(stmt.limit(cap + 1).subquery())) or 0)
+    finally:
+        session.execute(text("SELECT set_config('enable_seqscan', :v, true)"), {"v": before})
+
+
+def _prefix_match(full: str) -> ColumnElement[bool]:
+    return func.to_tsvector(CONFIG, P.c.text).op("@@")(cast(full, TSQUERY))
+
+
+@dataclass
+class _Plan:
+    """How a pattern is served: the relevance of a hit (the best matching trigger's coefficient), if asked."""
+
+    pattern: _Pattern
+    relevance: Any = None
+
+
+def _plan_pattern(session: Session, run_id: int, q: str, pat: _Pattern, described: list[tuple[int, int]],
+                  conds: list[ColumnElement[bool]], joins: list[Any], needs_search: bool | None,
+                  relevance: bool) -> tuple[bool | None, _Plan]:
+    """Add the pattern's conditions (and joins) within the bounds; returns needs_search and the plan."""
+    plan = _Plan(pat)
+    loose = S.c.terms.op("@@")(cast(pat.loose, TSQUERY)) if pat.loose is not None else None
+    exact = exists(
+        select(1).select_from(T.join(P, and_(P.c.run_id == T.c.run_id, P.c.document == T.c.document,
+                                              P.c.position == T.c.position)))
+        .where(T.c.run_id == N.c.run_id, T.c.layer == N.c.layer, T.c.neuron == N.c.neuron, T.c.sign == 1,
+               _prefix_match(pat.full))
+    )
+    pattern: list[ColumnElement[bool]] | None = None
+    if pat.decided and not relevance:
+        pattern = [loose]  # type: ignore[list-item]  # one word needs no second look: the lexeme set says it all
+    else:
+        pmax, cmax = settings.pattern_prefixes_max, settings.pattern_candidates_max
+        prefixes = (_count(session, select(P.c.document).where(P.c.run_id == run_id, _prefix_match(pat.full)), pmax)
+                    if pat.loose is not None else pmax + 1)
+        if prefixes <= pmax:
+            # Few prefixes match: the neurons come from them (triggers' (document, position) index), each with
+            # its best matching coefficient; no lexeme set or per-neuron check is needed.
+            hits = (select(T.c.layer, T.c.neuron, func.max(T.c.coefficient).label("relevance"))
+                    .select_from(P.join(T, and_(T.c.run_id == P.c.run_id, T.c.document == P.c.document,
+                                                T.c.position == P.c.position)))
+                    .where(P.c.run_id == run_id, T.c.sign == 1, _prefix_match(pat.full))
+                    .group_by(T.c.layer, T.c.neuron).subquery("matched"))
+            plan.relevance = hits.c.relevance
+            if described:
+                joins.append(("outer", hits))
+                conds.append(or_(hits.c.layer.is_not(None), tuple_(N.c.layer, N.c.neuron).in_(described)))
+            else:
+                joins.append(hits)
+            return needs_search, plan
+        candidates = [*conds, *([loose] if loose is not None else [])]
+        n = _count(session, _base(candidates, joins, True if loose is not None else needs_search), cmax)
+        if n > cmax:
+            what = "sort=relevance: q" if pat.decided else "q"
+            raise InvalidParameter(
+                f"{what}: too broad: {q!r} matches more than {pmax:,} trigger prefixes and more than {cmax:,} "
+                "neurons' trigger words; add a rarer word or narrow the search (e.g. by layer)")
+        pattern = [*([loose] if loose is not None else []), *([] if pat.decided else [exact])]
+        plan.relevance = (
+            select(T.c.coefficient)
+            .select_from(T.join(P, and_(P.c.run_id == T.c.run_id, P.c.document == T.c.document,
+                                        P.c.position == T.c.position)))
+            .where(T.c.run_id == N.c.run_id, T.c.layer == N.c.layer, T.c.neuron == N.c.neuron, T.c.sign == 1,
+                   _prefix_match(pat.full))
+            .order_by(T.c.rank).limit(1).scalar_subquery()
+        )
+    uses_search = loose is not None
+    # Annotation descriptions match too (part 4). They are few (people write them), so the
+    # matching neurons are listed first and the prefix plan stays as it was when none match.
+    if described:
+        conds.append(or_(and_(*pattern), tuple_(N.c.layer, N.c.neuron).in_(described)))
+        if uses_search and needs_search is not True:
+            needs_search = None  # outer join: a described neuron may lack search terms
+    else:
+        conds.extend(pattern)
+        if uses_search:
+            needs_search = True
+    return needs_search, plan
+
+
 def _annotated_by(model_id: int, *where: ColumnElement[bool]) -> ColumnElement[bool]:
     return exists(select(1).where(A.c.model_id == model_id, A.c.layer == N.c.layer, A.c.neuron == N.c.neuron,
                                   *where))
@@ -183,11 +320,14 @@ def _description_matches(session: Session, model_id: int, full: str) -> list[tup
 
 def _conditions(session: Session, run_id: int, n_layers: int, value_top: int, vocab: int,
                 query: SearchQuery, model_id: int = 0,
-                ) -> tuple[list[ColumnElement[bool]], list[Any], bool | None, dict[str, ResolvedToken]]:
+                ) -> tuple[list[ColumnElement[bool]], list[Any], bool | None, dict[str, ResolvedToken], _Plan | None]:
     """WHERE conditions on N (and S when the third value is True, outer-joined when it is None),
-    subqueries of (layer, neuron) to join, and the tokens resolved."""
+    subqueries of (layer, neuron) to join (("outer", subquery) for an outer join), the tokens resolved,
+    and how the pattern is served (None without q)."""
     conds: list[ColumnElement[bool]] = [N.c.run_id == run_id]
     joins: list[Any] = []
+    pat: _Pattern | None = None
+    described: list[tuple[int, int]] = []
     needs_search: bool | None = False
     resolved: dict[str, ResolvedToken] = {}
     for layer in (*query.layers, query.layer_min, query.layer_max):
@@ -213,27 +353,8 @@ def _conditions(session: Session, run_id: int, n_layers: int, value_top: int, vo
         q = clean_arg(query.q).strip()
         if not q or len(q) > MAX_Q:
             raise InvalidParameter(f"q: give a pattern of 1-{MAX_Q} characters")
-        full, loose = _tsquery(session, q)
-        needs_search = True
-        pattern: list[ColumnElement[bool]] = []
-        if loose is not None:
-            pattern.append(S.c.terms.op("@@")(cast(loose, TSQUERY)))
-        if loose is None or not _SINGLE_LEXEME.match(full):
-            # one word needs no second look: the lexeme set says it all
-            pattern.append(exists(
-                select(1).select_from(T.join(P, and_(P.c.run_id == T.c.run_id, P.c.document == T.c.document,
-                                                      P.c.position == T.c.position)))
-                .where(T.c.run_id == N.c.run_id, T.c.layer == N.c.layer, T.c.neuron == N.c.neuron, T.c.sign == 1,
-                       func.to_tsvector(CONFIG, P.c.text).op("@@")(cast(full, TSQUERY)))
-            ))
-        # Annotation descriptions match too (part 4). They are few (people write them), so the
-        # matching neurons are listed first and the prefix plan stays as it was when none match.
-        described = _description_matches(session, model_id, full)
-        if described:
-            conds.append(or_(and_(*pattern), tuple_(N.c.layer, N.c.neuron).in_(described)))
-            needs_search = None  # outer join: a described neuron may lack search terms
-        else:
-            conds.extend(pattern)
+        pat = _pattern(session, q)
+        described = _description_matches(session, model_id, pat.full)
     if query.token is not None:
         if not 1 <= query.token_rank <= value_top:
             raise InvalidParameter(f"token_rank: must be 1-{value_top} (the run stores the top {value_top} tokens)")
@@ -264,7 +385,11 @@ def _conditions(session: Session, run_id: int, n_layers: int, value_top: int, vo
         if annotator_id is None:
             raise InvalidParameter(f"annotator: no annotator named {query.annotator!r}")
         conds.append(_annotated_by(model_id, A.c.annotator_id == annotator_id))
-    return conds, joins, needs_search, resolved
+    plan = None
+    if pat is not None:  # last: its bounds are counted under every other filter
+        needs_search, plan = _plan_pattern(session, run_id, clean_arg(query.q or "").strip(), pat, described, conds,
+                                           joins, needs_search, query.sort == RELEVANCE)
+    return conds, joins, needs_search, resolved, plan
 
 
 def _base(conds: list[ColumnElement[bool]], joins: list[Any], needs_search: bool | None) -> Select[Any]:
@@ -274,8 +399,48 @@ def _base(conds: list[ColumnElement[bool]], joins: list[Any], needs_search: bool
         on = and_(S.c.run_id == N.c.run_id, S.c.layer == N.c.layer, S.c.neuron == N.c.neuron)
         source = source.join(S, on) if needs_search else source.outerjoin(S, on)
     for sub in joins:
-        source = source.join(sub, and_(sub.c.layer == N.c.layer, sub.c.neuron == N.c.neuron))
+        outer = isinstance(sub, tuple)
+        sub = sub[1] if outer else sub
+        on = and_(sub.c.layer == N.c.layer, sub.c.neuron == N.c.neuron)
+        source = source.outerjoin(sub, on) if outer else source.join(sub, on)
     return select(*cols).select_from(source).where(*conds)
+
+
+def _fetch_relevance(session: Session, base: Select[Any], relevance: Any, after: _Cursor | None,
+                     n: int) -> list[tuple[str, Any]]:
+    """:func:`_fetch` for sort=relevance, descending (ties by (layer, neuron) descending); hits without a
+    matching trigger (an annotation description matched) last in (layer, neuron) order."""
+    # OFFSET 0 keeps the subquery whole: flattened, the relevance subquery would run once per mention
+    hits = base.add_columns(relevance.label(RELEVANCE)).offset(0).subquery("hits")
+    c = hits.c
+    rows: list[tuple[str, Any]] = []
+    if after is None or after.phase == "v":
+        stmt = select(hits).where(c.relevance.is_not(None))
+        if after is not None:
+            stmt = stmt.where(tuple_(c.relevance, c.layer, c.neuron) < (after.value, after.layer, after.neuron))
+        rows = [("v", r) for r in session.execute(
+            stmt.order_by(c.relevance.desc(), c.layer.desc(), c.neuron.desc()).limit(n)).all()]
+    if len(rows) < n:
+        stmt = select(hits).where(c.relevance.is_(None))
+        if after is not None and after.phase == "n":
+            stmt = stmt.where(tuple_(c.layer, c.neuron) > (after.layer, after.neuron))
+        rows += [("n", r) for r in session.execute(stmt.order_by(c.layer, c.neuron).limit(n - len(rows))).all()]
+    return rows
+
+
+def _total(session: Session, base: Select[Any]) -> tuple[int | None, bool | None]:
+    """(how many neurons pass the filters, whether that is exact): counted up to search_total_max, above it
+    the planner's estimate."""
+    bound = settings.search_total_max
+    if bound <= 0:
+        return None, None
+    n = _count(session, base, bound)
+    if n <= bound:
+        return n, True
+    compiled = base.compile(dialect=session.get_bind().dialect, compile_kwargs={"render_postcompile": True})
+    got: Any = session.connection().exec_driver_sql("EXPLAIN (FORMAT JSON) " + str(compiled), compiled.params).scalar()
+    explained = json.loads(got) if isinstance(got, str) else got
+    return max(bound + 1, int(explained[0]["Plan"]["Plan Rows"])), False
 
 
 def _fetch(session: Session, base: Select[Any], order: _Order, after: _Cursor | None, n: int) -> list[tuple[str, Any]]:
@@ -322,7 +487,35 @@ LEFT JOIN tokens nt ON nt.run_id = p.run_id AND nt.token_id = p.next_token_id
 """)
 
 
-def _summaries(session: Session, run_id: int, rows: list[Any], projection: str = "raw") -> list[NeuronSummary]:
+# A hit's matching triggers as JSON (``{o}``: the row with its layer and neuron; :run, :full, :words):
+# up to MATCHING_TRIGGERS of its positive triggers whose prefix matches q, strongest first, each with
+# the [start, end) character spans of the words looked for. The spans come from the parser's tokens
+# in order (ts_debug), their lengths summed up: the offsets are Postgres' own reading of the words.
+_MATCHING_JSON = f"""coalesce((
+    SELECT json_agg(json_build_object('text', m.text, 'activation', m.coefficient, 'next_token', m.next_token,
+                                      'spans', m.spans) ORDER BY m.rank)
+    FROM (SELECT tr.rank, tr.coefficient, p.text, nt.text AS next_token, (
+              SELECT coalesce(json_agg(json_build_array(d.pos, d.pos + length(d.token)) ORDER BY d.pos), '[]')
+              FROM (SELECT x.token, x.alias, x.lexemes,
+                           coalesce(sum(length(x.token)) FILTER (WHERE x.alias NOT IN {_COMPOUND_TOKENS})
+                                    OVER (ORDER BY x.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS pos
+                    FROM ts_debug('{TEXT_SEARCH_CONFIG}'::regconfig, p.text) WITH ORDINALITY
+                         AS x(alias, description, token, dictionaries, dictionary, lexemes, ord)) d
+              WHERE d.alias NOT IN {_COMPOUND_TOKENS} AND d.lexemes && CAST(:words AS text[])) AS spans
+          FROM triggers tr
+          JOIN prefixes p ON p.run_id = tr.run_id AND p.document = tr.document AND p.position = tr.position
+          LEFT JOIN tokens nt ON nt.run_id = p.run_id AND nt.token_id = p.next_token_id
+          WHERE tr.run_id = :run AND tr.layer = {{o}}.layer AND tr.neuron = {{o}}.neuron AND tr.sign = 1
+            AND to_tsvector('{TEXT_SEARCH_CONFIG}'::regconfig, p.text) @@ CAST(:full AS tsquery)
+          ORDER BY tr.rank LIMIT {MATCHING_TRIGGERS}) m), '[]')"""
+_MATCHING_SQL = text(f"""
+SELECT k.layer, k.neuron, ({_MATCHING_JSON.format(o="k")})::text
+FROM unnest(CAST(:layers AS smallint[]), CAST(:neurons AS int[])) AS k(layer, neuron)
+""")
+
+
+def _summaries(session: Session, run_id: int, rows: list[Any], projection: str = "raw",
+               pattern: _Pattern | None = None) -> list[NeuronSummary]:
     """The page's neurons with their five top tokens and strongest trigger (two queries for the page)."""
     if not rows:
         return []
@@ -334,17 +527,34 @@ def _summaries(session: Session, run_id: int, rows: list[Any], projection: str =
         (layer, neuron): TopTrigger(text=txt, activation=coef, next_token=nxt)
         for layer, neuron, coef, txt, nxt in session.execute(_TOP_TRIGGER_SQL, keys).tuples()
     }
+    matching: dict[tuple[int, int], list[MatchingTrigger]] = {}
+    if pattern is not None:
+        for layer, neuron, got in session.execute(_MATCHING_SQL, {**keys, "full": pattern.full,
+                                                                 "words": list(pattern.words)}).tuples():
+            matching[(layer, neuron)] = [MatchingTrigger.model_validate(m) for m in json.loads(got)]
     out = []
     for r in rows:
         fields = {s: clean(getattr(r, s)) for s in NEURON_STATS}
         out.append(NeuronSummary(layer=r.layer, neuron=r.neuron, suggested_label=r.suggested_label,
                                  top_tokens=tokens[(r.layer, r.neuron)], top_trigger=top.get((r.layer, r.neuron)),
+                                 matching_triggers=matching.get((r.layer, r.neuron)) if pattern is not None else None,
                                  **fields))
     return out
 
 
-def _page(session: Session, name: str, query: SearchQuery) -> tuple[int, list[Any], str | None, dict[str, ResolvedToken]]:
-    """(run id, the page's rows, next cursor, resolved tokens) of one search page."""
+@dataclass
+class _PageRows:
+    run_id: int
+    rows: list[Any]
+    next_cursor: str | None
+    resolved: dict[str, ResolvedToken]
+    pattern: _Pattern | None
+    total: int | None
+    total_exact: bool | None
+
+
+def _page(session: Session, name: str, query: SearchQuery) -> _PageRows:
+    """The rows of one search page, its next cursor, the tokens resolved, the pattern and the total."""
     entry, run = require_run(session, name)
     if not 1 <= query.limit <= MAX_LIMIT:
         raise InvalidParameter(f"limit: must be 1-{MAX_LIMIT}")
@@ -354,9 +564,16 @@ def _page(session: Session, name: str, query: SearchQuery) -> tuple[int, list[An
     fingerprint = hashlib.sha256(f"{name}\n{query.fingerprint()}".encode()).hexdigest()[:16]
     after = decode_cursor(query.cursor, run.id, fingerprint) if query.cursor else None
     value_top = int((run.parameters or {}).get("value_top", 30))
-    conds, joins, needs_search, resolved = _conditions(session, run.id, entry.n_layers, value_top, entry.vocab_size,
-                                                       query, entry.id)
-    rows = _fetch(session, _base(conds, joins, needs_search), order, after, query.limit + 1)
+    if order.key == RELEVANCE and query.q is None:
+        raise InvalidParameter(f"sort: {RELEVANCE} needs q (it orders by the best trigger matching q)")
+    conds, joins, needs_search, resolved, plan = _conditions(session, run.id, entry.n_layers, value_top,
+                                                             entry.vocab_size, query, entry.id)
+    base = _base(conds, joins, needs_search)
+    if order.key == RELEVANCE:
+        assert plan is not None and plan.relevance is not None
+        rows = _fetch_relevance(session, base, plan.relevance, after, query.limit + 1)
+    else:
+        rows = _fetch(session, base, order, after, query.limit + 1)
     page, more = rows[: query.limit], len(rows) > query.limit
     next_cursor = None
     if more:
@@ -365,13 +582,20 @@ def _page(session: Session, name: str, query: SearchQuery) -> tuple[int, list[An
         value = float(last.layer) if order.key == "layer" else None if phase == "n" else float(getattr(last, order.key))
         next_cursor = encode_cursor(run.id, fingerprint, _Cursor(phase, value if phase == "v" else None,
                                                                  last.layer, last.neuron))
-    return run.id, [r for _, r in page], next_cursor, resolved
+    total: int | None
+    exact: bool | None
+    if after is None and not more:
+        total, exact = len(page), True  # one page holds them all: no count needed
+    else:
+        total, exact = _total(session, base)
+    return _PageRows(run.id, [r for _, r in page], next_cursor, resolved, plan.pattern if plan else None, total, exact)
 
 
 def search(session: Session, name: str, query: SearchQuery) -> SearchPage:
     """One page of the neurons of ``name``'s current run that pass every filter of ``query``."""
-    run_id, rows, next_cursor, resolved = _page(session, name, query)
-    return SearchPage(items=_summaries(session, run_id, rows, query.projection), next_cursor=next_cursor, resolved_tokens=resolved)
+    p = _page(session, name, query)
+    return SearchPage(items=_summaries(session, p.run_id, p.rows, query.projection, p.pattern), next_cursor=p.next_cursor,
+                      resolved_tokens=p.resolved, total=p.total, total_exact=p.total_exact)
 
 
 def _num(column: str) -> str:
@@ -379,8 +603,8 @@ def _num(column: str) -> str:
 
 
 # The page's NeuronSummary items, in page order, as JSON text built by Postgres in one statement
-# (what _summaries assembles from two queries and pydantic).
-_SUMMARIES_JSON_SQL = text(f"""
+# (what _summaries assembles from two or three queries and pydantic).
+_SUMMARIES_JSON = f"""
 SELECT coalesce(json_agg(json_build_object(
     {", ".join(f"'{f}', {_num('n.' + f)}" for f in NEURON_STATS)}, 'suggested_label', n.suggested_label,
     'layer', n.layer, 'neuron', n.neuron,
@@ -394,29 +618,36 @@ SELECT coalesce(json_agg(json_build_object(
         FROM triggers tr
         JOIN prefixes p ON p.run_id = tr.run_id AND p.document = tr.document AND p.position = tr.position
         LEFT JOIN tokens nt ON nt.run_id = p.run_id AND nt.token_id = p.next_token_id
-        WHERE tr.run_id = n.run_id AND tr.layer = n.layer AND tr.neuron = n.neuron AND tr.sign = 1 AND tr.rank = 0)
+        WHERE tr.run_id = n.run_id AND tr.layer = n.layer AND tr.neuron = n.neuron AND tr.sign = 1 AND tr.rank = 0),
+    'matching_triggers', {{matching}}
     ) ORDER BY k.ord), '[]')::text
 FROM unnest(CAST(:layers AS smallint[]), CAST(:neurons AS int[])) WITH ORDINALITY AS k(layer, neuron, ord)
 JOIN neurons n ON n.run_id = :run AND n.layer = k.layer AND n.neuron = k.neuron
-""")
+"""
+_SUMMARIES_JSON_SQL = text(_SUMMARIES_JSON.format(matching="NULL"))
+_SUMMARIES_MATCHING_JSON_SQL = text(_SUMMARIES_JSON.format(matching=_MATCHING_JSON.format(o="n")))
 
 
 def search_json(session: Session, name: str, query: SearchQuery) -> str:
     """:func:`search` as the JSON text of a SearchPage: the API's search route sends it as it is."""
-    run_id, rows, next_cursor, resolved = _page(session, name, query)
+    p = _page(session, name, query)
     items = "[]"
-    if rows:
-        items = str(session.execute(_SUMMARIES_JSON_SQL, {"run": run_id, "layers": [r.layer for r in rows],
-                                                          "neurons": [r.neuron for r in rows],
-                                                          "conv": query.projection}).scalar())
-    tokens = json.dumps({k: v.model_dump() for k, v in resolved.items()})
-    return f'{{"items": {items}, "next_cursor": {json.dumps(next_cursor)}, "resolved_tokens": {tokens}}}'
+    if p.rows:
+        params = {"run": p.run_id, "layers": [r.layer for r in p.rows], "neurons": [r.neuron for r in p.rows],
+                  "conv": query.projection}
+        if p.pattern is not None:
+            params.update(full=p.pattern.full, words=list(p.pattern.words))
+        stmt = _SUMMARIES_MATCHING_JSON_SQL if p.pattern is not None else _SUMMARIES_JSON_SQL
+        items = str(session.execute(stmt, params).scalar())
+    tokens = json.dumps({k: v.model_dump() for k, v in p.resolved.items()})
+    return (f'{{"items": {items}, "next_cursor": {json.dumps(p.next_cursor)}, "resolved_tokens": {tokens}, '
+            f'"total": {json.dumps(p.total)}, "total_exact": {json.dumps(p.total_exact)}}}')
 
 
 def filtered(session: Session, entry: Any, run: Any, query: SearchQuery) -> Select[Any]:
     """The neurons of ``run`` that pass every filter of ``query`` (its sort and cursor ignored), unordered:
     the review queue orders and limits this itself."""
     value_top = int((run.parameters or {}).get("value_top", 30))
-    conds, joins, needs_search, _ = _conditions(session, run.id, entry.n_layers, value_top, entry.vocab_size,
-                                                query, entry.id)
+    conds, joins, needs_search, _, _ = _conditions(session, run.id, entry.n_layers, value_top, entry.vocab_size,
+                                                   query, entry.id)
     return _base(conds, joins, needs_search)

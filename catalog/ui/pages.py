@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import json
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 from sqlalchemy import text
 
-from catalog.annotations import service
+from catalog.annotations import service, sessions
 from catalog.annotations.schemas import AnnotationWrite
 from catalog.api.annotations import QueueParams
 from catalog.api.deps import SessionDep, WriteSessionDep
 from catalog.api.routes import SearchParams, search_query
+from catalog.config import settings
 from catalog.read import catalog, search, vectors
 from catalog.read.errors import InvalidParameter, ReadError, Unauthorized
 from catalog.read.schemas import STAT_MEANINGS
@@ -65,7 +66,12 @@ def home(request: Request, session: SessionDep, user: auth.PageUser) -> HTMLResp
 
 @router.get("/signin", response_class=HTMLResponse)
 def signin_form(request: Request, user: auth.PageUser, next: str = "/") -> HTMLResponse:
-    return render(request, "signin.html", {"title": "Sign in", "next": _safe_next(next), "error": None})
+    return render(request, "signin.html", _signin_context(next, None))
+
+
+def _signin_context(next: str, error: str | None) -> dict[str, Any]:
+    return {"title": "Sign in", "next": _safe_next(next), "error": error,
+            "idle_hours": f"{settings.session_idle_hours:g}", "max_days": f"{settings.session_max_days:g}"}
 
 
 def _safe_next(target: str) -> str:
@@ -74,24 +80,31 @@ def _safe_next(target: str) -> str:
 
 
 @router.post("/signin", response_class=HTMLResponse)
-def signin(request: Request, session: SessionDep, token: Annotated[str, Form(max_length=200)] = "",
+def signin(request: Request, session: WriteSessionDep, token: Annotated[str, Form(max_length=200)] = "",
            next: Annotated[str, Form(max_length=2000)] = "/") -> Response:
+    # (A cross-origin post never gets here: catalog.web_security refuses it, so no page elsewhere can
+    # sign this browser in as someone else.)
     who = service.authenticate(session, token.strip())
     if who is None:
-        request.state.user, request.state.csrf_token = None, ""
-        return render(request, "signin.html", {"title": "Sign in", "next": _safe_next(next),
-                                                "error": "Unknown or revoked token."}, status_code=401)
+        auth.resolve(request, session)  # whoever was signed in stays signed in
+        return render(request, "signin.html", _signin_context(next, "Unknown or revoked token."), status_code=401)
+    # A new random session at every sign-in; the browser's previous one (if any) is revoked.
+    session_id, _ = sessions.start(session, who, replacing=auth.session_id(request))
     response = RedirectResponse(_safe_next(next), status_code=303)
-    response.set_cookie(auth.COOKIE, token.strip(), httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https", max_age=30 * 24 * 3600, path="/")
+    auth.set_session_cookie(request, response, session_id)
     return response
 
 
-@router.post("/signout")
-def signout(request: Request, csrf_token: Annotated[str, Form()] = "") -> Response:
-    auth.check_csrf(request, csrf_token)
+@router.post("/signout", response_class=HTMLResponse)
+def signout(request: Request, session: WriteSessionDep, csrf_token: Annotated[str, Form(max_length=200)] = "") -> Response:
+    auth.resolve(request, session)
+    try:
+        auth.check_csrf(request, csrf_token)
+    except auth.CsrfFailed as exc:
+        return _error_page(request, exc)
+    sessions.end(session, auth.session_id(request) or "")
     response = RedirectResponse("/", status_code=303)
-    response.delete_cookie(auth.COOKIE, path="/")
+    auth.clear_session_cookie(request, response)
     return response
 
 
@@ -125,11 +138,11 @@ def _card_context(request: Request, session: SessionDep, user: Any, model: str, 
                   *, error: str | None = None, draft: dict[str, Any] | None = None) -> dict[str, Any]:
     entry, run = catalog.require_run(session, model)
     rec = json.loads(catalog.neuron_record_json(session, model, layer, neuron))
-    annotations = service.neuron_annotations(session, model, layer, neuron)
+    # Blind first labelling: others' labels show once I have saved mine; readers see none (the API's rule).
+    annotations, hidden = service.visible_annotations(session, model, layer, neuron, user)
     mine = next((a for a in annotations if user is not None and a.annotator == user.name), None)
     history = service.history(session, model, layer, neuron, user.name).revisions if mine is not None else []
-    # Blind first labelling: others' labels show once I have saved mine (readers see them all).
-    others_visible = user is None or mine is not None
+    others_visible = mine is not None
     tokens = _trigger_tokens(session, run.id, rec["triggers"] + (rec.get("negative_triggers") or []))
     top_coef = max((abs(t["activation"]) for t in rec["triggers"]), default=0.0) or 1.0
 
@@ -146,7 +159,7 @@ def _card_context(request: Request, session: SessionDep, user: Any, model: str, 
         "title": f"{model} {layer}/{neuron}", "entry": entry, "run": run, "rec": rec, "model": model,
         "layer": layer, "neuron": neuron, "triggers": rows(rec["triggers"]),
         "negative": rows(rec.get("negative_triggers") or []), "annotations": annotations, "mine": mine,
-        "history": history, "others_visible": others_visible,
+        "history": history, "others_visible": others_visible, "hidden_count": hidden,
         "mine_examples": {f"{e.document}:{e.position}" for e in mine.examples} if mine else set(),
         "others": [a for a in annotations if mine is None or a.annotator != mine.annotator],
         "stats": [(s, rec.get(s), STAT_MEANINGS[s]) for s in NEURON_STATS], "labels": HUMAN_LABELS,
@@ -155,9 +168,36 @@ def _card_context(request: Request, session: SessionDep, user: Any, model: str, 
         "projection": projection,
         "top_tokens": rec["value_top_tokens_folded" if projection == "folded" else "value_top_tokens"],
         "bottom_tokens": rec["value_bottom_tokens_folded" if projection == "folded" else "value_bottom_tokens"],
-        "prev": (layer, neuron - 1) if neuron > 0 else (layer - 1, entry.d_mlp - 1) if layer > 0 else None,
-        "next": (layer, neuron + 1) if neuron + 1 < entry.d_mlp else (layer + 1, 0) if layer + 1 < entry.n_layers else None,
+        "nav": _nav(entry, model, layer, neuron, queue),
     }
+
+
+def _nav(entry: Any, model: str, layer: int, neuron: int, queue: str) -> dict[str, Any]:
+    """The card's neighbour links as (href, text), or None: ``prev`` / ``next`` are what k / j follow.
+
+    Outside a queue they are the numerically adjacent neurons. Inside one (``queue`` is the page's queue
+    query string) next is the queue's next neuron (this one skipped, as n does) and previous the neuron
+    skipped last on the way here, taken off the skip list (app.js goes back in the browser's history
+    instead when the page before was a card of the same queue, e.g. one just saved). The numeric
+    neighbours stay as ``prev_neuron`` / ``next_neuron``, without the queue.
+    """
+    m = quote(model, safe="")
+    before = (layer, neuron - 1) if neuron > 0 else (layer - 1, entry.d_mlp - 1) if layer > 0 else None
+    after = (layer, neuron + 1) if neuron + 1 < entry.d_mlp else (layer + 1, 0) if layer + 1 < entry.n_layers else None
+    prev_n = (f"/models/{m}/neurons/{before[0]}/{before[1]}", f"{before[0]}/{before[1]}") if before else None
+    next_n = (f"/models/{m}/neurons/{after[0]}/{after[1]}", f"{after[0]}/{after[1]}") if after else None
+    if not queue:
+        return {"prev": prev_n, "next": next_n, "prev_neuron": None, "next_neuron": None}
+    items = parse_qsl(queue, keep_blank_values=False)
+    nxt = (f"/models/{m}/review?" + urlencode([*items, ("skip", f"{layer}-{neuron}")]), "next in queue")
+    prev = None
+    skips = [i for i, (k, v) in enumerate(items) if k == "skip"]
+    if skips:
+        a, _, b = items[skips[-1]][1].partition("-")
+        if a.isdigit() and b.isdigit():
+            rest = items[:skips[-1]] + items[skips[-1] + 1:]
+            prev = (f"/models/{m}/neurons/{int(a)}/{int(b)}?" + urlencode(rest), f"previous in queue ({a}/{b})")
+    return {"prev": prev, "next": nxt, "prev_neuron": prev_n, "next_neuron": next_n}
 
 
 @router.get("/models/{model}/neurons/{layer}/{neuron}", response_class=HTMLResponse)
@@ -200,7 +240,7 @@ def annotate(request: Request, model: str, layer: int, neuron: int, session: Wri
             ctx = _card_context(request, session, user, model, layer, neuron, error=str(exc), draft=draft)
         except ReadError as inner:
             return _error_page(request, inner)
-        ctx["queue"] = queue
+        ctx["queue"], ctx["nav"] = queue, _nav(ctx["entry"], model, layer, neuron, queue)
         return render(request, "card.html", ctx, status_code=exc.status)
     session.commit()
     target = f"/models/{model}/review?{queue}" if queue else f"/models/{model}/neurons/{layer}/{neuron}?saved=1"
@@ -238,6 +278,51 @@ def review(request: Request, model: str, session: SessionDep, user: auth.PageUse
     return RedirectResponse(f"/models/{model}/neurons/{item.layer}/{item.neuron}?{context}", status_code=303)
 
 
+SNIPPET_CHARS = 120
+
+
+def _cut_start(text: str, start: int) -> int:
+    """``start`` moved forward to the next word's beginning when it falls inside a word."""
+    if 0 < start < len(text) and text[start - 1].isalnum() and text[start].isalnum():
+        while start < len(text) and not text[start].isspace():
+            start += 1
+    return start
+
+
+def _cut_end(text: str, end: int) -> int:
+    """``end`` moved back to the end of the previous word when it falls inside a word."""
+    if 0 < end < len(text) and text[end - 1].isalnum() and text[end].isalnum():
+        while end > 0 and not text[end - 1].isspace():
+            end -= 1
+    return end
+
+
+def snippet(text: str, spans: list[list[int]] | None = None, width: int = SNIPPET_CHARS) -> list[tuple[str, bool]]:
+    """A prefix as (piece, highlighted) pieces: the whole when short, else about ``width`` characters around the
+    first span (or the tail: the trigger is at the end), cut between words, with "…" where text was left out."""
+    spans = sorted(spans or [])
+    start, end = 0, len(text)
+    if len(text) > width:
+        first = spans[0][0] if spans else len(text)
+        start = _cut_start(text, max(0, min(first - width // 4, len(text) - width)))
+        end = max(_cut_end(text, min(len(text), start + width)), min(len(text), spans[0][1]) if spans else 0)
+    out: list[tuple[str, bool]] = [("…", False)] if start > 0 else []
+    at = start
+    for a, b in spans:
+        a, b = max(a, at), min(b, end)
+        if a >= b:
+            continue
+        if a > at:
+            out.append((text[at:a], False))
+        out.append((text[a:b], True))
+        at = b
+    if end > at:
+        out.append((text[at:end], False))
+    if end < len(text):
+        out.append(("…", False))
+    return out
+
+
 @router.get("/models/{model}/search", response_class=HTMLResponse)
 def search_page(request: Request, model: str, session: SessionDep, user: auth.PageUser) -> HTMLResponse:
     raw = _params(request, set(SearchParams.model_fields))
@@ -268,7 +353,11 @@ def search_page(request: Request, model: str, session: SessionDep, user: auth.Pa
     return render(request, "search.html", {
         "title": f"Search {model}", "model": model, "entry": entry, "page": page, "error": error, "form": form,
         "stats": NEURON_STATS, "labels": LABELS, "human_labels": HUMAN_LABELS, "next_link": next_link,
-        "queue_link": queue_link, "sorts": search.SORT_KEYS,
+        "queue_link": queue_link, "sorts": search.SORT_KEYS, "relevance": search.RELEVANCE,
+        "snippets": [
+            {"top": snippet(n.top_trigger.text) if n.top_trigger else [],
+             "matching": [(m, snippet(m.text, m.spans)) for m in (n.matching_triggers or [])[:1]]}
+            for n in (page.items if page is not None else [])],
         "ranges_open": any(form.get(f"{b}_{s}") for s in NEURON_STATS for b in ("min", "max")),
     }, status_code=422 if error else 200)
 
