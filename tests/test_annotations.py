@@ -263,29 +263,41 @@ def test_search_by_annotation(api: httpx.Client, cat: dict[str, Any], users: dic
     assert put(api, cat, "cy", tok, 1, 11, label="semantic", description="zebrafish habitats").status_code == 201
     name = cat["name"]
 
-    def keys(params: dict[str, Any]) -> set[tuple[int, int]]:
-        r = api.get(f"/models/{name}/neurons", params={**params, "limit": 500})
+    def keys(params: dict[str, Any], token: str | None = tok) -> set[tuple[int, int]]:
+        r = api.get(f"/models/{name}/neurons", params={**params, "limit": 500},
+                    headers=auth(token) if token else None)
         assert r.status_code == 200, r.text
         return {(n["layer"], n["neuron"]) for n in r.json()["items"]}
 
     assert keys({"q": "zebrafish"}) == {(1, 11)}  # no corpus prefix has this word
     assert keys({"q": '"zebrafish habitats"'}) == {(1, 11)}
     assert keys({"q": "zebrafish -habitats"}) == set()
+    # blind first labelling: a reader's pattern does not reach descriptions, nor another annotator's
+    assert keys({"q": "zebrafish"}, token=None) == set()
+    assert keys({"q": "zebrafish"}, token=users["bob"]) == set()
     with engine.connect() as c:
         rows = c.execute(text(
             "SELECT a.layer, a.neuron, a.label, u.name FROM annotations a JOIN annotators u ON u.id = a.annotator_id "
             "JOIN catalog_models m ON m.id = a.model_id WHERE m.name = :n"), {"n": name}).tuples().all()
         everyone = {(layer, n) for layer in range(2) for n in range(tiny_models.D_MLP)}
     annotated = {(r[0], r[1]) for r in rows}
-    assert annotated and keys({"annotated": "true"}) == annotated
-    assert keys({"annotated": "false"}) == everyone - annotated
+    mine = {(r[0], r[1]) for r in rows if r[3] == f"cy-{TAG}"}
+    assert annotated and keys({"annotated": "true"}, token=None) == annotated  # that someone did is no label
+    assert keys({"annotated": "false"}, token=None) == everyone - annotated
+    others = {(r[0], r[1]) for r in rows if r[3] != f"cy-{TAG}"}
+    assert others - mine, "the test needs neurons that only others have labelled"
     for label in ("shallow", "semantic", "none"):
-        assert keys({"human_label": label}) == {(r[0], r[1]) for r in rows if r[2] == label}
-    assert keys({"annotator": f"cy-{TAG}"}) == {(r[0], r[1]) for r in rows if r[3] == f"cy-{TAG}"}
+        # only the neurons cy has annotated too: others' labels elsewhere stay hidden from cy
+        assert keys({"human_label": label}) == {(r[0], r[1]) for r in rows if r[2] == label} & mine
+    assert keys({"annotator": f"cy-{TAG}"}) == mine
+    assert keys({"annotator": f"ann-{TAG}"}) == {(r[0], r[1]) for r in rows if r[3] == f"ann-{TAG}"} & mine
     assert keys({"annotator": f"cy-{TAG}", "layer": 1, "human_label": "semantic"}) == {
         (r[0], r[1]) for r in rows if r[3] == f"cy-{TAG}" and r[0] == 1 and r[2] == "semantic"}
+    for params in ({"human_label": "semantic"}, {"annotator": f"cy-{TAG}"}, {"annotator": "nobody-at-all"}):
+        r = api.get(f"/models/{name}/neurons", params=params)  # a reader: no filtering by labels at all
+        assert r.status_code == 401 and "blind" in r.json()["detail"], r.text
     assert api.get(f"/models/{name}/neurons", params={"human_label": "deep"}).status_code == 422
-    assert api.get(f"/models/{name}/neurons", params={"annotator": "nobody-at-all"}).status_code == 422
+    assert api.get(f"/models/{name}/neurons", params={"annotator": "nobody-at-all"}, headers=auth(tok)).status_code == 422
 
 
 def test_review_queue_per_layer(api: httpx.Client, cat: dict[str, Any], engine: Engine) -> None:

@@ -17,7 +17,7 @@ from catalog.annotations.schemas import (
     AnnotationWrite,
     QueueItem,
 )
-from catalog.api.deps import SessionDep, WriteSessionDep
+from catalog.api.deps import SessionDep, ViewerDep, WriteSessionDep, bearer
 from catalog.api.routes import ERRORS, LayerIndex, ModelName, NeuronIndex, SearchParams, search_query
 from catalog.read.errors import Forbidden, Unauthorized
 from catalog.read.schemas import ErrorBody
@@ -32,13 +32,6 @@ WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 router = APIRouter(responses=WRITE_ERRORS, tags=["annotations"])
 AnnotatorName = Annotated[str, Field(min_length=1, max_length=100)]
-
-
-def bearer(authorization: Annotated[str | None, Header(description="Bearer <annotator token>")] = None) -> str | None:
-    if authorization is None:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
 
 
 def current_annotator(session: WriteSessionDep, token: Annotated[str | None, Depends(bearer)]) -> Annotator:
@@ -56,20 +49,8 @@ def reviewer(session: SessionDep, token: Annotated[str | None, Depends(bearer)])
     return who
 
 
-def viewer(session: SessionDep, token: Annotated[str | None, Depends(bearer)]) -> Annotator | None:
-    """Who reads (blind first labelling): None without a token; a token that is wrong is an error, not
-    a reader, so a mistyped token never looks like 'nobody has annotated this'."""
-    if token is None:
-        return None
-    who = service.authenticate(session, token)
-    if who is None:
-        raise Unauthorized("unknown or revoked token (Authorization: Bearer <token>)")
-    return who
-
-
 AnnotatorDep = Annotated[Annotator, Depends(current_annotator)]
 ReviewerDep = Annotated[Annotator, Depends(reviewer)]
-ViewerDep = Annotated[Annotator | None, Depends(viewer)]
 BLIND = ("blind first labelling: save your own annotation of this neuron before reading others' "
          "(send your token: Authorization: Bearer <token>)")
 NEURON = "/models/{model}/neurons/{layer}/{neuron}/annotations"
@@ -133,7 +114,7 @@ def queue_next(model: ModelName, params: Annotated[QueueParams, Query()], sessio
                me: ReviewerDep) -> QueueItem:
     """The next neuron of my review queue, optionally among the neurons passing any search filter."""
     p = params.model_dump()  # type: ignore[attr-defined]
-    return service.next_item(session, model, me, queue=p["queue"], per_layer=p["per_layer"], query=search_query(p))
+    return service.next_item(session, model, me, queue=p["queue"], per_layer=p["per_layer"], query=search_query(p, viewer_id=me.id))
 
 
 @router.get("/models/{model}/agreement", response_model=AgreementReport)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends
+from fastapi import Depends, Header
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from catalog.config import settings
+from catalog.read.errors import Unauthorized
+from catalog.store.models import Annotator
 from catalog.store.database import get_engine, session_scope
 
 
@@ -44,3 +46,26 @@ def get_write_session() -> Iterator[Session]:
 # Committed before the response is sent: a client told 201 can rely on the row being there
 # (a request-scoped session would commit after the answer, and a fast next request could miss it).
 WriteSessionDep = Annotated[Session, Depends(get_write_session, scope="function")]
+
+
+def bearer(authorization: Annotated[str | None, Header(description="Bearer <annotator token>")] = None) -> str | None:
+    if authorization is None:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def viewer(session: SessionDep, token: Annotated[str | None, Depends(bearer)]) -> Annotator | None:
+    """Who reads (blind first labelling): None without a token; a token that is wrong is an error, not
+    a reader, so a mistyped token never looks like 'nobody has annotated this'."""
+    from catalog.annotations import service  # the annotation domain, not needed by a plain read
+
+    if token is None:
+        return None
+    who = service.authenticate(session, token)
+    if who is None:
+        raise Unauthorized("unknown or revoked token (Authorization: Bearer <token>)")
+    return who
+
+
+ViewerDep = Annotated[Annotator | None, Depends(viewer)]

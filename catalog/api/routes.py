@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from catalog.api.deps import SessionDep
+from catalog.api.deps import SessionDep, ViewerDep
 from catalog.read import catalog, search, vectors
 from catalog.read.errors import InvalidParameter
 from catalog.read.schemas import (
@@ -94,7 +94,7 @@ def check_layer_range(layer_min: int | None, layer_max: int | None) -> None:
         raise InvalidParameter(f"layer_min: {layer_min} is above layer_max {layer_max}")
 
 
-def search_query(p: dict[str, Any]) -> search.SearchQuery:
+def search_query(p: dict[str, Any], *, viewer_id: int | None = None) -> search.SearchQuery:
     """A SearchQuery from validated SearchParams fields (shared with the review queue and the UI)."""
     check_layer_range(p.get("layer_min"), p.get("layer_max"))
     ranges = tuple((s, b, p[f"{b}_{s}"]) for s in NEURON_STATS for b in ("min", "max") if p.get(f"{b}_{s}") is not None)
@@ -103,7 +103,8 @@ def search_query(p: dict[str, Any]) -> search.SearchQuery:
         label=p.get("label"), q=p.get("q"), token=p.get("token"), token_rank=p.get("token_rank", 30),
         projection=p.get("projection", "raw"),
         trigger_token=p.get("trigger_token"), next_token=p.get("next_token"), human_label=p.get("human_label"),
-        annotated=p.get("annotated"), annotator=p.get("annotator"), sort=p.get("sort"), limit=p.get("limit", 50),
+        annotated=p.get("annotated"), annotator=p.get("annotator"), viewer_id=viewer_id, sort=p.get("sort"),
+        limit=p.get("limit", 50),
         cursor=p.get("cursor"),
     )
 
@@ -156,10 +157,15 @@ def neuron(model: ModelName, layer: LayerIndex, neuron: NeuronIndex, session: Se
     return NeuronRecord.model_validate(catalog.neuron_record(session, model, layer, neuron, vectors=vectors))
 
 
-@router.get("/models/{model}/neurons", response_model=SearchPage, tags=["neurons"])
-def search_neurons(model: ModelName, params: Annotated[SearchParams, Query()], session: SessionDep) -> SearchPage:  # type: ignore[valid-type]
-    """Search neurons by layer, statistic ranges, label, text pattern and tokens; sorted; keyset pages."""
-    query = search_query(params.model_dump())  # type: ignore[attr-defined]
+@router.get("/models/{model}/neurons", response_model=SearchPage, tags=["neurons"], responses={401: {
+    "model": ErrorBody, "description": "human_label or annotator without an annotator token, or a wrong token "
+    "(annotators' labels stay hidden until one labels the neuron oneself)."}})
+def search_neurons(model: ModelName, params: Annotated[SearchParams, Query()], session: SessionDep,  # type: ignore[valid-type]
+                   me: ViewerDep) -> SearchPage:
+    """Search neurons by layer, statistic ranges, label, text pattern and tokens; sorted; keyset pages.
+    Annotation filters (human_label, annotator, descriptions in q) count only neurons the caller (by token)
+    has annotated too: blind first labelling."""
+    query = search_query(params.model_dump(), viewer_id=me.id if me is not None else None)  # type: ignore[attr-defined]
     # the page as JSON built by Postgres: no pydantic round trip for 50-500 items
     return Response(search.search_json(session, model, query), media_type="application/json")  # type: ignore[return-value]
 

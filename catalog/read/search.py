@@ -51,7 +51,7 @@ from sqlalchemy.orm import Session
 
 from catalog.config import settings
 from catalog.read.catalog import clean, require_run
-from catalog.read.errors import InvalidParameter
+from catalog.read.errors import InvalidParameter, Unauthorized
 from catalog.read.schemas import (
     MatchingTrigger,
     NeuronSummary,
@@ -123,6 +123,9 @@ class SearchQuery:
     human_label: str | None = None
     annotated: bool | None = None
     annotator: str | None = None
+    # who asks (blind first labelling): annotators' labels and descriptions count only on neurons this
+    # annotator has annotated too; None (a reader) may not filter by them at all
+    viewer_id: int | None = None
     sort: str | None = None  # a SORT_KEYS entry, "-" in front for descending
     limit: int = 50
     cursor: str | None = None
@@ -310,12 +313,24 @@ def _annotated_by(model_id: int, *where: ColumnElement[bool]) -> ColumnElement[b
                                   *where))
 
 
-def _description_matches(session: Session, model_id: int, full: str) -> list[tuple[int, int]]:
-    """(layer, neuron) of the neurons whose annotation descriptions match the tsquery ``full``."""
+def _description_matches(session: Session, model_id: int, full: str, viewer_id: int | None) -> list[tuple[int, int]]:
+    """(layer, neuron) of the neurons whose annotation descriptions match the tsquery ``full``, among
+    those the viewer has annotated (blind first labelling; none for a reader)."""
+    if viewer_id is None:
+        return []
+    mine = A.alias("mine")
     return [tuple(r) for r in session.execute(  # type: ignore[misc]
         select(A.c.layer, A.c.neuron).distinct()
-        .where(A.c.model_id == model_id, func.to_tsvector(CONFIG, A.c.description).op("@@")(cast(full, TSQUERY)))
+        .where(A.c.model_id == model_id, func.to_tsvector(CONFIG, A.c.description).op("@@")(cast(full, TSQUERY)),
+               exists(select(1).where(mine.c.model_id == model_id, mine.c.layer == A.c.layer,
+                                      mine.c.neuron == A.c.neuron, mine.c.annotator_id == viewer_id)))
     ).all()]
+
+
+def _blind(param: str, viewer_id: int | None) -> None:
+    if viewer_id is None:
+        raise Unauthorized(f"{param}: annotators' labels stay hidden until you label a neuron yourself (blind first "
+                           "labelling); send your annotator token (Authorization: Bearer <token>) to filter by them")
 
 
 def _conditions(session: Session, run_id: int, n_layers: int, value_top: int, vocab: int,
@@ -354,7 +369,7 @@ def _conditions(session: Session, run_id: int, n_layers: int, value_top: int, vo
         if not q or len(q) > MAX_Q:
             raise InvalidParameter(f"q: give a pattern of 1-{MAX_Q} characters")
         pat = _pattern(session, q)
-        described = _description_matches(session, model_id, pat.full)
+        described = _description_matches(session, model_id, pat.full, query.viewer_id)
     if query.token is not None:
         if not 1 <= query.token_rank <= value_top:
             raise InvalidParameter(f"token_rank: must be 1-{value_top} (the run stores the top {value_top} tokens)")
@@ -377,14 +392,18 @@ def _conditions(session: Session, run_id: int, n_layers: int, value_top: int, vo
     if query.human_label is not None:
         if query.human_label not in HUMAN_LABELS:
             raise InvalidParameter(f"human_label: unknown label {query.human_label!r}; one of {', '.join(HUMAN_LABELS)}")
+        _blind("human_label", query.viewer_id)
         conds.append(_annotated_by(model_id, A.c.label == query.human_label))
     if query.annotated is not None:
         conds.append(_annotated_by(model_id) if query.annotated else ~_annotated_by(model_id))
     if query.annotator is not None:
+        _blind("annotator", query.viewer_id)  # before the lookup: a reader learns no annotator names
         annotator_id = session.scalar(select(Annotator.id).where(Annotator.name == query.annotator))
         if annotator_id is None:
             raise InvalidParameter(f"annotator: no annotator named {query.annotator!r}")
         conds.append(_annotated_by(model_id, A.c.annotator_id == annotator_id))
+    if query.viewer_id is not None and (query.human_label is not None or query.annotator is not None):
+        conds.append(_annotated_by(model_id, A.c.annotator_id == query.viewer_id))  # only what I may see
     plan = None
     if pat is not None:  # last: its bounds are counted under every other filter
         needs_search, plan = _plan_pattern(session, run_id, clean_arg(query.q or "").strip(), pat, described, conds,

@@ -267,7 +267,7 @@ def review(request: Request, model: str, session: SessionDep, user: auth.PageUse
         except ValidationError as exc:
             raise InvalidParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
         item = service.next_item(session, model, user, queue=p["queue"], per_layer=p["per_layer"],
-                                 query=search_query(p), skip=skipped)
+                                 query=search_query(p, viewer_id=user.id if user is not None else None), skip=skipped)
     except ReadError as exc:
         return _error_page(request, exc)
     context = urlencode([(k, v) for k, v in request.query_params.multi_items() if k in QUEUE_KEYS and v != ""]
@@ -336,7 +336,7 @@ def search_page(request: Request, model: str, session: SessionDep, user: auth.Pa
             p = SearchParams.model_validate(raw).model_dump()  # type: ignore[attr-defined]
         except ValidationError as exc:
             raise InvalidParameter("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from exc
-        page = search.search(session, model, search_query(p))
+        page = search.search(session, model, search_query(p, viewer_id=user.id if user is not None else None))
         error = None
     except ReadError as exc:
         if exc.status == 404:
