@@ -18,10 +18,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 from catalog import __version__
 from catalog.api import annotations as annotation_routes
 from catalog.api import probe, routes
+from catalog.api.deps import api_engine
 from catalog.api.docs import mount_docs
 from catalog.api.edge import EdgeGuard
 from catalog.api.limits import Limits, LimitState
-from catalog.api.deps import api_engine
 from catalog.read.catalog import NO_SCHEMA
 from catalog.read.errors import ReadError
 from catalog.store.database import DatabaseUnavailable

@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from catalog.config import settings
 from catalog.read.errors import Unauthorized
-from catalog.store.models import Annotator
 from catalog.store.database import get_engine, session_scope
+from catalog.store.models import Annotator
 
 
 def api_engine() -> Engine:

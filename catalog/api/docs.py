@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import fastapi_swagger.resources
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
-import fastapi_swagger.resources
 
 DOCS_ASSETS = "/docs-assets"
 _STARTER = Path(__file__).with_name("docs_static")
