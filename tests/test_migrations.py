@@ -65,7 +65,7 @@ def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
     assert migrate.current(empty_db_url) is None
 
     migrate.upgrade(empty_db_url)
-    assert migrate.current(empty_db_url) == "0005"
+    assert migrate.current(empty_db_url) == "0006"
     tables, columns, extensions, enums = _schema(empty_db_url)
     assert TABLES <= tables
     assert "vector" in extensions
@@ -81,8 +81,16 @@ def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
     assert "vector" in extensions  # deliberately kept by the downgrade (see 0001_initial.py)
 
     migrate.upgrade(empty_db_url)
-    assert migrate.current(empty_db_url) == "0005"
+    assert migrate.current(empty_db_url) == "0006"
     assert TABLES <= _schema(empty_db_url)[0]
+    # 0006: the prefix -> triggers join of pattern search reads only the index (index-only scan)
+    engine = create_engine(empty_db_url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            indexdef = conn.scalar(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_triggers_run_document_position'"))
+    finally:
+        engine.dispose()
+    assert indexdef is not None and indexdef.endswith("(run_id, document, \"position\") INCLUDE (layer, neuron, sign, coefficient)"), indexdef
 
 
 def test_orm_matches_migrated_schema(migrated_db: str) -> None:

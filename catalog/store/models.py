@@ -289,8 +289,10 @@ class Trigger(Base):
             ["run_id", "document", "position"], ["prefixes.run_id", "prefixes.document", "prefixes.position"],
             ondelete="CASCADE",
         ),
-        # "which neurons fire on this prefix" (part 4 pattern search joins prefixes -> triggers)
-        Index("ix_triggers_run_document_position", "run_id", "document", "position"),
+        # "which neurons fire on this prefix" (pattern search joins prefixes -> triggers): the columns that
+        # join reads are included, so it is an index-only scan, not a random heap read per trigger (0006)
+        Index("ix_triggers_run_document_position", "run_id", "document", "position",
+              postgresql_include=["layer", "neuron", "sign", "coefficient"]),
     )
 
     run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
