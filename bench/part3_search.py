@@ -243,20 +243,25 @@ def main() -> None:
 
 def start_server(url: str, port: int, workers: int) -> tuple[subprocess.Popen[bytes], str]:
     """``neuron-catalog serve`` as a subprocess on ``url``; returns it and its base URL once healthy."""
-    import httpx
 
     env = {**os.environ, "CATALOG_DATABASE_URL": url}
     server = subprocess.Popen([str(Path(sys.executable).with_name("neuron-catalog")), "serve", "--port", str(port),
                                "--workers", str(workers)], env=env)
-    base = f"http://127.0.0.1:{port}"
+    return server, wait_healthy(server, f"http://127.0.0.1:{port}")
+
+
+def wait_healthy(server: subprocess.Popen[bytes], base: str, timeout_s: float = 120.0) -> str:
+    """``base`` once the server answers /healthz (SystemExit if it dies or takes over ``timeout_s``)."""
+    import httpx
+
     t0 = time.perf_counter()
     while True:
         try:
             if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                return server, base
+                return base
         except httpx.HTTPError:
             pass
-        if time.perf_counter() - t0 > 120:
+        if time.perf_counter() - t0 > timeout_s or server.poll() is not None:
             server.terminate()
             raise SystemExit("server did not start")
         time.sleep(0.1)

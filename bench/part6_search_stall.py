@@ -60,7 +60,6 @@ def build(d_model: int, layers: int) -> dict[str, float]:
 
 def start_server(url: str, port: int, code: Path, env_extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     """``neuron-catalog serve`` from the source tree ``code`` (its ``catalog`` package first on the path)."""
-    import httpx
 
     env = {**os.environ, "CATALOG_DATABASE_URL": url, "PYTHONPATH": str(code), **env_extra}
     # uvicorn as `neuron-catalog serve` runs it (one worker), without serve's migration step: the old
@@ -69,18 +68,7 @@ def start_server(url: str, port: int, code: Path, env_extra: dict[str, str]) -> 
         [sys.executable, "-c", ("import catalog, sys, uvicorn; print('serving', catalog.__file__, file=sys.stderr); "
                                 f"uvicorn.run('catalog.api.app:create_app', factory=True, host='127.0.0.1', port={port}, "
                                 "log_level='warning', access_log=False)")], env=env, cwd=str(code))
-    base = f"http://127.0.0.1:{port}"
-    t0 = time.perf_counter()
-    while True:
-        try:
-            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                return server, base
-        except httpx.HTTPError:
-            pass
-        if time.perf_counter() - t0 > 120 or server.poll() is not None:
-            server.terminate()
-            raise SystemExit("server did not start")
-        time.sleep(0.1)
+    return server, part3.wait_healthy(server, f"http://127.0.0.1:{port}")
 
 
 def pct(xs: list[float], p: float) -> float:

@@ -7,8 +7,10 @@ pgserver runs from a temp directory and is stopped at the end.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -107,3 +109,23 @@ def api(server: str) -> Iterator[httpx.Client]:
     """An HTTP client of the server's /api/v1."""
     with httpx.Client(base_url=f"{server}/api/v1", timeout=60.0) as client:
         yield client
+
+
+CHROMIUM = os.environ.get("CATALOG_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Real headless Chromium (Debian's package, which scripts/test.sh installs) through Playwright.
+    The flags keep it off the network it cannot reach here (background updates, sync, QUIC)."""
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"Chromium not found at {CHROMIUM} (scripts/test.sh installs Debian's chromium)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            yield b
+        finally:
+            b.close()

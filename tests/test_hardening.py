@@ -3,12 +3,9 @@ server (and real Chromium for /docs). Every answer must be a one-line JSON 4xx, 
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import api_server
@@ -20,7 +17,6 @@ from sqlalchemy.engine import Engine
 from catalog.service import ExtractRequest, default_parameters, extract
 
 TAG = uuid.uuid4().hex[:6]
-CHROMIUM = os.environ.get("CATALOG_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,10 +126,8 @@ def test_huge_url_gets_json(server: str, size: int) -> None:
     assert b"application/json" in head and b'"detail"' in body
 
 
-def test_docs_render_offline_with_a_csp(server: str, cat: dict[str, Any]) -> None:
+def test_docs_render_offline_with_a_csp(server: str, browser: Any) -> None:
     """/docs draws its routes in Chromium with every request outside this origin refused."""
-    from playwright.sync_api import sync_playwright
-
     r = httpx.get(f"{server}/docs")
     assert r.status_code == 200
     csp = r.headers["content-security-policy"]
@@ -141,32 +135,26 @@ def test_docs_render_offline_with_a_csp(server: str, cat: dict[str, Any]) -> Non
     assert "cdn" not in r.text.lower() and "https://" not in r.text
     assert httpx.get(f"{server}/redoc").status_code == 404  # ReDoc would need a CDN: not offered
     outside: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            context = browser.new_context()
+    context = browser.new_context()
+    try:
+        def gate(route: Any) -> None:
+            if route.request.url.startswith(server):
+                route.continue_()
+            else:
+                outside.append(route.request.url)
+                route.abort()
 
-            def gate(route: Any) -> None:
-                if route.request.url.startswith(server):
-                    route.continue_()
-                else:
-                    outside.append(route.request.url)
-                    route.abort()
-
-            context.route("**/*", gate)
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
-            page.goto(f"{server}/docs")
-            page.wait_for_selector(".opblock-summary-path", timeout=30_000)
-            shown = page.inner_text("#swagger-ui")
-            assert "/api/v1/models/{model}/tokens/{token}/neurons" in shown
-            assert "Neuron Catalog" in shown
-            assert not errors, errors
-        finally:
-            browser.close()
+        context.route("**/*", gate)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
+        page.goto(f"{server}/docs")
+        page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+        shown = page.inner_text("#swagger-ui")
+        assert "/api/v1/models/{model}/tokens/{token}/neurons" in shown
+        assert "Neuron Catalog" in shown
+        assert not errors, errors
+    finally:
+        context.close()
     assert not outside, outside
-    assert Path(CHROMIUM).exists()

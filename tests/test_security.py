@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
 import threading
 import uuid
 from collections.abc import Iterator
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import api_server
@@ -32,7 +29,6 @@ from sqlalchemy.engine import Engine
 from catalog.config import settings
 from catalog.service import ExtractRequest, default_parameters, extract
 
-CHROMIUM = os.environ.get("CATALOG_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 TAG = uuid.uuid4().hex[:6]
 EVIL = ("http://evil.example", "null")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,22 +58,6 @@ def add_user(who: str) -> str:
 @pytest.fixture(scope="module")
 def users(cat: dict[str, Any]) -> dict[str, str]:
     return {who: add_user(who) for who in ("vic", "mal", "ann", "bob", "cy")}
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Real headless Chromium (Debian's package), launched as tests/test_ui.py does."""
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), f"Chromium not found at {CHROMIUM} (scripts/test.sh installs Debian's chromium)"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,6 @@ from sqlalchemy.engine import Engine
 from catalog.service import ExtractRequest, default_parameters, extract
 from catalog.store.database import session_scope
 
-CHROMIUM = os.environ.get("CATALOG_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 # The README links docs/screenshots/; a run refreshes them there only when asked (so that tests do
 # not rewrite tracked files), and otherwise into a temp directory.
 SHOTS = REPO / "docs" / "screenshots" if os.environ.get("CATALOG_UPDATE_SCREENSHOTS") == "1" else Path(
@@ -67,21 +65,6 @@ def token(cat: dict[str, Any]) -> str:
     r = cli("users", "add", f"ada-{TAG}")
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), f"Chromium not found at {CHROMIUM} (scripts/test.sh installs Debian's chromium)"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture(scope="module")

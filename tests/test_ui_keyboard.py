@@ -11,9 +11,7 @@ expected tokens come from numpy over the model's own weights.
 from __future__ import annotations
 
 import itertools
-import os
 import re
-import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +36,6 @@ SPACE = api_server.SPACE
 EXTRA = {"Paris": "Paris", SPACE + "Paris": " Paris", "Ċ": "\n", "ĉ": "\t", "Âł": "\u00a0"}
 SHOWN_TOP = 20  # the card shows the value's first 20 top tokens
 QUEUE = {"queue": "first", "layer": "1", "per_layer": "20"}
-CHROMIUM = os.environ.get("CATALOG_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -91,21 +88,6 @@ def add_user(name: str) -> str:
 @pytest.fixture(scope="module")
 def users(cat: dict[str, Any]) -> dict[str, str]:
     return {"ada": add_user("ada"), "bob": add_user("bob")}
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), f"Chromium not found at {CHROMIUM}"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture(scope="module")
