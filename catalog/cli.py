@@ -85,7 +85,10 @@ class _Bars:
 
 def _quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+    try:
+        import transformers
+    except ImportError:  # an install without the `extract` extra (the torch-free API image)
+        _fail("extract needs torch and transformers, which are not installed: pip install 'neuron-catalog[extract]'")
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -105,8 +108,12 @@ def extract(
     seed: Annotated[int, typer.Option(help="Seed of the random-token ablation, the shuffled-value baseline and the label bootstrap.")] = 0,
     bos: Annotated[str, typer.Option(help="Token read before every window: 'auto' (the tokenizer's BOS when it adds one; <|endoftext|> when it says it adds none, e.g. SmolLM2-Instruct, whose GGUF names the chat header <|im_start|> as BOS), 'none', or a token's exact text. Recorded on the run.")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: CUDA when present).")] = None,
+    distributed: Annotated[bool, typer.Option("--distributed", help="Queue the extraction for the Celery workers (`neuron-catalog worker`, broker CATALOG_BROKER_URL) instead of running it here, and follow it until it is published; Ctrl-C stops following only. Model and corpus paths are read on the worker.")] = False,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="With --distributed: print the request id and return once it is queued.")] = False,
 ) -> None:
     """Extract a model's neuron catalog into Postgres (and, with --corpus, its trigger prefixes)."""
+    if no_wait and not distributed:
+        _fail("--no-wait needs --distributed")
     _quiet_transformers()
     from catalog.service import ExtractRequest, default_parameters
     from catalog.service import extract as run_extract
@@ -116,18 +123,77 @@ def extract(
         model=model, name=name, corpus=str(corpus) if corpus is not None else None, text_field=text_field,
         max_tokens=max_tokens, max_documents=max_documents, device=device, params=params,
     )
+    if distributed:
+        _extract_distributed(req, wait=not no_wait)
+        return
     bars = _Bars()
     try:
         summary = _run(lambda: run_extract(req, progress=bars, log=lambda m: typer.echo(m, err=True)))
     finally:
         bars.close()
-    t = summary.timings
+    _summary_lines(summary.name, summary.n_layers, summary.d_mlp, summary.run_id, summary.timings)
+
+
+def _summary_lines(name: str, n_layers: int, d_mlp: int, run_id: int, timings: dict[str, float]) -> None:
     typer.echo(
-        f"catalog {summary.name!r}: {summary.n_layers} layers x {summary.d_mlp} neurons (run {summary.run_id}); "
-        + ", ".join(f"{k} {v:.1f}s" for k, v in t.items())
+        f"catalog {name!r}: {n_layers} layers x {d_mlp} neurons (run {run_id}); "
+        + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
     )
-    typer.echo(f"  export it: neuron-catalog export --model {summary.name} --out {summary.name}.jsonl")
-    typer.echo(f"  look at one neuron: neuron-catalog show --model {summary.name} --layer 0 --neuron 0")
+    typer.echo(f"  export it: neuron-catalog export --model {name} --out {name}.jsonl")
+    typer.echo(f"  look at one neuron: neuron-catalog show --model {name} --layer 0 --neuron 0")
+
+
+def _extract_distributed(req: Any, *, wait: bool) -> None:
+    """Queue ``req`` as an extraction request, send its task, and (``wait``) follow it to the end."""
+    from dataclasses import asdict
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from catalog import requests
+    from catalog.store import migrate
+    from catalog.store.database import check_connection
+    from workers.tasks import BrokerUnavailable, send_request
+
+    def submit() -> int:
+        check_connection()
+        migrate.upgrade(None)  # the CLI path may create or upgrade the schema; workers never do
+        return requests.create(asdict(req))
+
+    request_id = _run(submit)
+    try:
+        send_request(request_id)
+    except BrokerUnavailable as exc:
+        message = str(exc)
+        _run(lambda: requests.mark_failed(request_id, f"not sent: {message}"))
+        _fail(message)
+    if not wait:
+        typer.echo(f"request {request_id} queued; follow it with `neuron-catalog runs`", err=True)
+        typer.echo(request_id)
+        return
+    last: list[Any] = []
+
+    def show(v: requests.RequestView) -> None:
+        last[:] = [v]
+        if v.status != "failed":
+            typer.echo(v.describe(), err=True)
+
+    lost: tuple[type[BaseException], ...] = (SQLAlchemyError, LookupError, *_known_errors())
+    try:
+        final = requests.follow(request_id, show)
+    except KeyboardInterrupt:
+        run = f", run {last[0].run_id}" if last and last[0].run_id is not None else ""
+        typer.echo(f"stopped following; the extraction goes on as request {request_id}{run} "
+                   "(see `neuron-catalog runs`)", err=True)
+        raise typer.Exit(130) from None
+    except lost as exc:
+        _fail(f"lost the database while following request {request_id} (the extraction goes on): "
+              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    if final.status == "published":
+        done = _run(lambda: requests.published(request_id))
+        assert done is not None
+        _summary_lines(done.name, done.n_layers, done.d_mlp, done.run_id, done.timings)
+        return
+    _fail(f"request {request_id} {final.status}: {final.error}" if final.error else f"request {request_id} {final.status}")
 
 
 @app.command("export")
@@ -236,12 +302,12 @@ def report(
 
 @app.command()
 def runs() -> None:
-    """List catalog entries and their extraction runs (runs whose process died are marked failed)."""
-    from sqlalchemy import select
+    """List catalog entries and their extraction runs (runs whose process died are marked failed), then the latest distributed requests."""
+    from sqlalchemy import inspect, select
 
-    from catalog.service import reap_stale_runs
     from catalog.store.database import check_connection, session_scope
     from catalog.store.models import CatalogModel, ExtractionRun
+    from catalog.store.runs import reap_stale_runs  # not catalog.service's copy: that module imports torch
 
     def go() -> None:
         from catalog.read.catalog import NO_SCHEMA
@@ -261,8 +327,40 @@ def runs() -> None:
                 typer.echo(f"{mark} run {r.id:>4}  {names.get(r.model_id, '?'):<30} {r.status.value:<10} "
                            f"started {r.started_at:%Y-%m-%d %H:%M}  corpus {corpus}"
                            + (f"  error: {r.error}" if r.error else ""))
+            if inspect(s.connection()).has_table("extraction_requests"):  # from revision 0007 on
+                from catalog.requests import recent
+
+                for q in recent(s):
+                    typer.echo(f"  request {q.id:>4}  {q.request.get('name') or q.request.get('model', '?'):<26} "
+                               f"{q.status:<10} attempts {q.attempts}  created {q.created_at:%Y-%m-%d %H:%M}"
+                               + (f"  on {q.holder}" if q.holder else "")
+                               + (f"  run {q.run_id}" if q.run_id is not None else "")
+                               + (f"  error: {q.error}" if q.error else ""))
 
     _run(go)
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int, typer.Option(min=1, help="Extractions run at once (worker processes; each loads its own model).")] = 1,
+    queues: Annotated[str | None, typer.Option(help="Comma-separated queues to consume (default: Celery's default queue, where `extract --distributed` sends).")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level: DEBUG, INFO, WARNING, ERROR.")] = "INFO",
+) -> None:
+    """Run a Celery worker for `extract --distributed` (broker CATALOG_BROKER_URL); it refuses a database whose schema revision is not this code's."""
+    from catalog.store import migrate
+    from catalog.store.database import DatabaseUnavailable
+
+    try:
+        migrate.require_head(None)  # workers never migrate: one `error:` line and exit 1 instead
+    except (migrate.SchemaMismatch, DatabaseUnavailable) as exc:
+        _fail(str(exc))
+    _quiet_transformers()
+    from workers.celery_app import app as celery_app
+
+    argv = ["worker", f"--concurrency={concurrency}", "--prefetch-multiplier=1", f"--loglevel={loglevel}"]
+    if queues:
+        argv.append(f"--queues={queues}")
+    raise typer.Exit(celery_app.start(argv=argv) or 0)
 
 
 @app.command()

@@ -20,6 +20,26 @@ class Settings(BaseSettings):
     # cannot hold a GPT-2-XL-sized HNSW index (1.2 GB). Applied when the embedded server starts.
     embedded_shared_buffers: str | None = Field(default=None, pattern=r"^\d+(kB|MB|GB)$")
     broker_url: str = "redis://localhost:6379/0"
+
+    # Distributed extraction (part 7; catalog/requests.py, workers/). Redis re-delivers a message
+    # still unacknowledged after this long, even while its worker is alive: a duplicate is harmless
+    # (the request's lock makes it a no-op), but a SIGKILLed worker's message only comes back this
+    # late, which is why each worker also runs a sweeper.
+    visibility_timeout_s: int = Field(default=24 * 3600, ge=1)
+    # How often each worker's sweeper looks for running requests whose holder died (its advisory
+    # lock is free) and re-sends them; a re-sent request is re-sent again only after
+    # visibility_timeout_s if still nobody takes it.
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    # A request started this many times without finishing (its worker died each time, e.g. out of
+    # memory) is marked failed instead of being started again.
+    request_max_attempts: int = Field(default=3, ge=1)
+    # TCP keepalives of a worker's database connections, both ends (libpq and the server's
+    # tcp_keepalives_*): a worker machine that vanishes without closing its sockets (power loss,
+    # network cut) has its sessions, and so its locks, dropped after about idle + interval x count
+    # seconds, so that its request can be taken over.
+    keepalives_idle_s: int = Field(default=10, ge=1)
+    keepalives_interval_s: int = Field(default=5, ge=1)
+    keepalives_count: int = Field(default=3, ge=1)
     # "auto" picks CUDA when present.
     device: str = "auto"
 

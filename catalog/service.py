@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.engine import Connection, Engine
@@ -32,12 +32,17 @@ from catalog.store import migrate
 from catalog.store.database import check_connection, get_engine, session_scope
 from catalog.store.ingest import RunWriter
 from catalog.store.models import CatalogModel, ExtractionRun, RunStatus
+from catalog.store.runs import INTERRUPTED, RUN_LOCK_CLASS, reap_stale_runs  # noqa: F401  (one home, torch-free; re-exported)
 from catalog.store.search_index import drop_orphan_vector_indexes
 
 PROJECTION_CONVENTION = "raw_unembedding"
-# First key of the two-int advisory lock a live run holds (the second is the run id).
-RUN_LOCK_CLASS = 0x4E43  # "NC"
-INTERRUPTED = "interrupted: the extracting process ended before finishing (killed or lost); nothing was published"
+# Key (with 0) of the session-level advisory lock that one extraction at a time holds while it writes,
+# publishes and cleans up. Concurrent extractions (several workers) would otherwise deadlock: each
+# transaction holds ROW EXCLUSIVE on neurons from its COPY and then wants SHARE for its HNSW
+# CREATE INDEX; DROP INDEX CONCURRENTLY and ANALYZE of the cleanup conflict likewise. The model
+# load and the corpus pass, the long parts, still run side by side.
+WRITE_LOCK_CLASS = 0x4E57  # "NW"
+WAITING_TO_WRITE = "waiting for another extraction to finish writing"
 
 
 def bos_record(loaded: LoadedModel, spec: str) -> dict[str, Any]:
@@ -86,12 +91,28 @@ class RunSummary:
 StageHook = Callable[[str], None]
 
 
+class Fence(Protocol):
+    """Ties a run to a claim held outside this module (a distributed request, catalog/requests.py).
+
+    Each hook runs inside the transaction it is named after and may raise to abort it: ``registered``
+    in the one that creates the run row (before its liveness lock is taken), ``publishing`` in the
+    one that publishes the run, after the catalog rows and the run's new state are in place and
+    before the commit, so the claim's check and its own change commit (or roll back) with the catalog.
+    """
+
+    def registered(self, session: Session, run_id: int) -> None: ...
+
+    def publishing(self, session: Session, run_id: int) -> None: ...
+
+
 def _set_progress(engine: Engine, run_id: int, stage: str) -> None:
     with session_scope(engine) as s:
         s.execute(update(ExtractionRun).where(ExtractionRun.id == run_id).values(progress={"stage": stage}))
 
 
-def _register(conn: Connection, name: str, loaded: LoadedModel, req: ExtractRequest, corpus: Corpus | None) -> tuple[int, bool]:
+def _register(
+    conn: Connection, name: str, loaded: LoadedModel, req: ExtractRequest, corpus: Corpus | None, fence: Fence | None,
+) -> tuple[int, bool]:
     """Create the run row (and the catalog entry if new) and take the run's liveness lock on ``conn``.
 
     Returns (run id, whether the entry is new). The lock is taken before the row commits, so no
@@ -129,39 +150,33 @@ def _register(conn: Connection, name: str, loaded: LoadedModel, req: ExtractRequ
         )
         s.add(run)
         s.flush()
+        if fence is not None:  # before the lock: a refusal rolls back with nothing left held
+            fence.registered(s, run.id)
         s.execute(text("SELECT pg_advisory_lock(:c, :r)"), {"c": RUN_LOCK_CLASS, "r": run.id})
         return run.id, created
 
 
+def _take_write_lock(conn: Connection, engine: Engine, run_id: int) -> None:
+    """Take the write lock on the run's liveness connection (see ``WRITE_LOCK_CLASS``), saying so
+    in the run's progress while another extraction holds it."""
+    if not conn.scalar(text("SELECT pg_try_advisory_lock(:c, 0)"), {"c": WRITE_LOCK_CLASS}):
+        conn.commit()
+        _set_progress(engine, run_id, WAITING_TO_WRITE)
+        conn.execute(text("SELECT pg_advisory_lock(:c, 0)"), {"c": WRITE_LOCK_CLASS})
+    conn.commit()  # the liveness connection must not sit idle in a transaction
+
+
 def _release(conn: Connection, run_id: int) -> None:
-    # The pool would keep the connection, and a session-level lock with it: unlock explicitly. A
-    # connection that broke meanwhile took its lock with it, so errors here are moot.
+    # The pool would keep the connection, and a session-level lock with it: unlock explicitly (the
+    # run's lock and, when taken, the write lock). A connection that broke meanwhile took its locks
+    # with it, so errors here are moot.
     try:
-        conn.execute(text("SELECT pg_advisory_unlock(:c, :r)"), {"c": RUN_LOCK_CLASS, "r": run_id})
+        conn.execute(text("SELECT pg_advisory_unlock_all()"))
         conn.commit()
     except Exception:  # noqa: BLE001  (any failure: the connection is dropped with its lock)
         conn.invalidate()
     finally:
         conn.close()
-
-
-def reap_stale_runs(engine: Engine | None = None) -> list[int]:
-    """Mark ``running`` runs whose process is gone as failed; returns their ids."""
-    engine = engine or get_engine()
-    stale = []
-    with engine.connect() as conn:
-        for run_id in conn.scalars(select(ExtractionRun.id).where(ExtractionRun.status == RunStatus.running)).all():
-            if conn.scalar(text("SELECT pg_try_advisory_lock(:c, :r)"), {"c": RUN_LOCK_CLASS, "r": run_id}):
-                conn.execute(text("SELECT pg_advisory_unlock(:c, :r)"), {"c": RUN_LOCK_CLASS, "r": run_id})
-                stale.append(run_id)
-        if stale:
-            conn.execute(
-                update(ExtractionRun)
-                .where(ExtractionRun.id.in_(stale), ExtractionRun.status == RunStatus.running)
-                .values(status=RunStatus.failed, error=INTERRUPTED, finished_at=func.now())
-            )
-        conn.commit()
-    return stale
 
 
 def _fail(engine: Engine, run_id: int, created_entry: bool, error: BaseException) -> None:
@@ -186,8 +201,14 @@ def extract(
     progress: Progress | None = None,
     on_stage: StageHook | None = None,
     log: Callable[[str], None] = lambda _m: None,
+    migrate_schema: bool = True,
+    fence: Fence | None = None,
 ) -> RunSummary:
-    """Extract a catalog and publish it atomically under ``req.name`` (default: from the model spec)."""
+    """Extract a catalog and publish it atomically under ``req.name`` (default: from the model spec).
+
+    ``migrate_schema``: upgrade the schema first (the in-process CLI path); workers pass False and
+    check the revision themselves (catalog/requests.py). ``fence``: see :class:`Fence`.
+    """
     stage = on_stage or (lambda _s: None)
     timings: dict[str, float] = {}
     source = resolve(req.model)  # a bad path fails before anything else starts
@@ -199,7 +220,8 @@ def extract(
             log(f"corpus: {corpus.undecodable} undecodable line(s) skipped and counted")
     engine = engine or get_engine()
     check_connection(engine)
-    migrate.upgrade(str(engine.url.render_as_string(hide_password=False)))
+    if migrate_schema:
+        migrate.upgrade(str(engine.url.render_as_string(hide_password=False)))
 
     t = time.perf_counter()
     loaded = load(req.model, device=req.device)
@@ -211,7 +233,7 @@ def extract(
     reap_stale_runs(engine)
     liveness = engine.connect()  # holds the run's liveness lock until this function returns
     try:
-        run_id, created = _register(liveness, name, loaded, req, corpus)
+        run_id, created = _register(liveness, name, loaded, req, corpus, fence)
     except BaseException:
         liveness.close()
         raise
@@ -229,21 +251,27 @@ def extract(
             timings.update(analysis.timings)
             counts.update(analysis.counts)
         stage("weights")
+        _take_write_lock(liveness, engine, run_id)
         _set_progress(engine, run_id, "weights, projections and ingest")
-        timings.update(_write_and_publish(engine, run_id, name, loaded, req, analysis, progress, stage, counts, timings))
+        timings.update(_write_and_publish(engine, run_id, name, loaded, req, analysis, progress, stage, counts, timings,
+                                          fence))
     except BaseException as exc:  # KeyboardInterrupt included: the run is marked failed, then re-raised
-        _fail(engine, run_id, created, exc)
+        try:
+            _fail(engine, run_id, created, exc)
+        finally:
+            _release(liveness, run_id)
         raise
+    try:
+        _drop_superseded(engine, name)  # published: a failure here leaves the run complete
     finally:
         _release(liveness, run_id)
-    _drop_superseded(engine, name)
     return RunSummary(run_id, name, loaded.view.n_layers, loaded.view.d_mlp, timings, counts)
 
 
 def _write_and_publish(
     engine: Engine, run_id: int, name: str, loaded: LoadedModel, req: ExtractRequest,
     analysis: CorpusAnalysis | None, progress: Progress | None, stage: StageHook, counts: dict[str, Any],
-    earlier: dict[str, float],
+    earlier: dict[str, float], fence: Fence | None = None,
 ) -> dict[str, float]:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -300,6 +328,9 @@ def _write_and_publish(
             run.progress = {"stage": "complete", **{k: v for k, v in counts.items() if k != "rows"}, "rows": counts["rows"]}
             run.finished_at = datetime.now(UTC)
             entry.current_run_id = run_id
+            if fence is not None:
+                s.flush()
+                fence.publishing(s, run_id)
             s.commit()  # releases the savepoint; the outer transaction commits below
     return timings
 

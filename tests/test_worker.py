@@ -7,9 +7,7 @@ broker would, and reads the published catalog back from the database.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +16,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import redis
 import tiny_models
 from celery import Celery
 from celery.result import AsyncResult
@@ -33,15 +30,8 @@ from workers.celery_app import create_app
 from workers.tasks import EXTRACT_CATALOG, request_from_message
 
 REPO = Path(__file__).resolve().parents[1]
-# Generous upper bounds for a stuck process, never assertions about speed.
-STARTUP_LIMIT_S = 60.0
+# A generous upper bound for a stuck process, never an assertion about speed.
 TASK_LIMIT_S = 300.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
@@ -52,37 +42,6 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private, non-persistent redis-server on a free port."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not Path(binary).exists():
-        pytest.fail("redis-server not found: install it (apt-get install redis-server; scripts/setup.sh does)")
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + STARTUP_LIMIT_S
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"redis-server did not start: {(workdir / 'redis.log').read_text(errors='replace')}")
-                time.sleep(0.05)
-        client.close()
-        yield url
-    finally:
-        _stop(proc)
 
 
 @pytest.fixture(scope="module")

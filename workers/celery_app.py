@@ -1,22 +1,27 @@
-"""The Celery application: Redis broker (``CATALOG_BROKER_URL``) and its settings.
+"""The Celery application: Redis broker (``CATALOG_BROKER_URL``), its settings and the worker's hooks.
 
-Start a worker with ``celery -A workers.celery_app worker``. An extraction is long and writes a new
-run that is published atomically, so running it twice is harmless (the second run replaces the
-first): that is what makes late acknowledgement safe here.
+Start a worker with ``neuron-catalog worker`` (or ``celery -A workers.celery_app worker``). Both
+refuse to start unless the database's schema revision is this code's head: workers never migrate.
+Each worker runs a sweeper (catalog/requests.py) that re-sends the distributed requests whose worker
+died. A request's message may be delivered more than once; its row's advisory lock and fenced
+publish (catalog/requests.py) make every extra delivery a no-op, which is what makes late
+acknowledgement safe here.
 """
 
 from __future__ import annotations
 
-from celery import Celery
+import sys
+from typing import Any
+
+from celery import Celery, signals
 
 from catalog.config import settings
 
 # Redis re-delivers a message that is still unacknowledged after this long, even while a live worker
-# is still running it; it must exceed the longest single task, or a long extraction would be started
-# a second time on another worker. The price: a task on a worker that was SIGKILLed or lost power
-# waits this long to be re-delivered (a clean shutdown returns held messages at once). Part 3's short
-# per-layer/per-shard tasks allow a much shorter timeout.
-VISIBILITY_TIMEOUT_S = 24 * 3600
+# is still running it (the duplicate finds the request locked and is dropped). A SIGKILLed or lost
+# worker's message waits this long to come back (a clean shutdown returns held messages at once);
+# the sweeper re-sends its request long before. CATALOG_VISIBILITY_TIMEOUT_S.
+VISIBILITY_TIMEOUT_S = settings.visibility_timeout_s
 
 
 def create_app(broker_url: str) -> Celery:
@@ -42,3 +47,43 @@ def create_app(broker_url: str) -> Celery:
 
 
 app = create_app(settings.broker_url)
+
+
+_schema_checked: list[str] = []
+
+
+@signals.celeryd_init.connect  # `celery worker`: before anything else is printed
+@signals.worker_init.connect  # any other way a WorkController starts
+def _refuse_another_schema(**_: Any) -> None:
+    """A worker on a database of another schema revision exits at once, with one ``error:`` line."""
+    from catalog.store.database import DatabaseUnavailable
+    from catalog.store.migrate import SchemaMismatch, require_head
+
+    if _schema_checked:
+        return
+    try:
+        _schema_checked.append(require_head())
+    except (SchemaMismatch, DatabaseUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+_sweepers: list[Any] = []
+
+
+@signals.worker_ready.connect
+def _start_sweeper(**_: Any) -> None:
+    """In the worker's main process (with the default prefork pool it runs no task itself): re-send
+    the requests of dead workers."""
+    from catalog.requests import Sweeper
+    from workers.tasks import send_request
+
+    sweeper = Sweeper(send_request, settings.sweep_interval_s)
+    sweeper.start()
+    _sweepers.append(sweeper)
+
+
+@signals.worker_shutdown.connect
+def _stop_sweeper(**_: Any) -> None:
+    for sweeper in _sweepers:
+        sweeper.stop()

@@ -8,9 +8,24 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import create_engine, pool
+from sqlalchemy.exc import OperationalError
 
-from catalog.store.database import CONNECT_TIMEOUT_S, database_url, dispose_engine, normalize_url
+from catalog.store.database import (
+    CONNECT_TIMEOUT_S,
+    DatabaseUnavailable,
+    _short_reason,
+    database_url,
+    dispose_engine,
+    normalize_url,
+    safe_url,
+)
+
+
+class SchemaMismatch(RuntimeError):
+    """The database's schema revision is not this code's head; the message is one line, fit to show a user."""
 
 
 def migrations_dir() -> Path:
@@ -59,6 +74,50 @@ def current(url: str | None = None) -> str | None:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
+
+
+def _scripts() -> ScriptDirectory:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    return ScriptDirectory.from_config(cfg)
+
+
+def head() -> str:
+    """This code's Alembic head revision."""
+    found = _scripts().get_current_head()
+    assert found is not None
+    return found
+
+
+def require_head(url: str | None = None, who: str = "this worker") -> str:
+    """Raise :class:`SchemaMismatch` unless the database is at this code's head; returns the head.
+
+    Workers call this instead of migrating: a schema is changed by one deliberate ``db upgrade`` (or
+    an in-process extract), never by whichever worker starts first. Uses its own short-lived
+    connection (no pool), so a worker's main process holds no connection its forked children share.
+    """
+    url = url or database_url()
+    code_head = head()
+    try:
+        found = current(url)
+    except OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"cannot connect to the database at {safe_url(normalize_url(url))}: {_short_reason(exc)}"
+        ) from exc
+    if found == code_head:
+        return code_head
+    if found is None:
+        raise SchemaMismatch(f"the database has no schema yet ({who}'s code is at head {code_head}): "
+                             "run neuron-catalog db upgrade")
+    try:
+        known = _scripts().get_revision(found) is not None
+    except CommandError:  # a revision this code has never heard of: written by newer code
+        known = False
+    if known:
+        raise SchemaMismatch(f"the database schema is at revision {found}, older than {who}'s code "
+                             f"(head {code_head}): run neuron-catalog db upgrade")
+    raise SchemaMismatch(f"the database schema is at revision {found}, newer than {who}'s code "
+                         f"(head {code_head}): update the worker")
 
 
 def revision(message: str, url: str | None = None, autogenerate: bool = True, rev_id: str | None = None) -> None:

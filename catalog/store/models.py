@@ -425,3 +425,53 @@ class UiSession(Base):
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # absolute end
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# --- distributed extraction (part 7) ---------------------------------------------------------------
+
+
+class RequestStatus(enum.StrEnum):
+    queued = "queued"  # sent to the broker, no worker has taken it yet
+    running = "running"  # a worker took it (attempt ``attempts``); ``holder`` names that process
+    published = "published"  # its run is the catalog's current one (set in the publishing commit)
+    failed = "failed"  # ``error`` says why; never retried
+    cancelled = "cancelled"  # reserved for a cancel command; workers skip it like published/failed
+
+
+REQUEST_DONE = (RequestStatus.published, RequestStatus.failed, RequestStatus.cancelled)
+
+
+class ExtractionRequest(Base):
+    """One ``extract --distributed``: the request a worker runs, and its lease (catalog/requests.py).
+
+    A worker claims it by taking a session-level advisory lock keyed by its id (held while the
+    worker lives) and incrementing ``attempts`` (the fencing token the publishing commit checks).
+    ``status`` is text with a CHECK, not an enum type, so later parts (shards) can add states with a
+    plain constraint swap.
+    """
+
+    __tablename__ = "extraction_requests"
+    __table_args__ = (
+        CheckConstraint("status IN ('queued', 'running', 'published', 'failed', 'cancelled')", name="status"),
+        # the sweeper's and the follower's lookups; ``run_id``: the FK's ON DELETE SET NULL when
+        # superseded runs are deleted
+        Index("ix_extraction_requests_status", "status"),
+        Index("ix_extraction_requests_run_id", "run_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request: Mapped[dict[str, Any]] = mapped_column(JSONB)  # dataclasses.asdict(ExtractRequest)
+    status: Mapped[str] = mapped_column(String(16), default=RequestStatus.queued, server_default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # attempts started
+    holder: Mapped[str | None] = mapped_column(Text)  # "hostname:pid" of the latest attempt's process
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("extraction_runs.id", ondelete="SET NULL"))
+    error: Mapped[str | None] = mapped_column(Text)
+    # set in the publishing commit: what `extract` prints about the run (run_id, name, n_layers,
+    # d_mlp, timings as [stage, seconds] pairs in order); it outlives the run once that is replaced
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # the latest attempt's start
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # when a sweeper last re-sent the task for a dead holder (cleared when an attempt starts)
+    resent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
