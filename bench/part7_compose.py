@@ -11,7 +11,8 @@ Everything goes through scripts/compose.sh, as a user's commands do, on a projec
 - the images' sizes;
 - an extraction of the packaged SmolLM2 over --max-tokens tokens of the WordNet demo corpus, in
   pairs run back to back (container, host, container, host, ...): each pair's ratio container/host,
-  then the median ratio. Both read the model from a warm cache (one warm-up run each first).
+  then the median ratio. --warmup N unmeasured runs of each first warm the caches; with 0, both
+  start cold (each converts the GGUF file once into its own data directory).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-cache-build", action="store_true", help="also time `build --no-cache` (minutes)")
     ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured runs of each first (0: both start cold)")
     ap.add_argument("--max-tokens", type=int, default=1000)
     args = ap.parse_args()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "CATALOG_", "NC_"))},
@@ -91,7 +93,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as data:
         host_env = {**env, "CATALOG_DATA_DIR": data, "HF_HUB_OFFLINE": "1"}
         on_host = [str(REPO / ".venv" / "bin" / "neuron-catalog"), "extract", *[o.replace("{corpus}", str(corpus)) for o in opts]]
-        sh(in_container, env), sh(on_host, host_env)  # warm-up: GGUF conversion, embedded Postgres, caches
+        for _ in range(args.warmup):  # GGUF conversion, embedded Postgres, caches
+            sh(in_container, env), sh(on_host, host_env)
         ratios = []
         for i in range(args.pairs):
             c, h = sh(in_container, env), sh(on_host, host_env)
