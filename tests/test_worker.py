@@ -7,7 +7,6 @@ broker would, and reads the published catalog back from the database.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 import tiny_models
 from celery import Celery
 from celery.result import AsyncResult
+from conftest import stop_process
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -32,16 +32,6 @@ from workers.tasks import EXTRACT_CATALOG, request_from_message
 REPO = Path(__file__).resolve().parents[1]
 # A generous upper bound for a stuck process, never an assertion about speed.
 TASK_LIMIT_S = 300.0
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +54,7 @@ def worker(redis_url: str, migrated_db: str, tmp_path_factory: pytest.TempPathFa
     try:
         yield proc
     finally:
-        _stop(proc)  # SIGTERM: warm shutdown, as a user's Ctrl-C
+        stop_process(proc)  # SIGTERM: warm shutdown, as a user's Ctrl-C
 
 
 @pytest.fixture(scope="module")
