@@ -23,6 +23,7 @@ import httpx
 import pytest
 from alembic.script import ScriptDirectory
 from cli_runner import CLI, REPO, Result, cli, free_port
+from conftest import stop_process
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -151,12 +152,7 @@ def test_serve_without_torch(cat: str, blocked: dict[str, str], tmp_path: Path) 
             assert "501" in responses and "200" in responses, sorted(responses)
             assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)  # SIGTERM, killed after 30 s
     assert proc.returncode in (0, -15), (proc.returncode, log.read_text())
     # what the server tried to import of the blocked modules: the probe's look-up of torch, nothing else
     assert tried(blocked) <= {"torch", "transformers"} and "torch" in tried(blocked), tried(blocked)

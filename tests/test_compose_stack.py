@@ -255,7 +255,7 @@ def test_compose_stack(stack: Stack, migrated_db: str, tmp_path: Path) -> None:
                            "--no-wait", "--model", "/data/inputs/tiny", "--name", "tiny",
                            "--corpus", "/data/inputs/corpus.txt")
     request_id = queued.stdout.strip().splitlines()[-1].strip()
-    status, holder, attempts, stage = _wait_request(stack, request_id, lambda st, h, a, sg: sg == WAITING_TO_WRITE)
+    status, holder, attempts, _ = _wait_request(stack, request_id, lambda st, h, a, sg: sg == WAITING_TO_WRITE)
     assert (status, attempts) == ("running", 1) and holder
     host = holder.split(":")[0]
     killed = [c["Id"] for c in stack.containers("worker") if c["Config"]["Hostname"] == host]

@@ -22,6 +22,7 @@ import psycopg
 import pytest
 import uvicorn
 from cli_runner import CLI, REPO, cli, free_port
+from conftest import stop_process
 from sqlalchemy.engine import make_url
 
 from catalog.config import settings
@@ -240,10 +241,5 @@ def test_serve(migrated_db: str, tmp_path: Path, record_property: RecordProperty
         assert "libtorch" not in maps, "the API server loaded torch before any probe"
         assert rss_mb < 400, f"serve uses {rss_mb:.0f} MB before any request that needs a model"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)  # SIGTERM, killed after 30 s
     assert proc.returncode in (0, -15), (proc.returncode, log.read_text())
