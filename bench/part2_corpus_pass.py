@@ -43,8 +43,9 @@ def main() -> None:
     import transformers
 
     from catalog.corpus import load_corpus
-    from catalog.extract.corpus_pass import corpus_pass, plain_pass, tokenise
+    from catalog.extract.corpus_pass import corpus_pass, plain_pass
     from catalog.extract.pipeline import Parameters
+    from catalog.extract.windows import tokenise
     from catalog.loading import load
     from catalog.service import ExtractRequest, extract
     from catalog.store.database import stop_embedded

@@ -72,8 +72,8 @@ def build(vocab_texts: list[str], corpus_lines: list[str]) -> dict[str, float]:
     from sqlalchemy import text, update
 
     from catalog.extract.baselines import Baselines
-    from catalog.extract.corpus_pass import TopState
     from catalog.extract.pipeline import LayerRecord
+    from catalog.extract.states import TopState
     from catalog.extract.weights import NeuronWeights, TokenProjection
     from catalog.store import migrate
     from catalog.store.database import get_engine, session_scope

@@ -40,8 +40,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         known.append(sys.modules["catalog.loading"].ModelSourceError)
     if "catalog.extract.architectures" in sys.modules:
         known.append(sys.modules["catalog.extract.architectures"].UnsupportedArchitecture)
-    if "catalog.extract.corpus_pass" in sys.modules:
-        known.append(sys.modules["catalog.extract.corpus_pass"].BosError)
+    if "catalog.extract.windows" in sys.modules:
+        known.append(sys.modules["catalog.extract.windows"].BosError)
     return tuple(known)
 
 

@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 
 from catalog.config import settings
 from catalog.corpus import Corpus, CorpusError, load_corpus
-from catalog.extract.corpus_pass import choose_bos, tokenise
 from catalog.extract.pipeline import CorpusAnalysis, Parameters, Progress, analyse_corpus, layer_records
+from catalog.extract.windows import choose_bos, tokenise
 from catalog.loading import LoadedModel, load, resolve, tokenizer_sha256, weights_sha256
 from catalog.read.catalog import catalog_names, current_run  # noqa: F401  (re-exported for callers)
 from catalog.store import migrate

@@ -33,7 +33,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from catalog.config import settings
 from catalog.corpus import Document
-from catalog.extract.corpus_pass import corpus_pass, tokenise
+from catalog.extract.corpus_pass import corpus_pass
+from catalog.extract.windows import tokenise
 from catalog.service import ExtractRequest, default_parameters, extract
 from catalog.store.database import session_scope
 from catalog.store.models import LABELS, NEURON_STATS, CatalogModel

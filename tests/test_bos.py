@@ -11,8 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from catalog.export import records
-from catalog.extract.corpus_pass import BosError, choose_bos
 from catalog.extract.pipeline import Parameters
+from catalog.extract.windows import BosError, choose_bos
 from catalog.service import ExtractRequest, current_run, extract
 from catalog.store.database import get_engine, session_scope
 from catalog.store.models import CatalogModel

@@ -34,8 +34,8 @@ from typer.testing import CliRunner
 from catalog.cli import app
 from catalog.export import records
 from catalog.extract.ablation import relative_change
-from catalog.extract.corpus_pass import TopState
 from catalog.extract.pipeline import Parameters
+from catalog.extract.states import TopState
 from catalog.service import ExtractRequest, current_run, extract
 from catalog.store.database import get_engine
 from catalog.store.models import CatalogModel, Layer, Trigger
@@ -800,7 +800,7 @@ def test_console_script_bad_corpus(tiny_dir: Path, tmp_path: Path) -> None:
 
 def test_running_stats_stay_exact_for_a_large_mean_and_a_small_spread() -> None:
     """E[x^2] - E[x]^2 from float32 batch sums loses every digit here; the pairwise merge keeps them."""
-    from catalog.extract.corpus_pass import RunningStats
+    from catalog.extract.states import RunningStats
 
     rng = np.random.default_rng(0)
     values = 1e4 + rng.normal(0.0, 0.01, size=(5, 64, 3))  # [batches, positions, neurons]
@@ -825,7 +825,7 @@ def test_running_stats_stay_exact_for_a_large_mean_and_a_small_spread() -> None:
 def test_a_document_cut_by_max_tokens_keeps_its_next_token() -> None:
     from catalog.corpus import Document
     from catalog.extract.ablation import PrefixTable, token_at
-    from catalog.extract.corpus_pass import tokenise
+    from catalog.extract.windows import tokenise
 
     tok = tiny_models.tokenizer()
     docs = [Document(0, "the cat sat on the mat"), Document(1, "a dog ran fast")]
@@ -842,7 +842,7 @@ def test_a_document_cut_by_max_tokens_keeps_its_next_token() -> None:
 def test_abs_histogram_quantiles_against_numpy() -> None:
     """Quantiles of |x| from the bit-binned histogram, against numpy's exact ones, over seven decades,
     exact zeros and values beyond both ends of the binned range."""
-    from catalog.extract.corpus_pass import abs_histogram, histogram_quantile
+    from catalog.extract.states import abs_histogram, histogram_quantile
 
     rng = np.random.default_rng(3)
     x = rng.lognormal(mean=-2.0, sigma=3.0, size=(5000, 6)) * rng.choice([-1.0, 1.0], size=(5000, 6))

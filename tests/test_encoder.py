@@ -36,8 +36,9 @@ from transformers import BertConfig, BertForMaskedLM, BertModel, PreTrainedToken
 from catalog.corpus import Document
 from catalog.export import records
 from catalog.extract.architectures import UnsupportedArchitecture, family_for
-from catalog.extract.corpus_pass import batches, tokenise
+from catalog.extract.corpus_pass import batches
 from catalog.extract.pipeline import Parameters
+from catalog.extract.windows import tokenise
 from catalog.loading import MINILM_NAME, load, packaged_minilm, resolve
 from catalog.service import ExtractRequest, current_run, extract
 from catalog.store.database import get_engine

@@ -91,7 +91,8 @@ def run_probe(loaded: Any, text: str, k: int, *, window: int, max_tokens: int,
     import torch
 
     from catalog.corpus import Document
-    from catalog.extract.corpus_pass import backbone, capture_coefficients, tokenise
+    from catalog.extract.hooks import backbone, capture_coefficients
+    from catalog.extract.windows import tokenise
 
     tok = loaded.tokenizer
     corpus = tokenise([Document(0, text)], tok, window=window, max_tokens=None, causal=loaded.view.causal, bos=bos)

@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from catalog.extract.corpus_pass import TokenisedCorpus, TopState, _pad_rows, backbone, capture_coefficients
+from catalog.extract.hooks import backbone, capture_coefficients, pad_rows
+from catalog.extract.states import TopState
+from catalog.extract.windows import TokenisedCorpus
 
 ABLATIONS = ("last", "first", "random")
 
@@ -184,7 +186,7 @@ def run_ablation(
             take = max(1, batch_tokens // width)
             chunk = order[i : i + take]
             i += take
-            ids, mask = _pad_rows([lead + job.rows[j] for j in chunk], pad, device)
+            ids, mask = pad_rows([lead + job.rows[j] for j in chunk], pad, device)
             shape[:] = list(ids.shape)
             loc.fill_(-1)
             pid, flat_at = [], []

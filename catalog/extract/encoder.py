@@ -21,23 +21,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from catalog.extract.architectures import UnsupportedArchitecture
-
-if TYPE_CHECKING:  # corpus_pass imports this module
+if TYPE_CHECKING:
     from catalog.extract.ablation import PrefixTable
-    from catalog.extract.corpus_pass import TokenisedCorpus
-
-
-class EncoderTokenizerError(UnsupportedArchitecture):
-    """An encoder whose tokenizer lacks the [CLS] / [SEP] tokens its windows are framed with."""
-
-
-def frame_tokens(tokenizer: object) -> tuple[int, int]:
-    """The (CLS, SEP) ids an encoder's windows are framed with."""
-    cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
-    if cls is None or sep is None:
-        raise EncoderTokenizerError("an encoder's tokenizer needs a CLS and a SEP token (BERT's [CLS], [SEP])")
-    return int(cls), int(sep)
+    from catalog.extract.windows import TokenisedCorpus
 
 
 def agreement_targets(prefix_token: torch.Tensor, prefix_next: torch.Tensor, *, causal: bool) -> torch.Tensor:

@@ -19,8 +19,9 @@ from catalog.extract import ablation as abl
 from catalog.extract import labels as lab
 from catalog.extract.architectures import MlpView
 from catalog.extract.baselines import Baselines, agreement_figures, negative_trigger_share
-from catalog.extract.corpus_pass import TokenisedCorpus, TopState, corpus_pass
+from catalog.extract.corpus_pass import corpus_pass
 from catalog.extract.encoder import agreement_targets, texts_after
+from catalog.extract.states import TopState
 from catalog.extract.weights import (
     NeuronWeights,
     TokenProjection,
@@ -29,6 +30,7 @@ from catalog.extract.weights import (
     project_values,
     value_logits,
 )
+from catalog.extract.windows import TokenisedCorpus
 
 Progress = Callable[[str, int, int], None]  # (stage, done increment, total)
 
