@@ -45,19 +45,63 @@ class Corpus:
 
 
 @dataclass
-class _LineStats:
+class LineStats:
     undecodable: int = 0
     decoded: int = 0  # non-blank lines that decoded; 0 with undecodable > 0 means "not UTF-8"
 
 
-def load_corpus(
+@dataclass(frozen=True)
+class CorpusSource:
+    """A corpus file read as a stream: no process needs every document in memory.
+
+    ``documents(start, stop)`` yields the documents whose index is in [start, stop), in corpus
+    order, after at most ``max_documents`` documents from the start of the corpus.
+    """
+
+    path: Path
+    format: str
+    text_field: str = "text"
+    max_documents: int | None = None
+
+    @property
+    def source(self) -> str:
+        return str(self.path)
+
+    def documents(self, start: int = 0, stop: int | None = None, stats: LineStats | None = None) -> Iterator[Document]:
+        stats = stats if stats is not None else LineStats()
+        p, fmt = self.path, self.format
+        docs: Iterable[Document]
+        if fmt == "text":
+            docs = (Document(i, t) for i, t in _iter_lines(p, stats))
+        elif fmt == "jsonl":
+            docs = _iter_jsonl(p, stats, self.text_field)
+        elif fmt == "parquet":
+            docs = _iter_parquet(p, self.text_field)
+        else:
+            docs = _iter_datasets(p, self.text_field)
+        for n, doc in enumerate(docs):
+            if self.max_documents is not None and n >= self.max_documents:
+                break
+            if stop is not None and doc.index >= stop:
+                break
+            if doc.index >= start:
+                yield doc
+
+    def sha256(self) -> str:
+        return _sha256(self.path)
+
+    def provenance(self) -> dict[str, Any]:
+        return _read_provenance(self.path)
+
+
+def open_corpus(
     path: str | Path,
     *,
     text_field: str = "text",
     max_documents: int | None = None,
     format: str | None = None,
-) -> Corpus:
-    """Load the documents of the corpus at ``path``; raise ``CorpusError`` if it cannot be read."""
+) -> CorpusSource:
+    """The corpus at ``path`` as a stream; raise ``CorpusError`` if it cannot be read as one."""
     p = Path(path).absolute()
     if max_documents is not None and max_documents < 1:
         raise ValueError(f"max_documents must be at least 1, got {max_documents}")
@@ -69,36 +113,39 @@ def load_corpus(
     if p.is_dir() != (fmt == "datasets"):
         what = "a directory" if p.is_dir() else "a file"
         raise CorpusError(f"{p}: is {what}, which cannot be read as format {fmt!r}")
+    return CorpusSource(p, fmt, text_field, max_documents)
 
-    stats = _LineStats()
-    docs: Iterable[Document]
-    if fmt == "text":
-        docs = (Document(i, t) for i, t in _iter_lines(p, stats))
-    elif fmt == "jsonl":
-        docs = _iter_jsonl(p, stats, text_field)
-    elif fmt == "parquet":
-        docs = _iter_parquet(p, text_field)
-    else:
-        docs = _iter_datasets(p, text_field)
 
-    documents: list[Document] = []
-    for doc in docs:
-        documents.append(doc)
-        if max_documents is not None and len(documents) >= max_documents:
-            break
+def check_read(source: CorpusSource, stats: LineStats, documents: int) -> None:
+    """After a whole read: raise for a corpus that is not UTF-8 or has no document; log skipped lines."""
+    p = source.path
     if stats.undecodable and not stats.decoded:
         raise CorpusError(f"{p}: is not UTF-8 text (no line decodes as UTF-8)")
     if not documents:
         raise CorpusError(f"{p}: corpus is empty (no non-blank documents)")
     if stats.undecodable:
         logger.warning("%s: skipped %d line(s) that are not valid UTF-8", p, stats.undecodable)
+
+
+def load_corpus(
+    path: str | Path,
+    *,
+    text_field: str = "text",
+    max_documents: int | None = None,
+    format: str | None = None,
+) -> Corpus:
+    """Load the documents of the corpus at ``path``; raise ``CorpusError`` if it cannot be read."""
+    source = open_corpus(path, text_field=text_field, max_documents=max_documents, format=format)
+    stats = LineStats()
+    documents = list(source.documents(stats=stats))
+    check_read(source, stats, len(documents))
     return Corpus(
         documents=documents,
-        source=str(p),
-        format=fmt,
-        sha256=_sha256(p),
+        source=source.source,
+        format=source.format,
+        sha256=source.sha256(),
         undecodable=stats.undecodable,
-        provenance=_read_provenance(p),
+        provenance=source.provenance(),
     )
 
 
@@ -113,7 +160,7 @@ def _guess_format(p: Path) -> str:
     return "text"
 
 
-def _iter_lines(p: Path, stats: _LineStats) -> Iterator[tuple[int, str]]:
+def _iter_lines(p: Path, stats: LineStats) -> Iterator[tuple[int, str]]:
     """Yield (0-based line number, text) of each non-blank line that is valid UTF-8."""
     with p.open("rb") as f:
         if b"\0" in f.read(_SNIFF_BYTES):
@@ -136,7 +183,7 @@ def _iter_lines(p: Path, stats: _LineStats) -> Iterator[tuple[int, str]]:
             yield lineno, text
 
 
-def _iter_jsonl(p: Path, stats: _LineStats, text_field: str) -> Iterator[Document]:
+def _iter_jsonl(p: Path, stats: LineStats, text_field: str) -> Iterator[Document]:
     for lineno, line in _iter_lines(p, stats):
         try:
             record = json.loads(line)

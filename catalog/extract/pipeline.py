@@ -21,7 +21,7 @@ from catalog.extract.architectures import MlpView
 from catalog.extract.baselines import Baselines, agreement_figures, negative_trigger_share
 from catalog.extract.corpus_pass import corpus_pass
 from catalog.extract.encoder import agreement_targets, texts_after
-from catalog.extract.states import TopState
+from catalog.extract.states import PassState, TopState
 from catalog.extract.weights import (
     NeuronWeights,
     TokenProjection,
@@ -78,6 +78,127 @@ class CorpusAnalysis:
         return agreement_targets(self.prefix_token, self.prefix_next, causal=self.corpus.causal)
 
 
+def pass_state(
+    view: MlpView, tokenizer: Any, corpus: TokenisedCorpus, params: Parameters, progress: Progress | None = None,
+) -> PassState:
+    """The corpus pass over ``corpus`` (a whole corpus or one shard's documents) as a mergeable state."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    result = corpus_pass(
+        view.model, view.value_projs(), corpus, top_n=params.top_n, gated=view.gated,
+        batch_tokens=params.batch_tokens, pad=pad, key_projs=view.key_projs(),
+        progress=None if progress is None else (lambda n: progress("corpus pass", n, corpus.n_tokens)),
+    )
+    vocab = int(view.unembedding().shape[0])
+    flat = torch.tensor([t for toks in corpus.tokens for t in toks], dtype=torch.long)
+    token_counts = torch.bincount(flat, minlength=vocab)[:vocab]
+    return PassState(
+        [s for s in result.stats], result.firing, result.top, result.bottom, token_counts,
+        {"tokens": result.tokens, "documents": len(corpus.tokens), "windows": len(corpus.windows),
+         "truncated_documents": corpus.truncated_documents},
+    )
+
+
+def trigger_documents(state: PassState) -> list[int]:
+    """The corpus indices of the documents holding some neuron's trigger, ascending."""
+    tops = list(state.top) + list(state.bottom or [])
+    docs = torch.unique(torch.cat([t.documents.cpu().flatten() for t in tops]))
+    return [int(d) for d in docs.tolist() if d >= 0]
+
+
+def ablation_cuts(table: abl.PrefixTable, prefixes_per_shard: int) -> list[tuple[int, int, int]]:
+    """Cut the prefix table into (doc_start, doc_stop, prefixes) ranges of whole documents, each about
+    ``prefixes_per_shard`` prefixes; deterministic for a given table."""
+    docs = table.documents.tolist()
+    if not docs:
+        return []
+    uniq, counts = torch.unique_consecutive(torch.tensor(sorted(docs)), return_counts=True)
+    cuts: list[tuple[int, int, int]] = []
+    start, n = int(uniq[0]), 0
+    for d, c in zip(uniq.tolist(), counts.tolist(), strict=True):
+        if n and n + c > prefixes_per_shard:
+            cuts.append((start, d, n))
+            start, n = d, 0
+        n += c
+    cuts.append((start, int(uniq[-1]) + 1, n))
+    return cuts
+
+
+def ablate(
+    view: MlpView, tokenizer: Any, corpus: TokenisedCorpus, table: abl.PrefixTable, params: Parameters,
+    documents: tuple[int, int] | None = None, progress: Progress | None = None,
+) -> tuple[dict[str, list[torch.Tensor]], int]:
+    """The 'first' and 'random' ablations of the top triggers whose document is in ``documents``
+    ([start, stop); all without it): per kind, per layer [d_mlp, N] (NaN elsewhere), and the tokens run."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.cat([i.flatten() for i in table.top_ids])
+    if documents is not None:
+        doc = table.documents[ids.clamp(min=0)]
+        ids = torch.where((ids >= 0) & (doc >= documents[0]) & (doc < documents[1]), ids, -1)
+    jobs = abl.ablation_jobs(corpus, table, ids, seed=params.ablation_seed)
+    total = sum(len(r) for j in jobs.values() for r in j.rows)
+    out: dict[str, list[torch.Tensor]] = {}
+    for kind in ("first", "random"):
+        job = jobs[kind]
+        out[kind] = abl.run_ablation(
+            view.model, view.value_projs(), job, table.top_ids, n_prefixes=len(table), bos=corpus.bos, pad=pad,
+            batch_tokens=params.batch_tokens,
+            progress=None if progress is None else (lambda n: progress("ablation", n, total)),
+        )
+    return out, total
+
+
+def analysis_from(
+    view: MlpView, tokenizer: Any, corpus: TokenisedCorpus, state: PassState, table: abl.PrefixTable,
+    ablated: dict[str, list[torch.Tensor]], params: Parameters, counts: dict[str, int] | None = None,
+) -> CorpusAnalysis:
+    """The merged pass state, its prefix table and the ablations as one analysis (labels included).
+
+    ``corpus`` needs to hold only the documents with triggers (``trigger_documents``).
+    """
+    t0 = time.perf_counter()
+    top_ids = table.top_ids
+    lengths = corpus.prefix_lengths(table.slots, table.positions)  # tokens read up to each trigger
+    full: dict[str, list[torch.Tensor]] = {}
+    if corpus.causal:  # an encoder's triggers are positions in context: no prefix ablations (encoder.py)
+        full["last"] = [t.previous.cpu() for t in state.top]
+        # A single-token prefix has no 'without last' either (the corpus pass read BOS there).
+        single = lengths == 1  # the trigger is its window's first token
+        for layer, ids in enumerate(top_ids):
+            one_token = torch.where(ids >= 0, single[ids.clamp(min=0)], True)
+            full["last"][layer] = torch.where(one_token, math.nan, full["last"][layer])
+        full.update(ablated)
+    rule = lab.LabelRule(min_prefix=params.label_min_prefix, min_triggers=params.label_min_triggers,
+                         quantile=params.label_quantile, bootstrap=params.label_bootstrap, seed=params.ablation_seed)
+    layer_labels: list[lab.LayerLabels] | None = None
+    applied: dict[str, Any] | None = None
+    if "random" in full:  # encoders have no prefix ablations, hence no label
+        per_layer = []
+        for layer, ids in enumerate(top_ids):
+            a = torch.where(ids >= 0, state.top[layer].values.cpu(), math.nan)
+            n_tok = torch.where(ids >= 0, lengths[ids.clamp(min=0)], 0)
+            per_layer.append((a, full["last"][layer], full["random"][layer], n_tok))
+        layer_labels, applied = lab.label_layers(per_layer, rule)
+    texts = abl.prefix_texts(corpus, table, tokenizer)
+    return CorpusAnalysis(
+        corpus=corpus,
+        stats=[s.summary() for s in state.stats],
+        firing=[f.summary() for f in state.firing],
+        token_counts=state.token_counts,
+        top=state.top,
+        bottom=state.bottom,
+        prefixes=table,
+        prefix_text=texts,
+        prefix_token=abl.token_at(corpus, table, 0),
+        prefix_next=abl.token_at(corpus, table, 1),
+        ablated=full,
+        labels=layer_labels,
+        label_rule=applied,
+        prefix_text_after=None if corpus.causal else texts_after(corpus, table, tokenizer),
+        timings={"labels": time.perf_counter() - t0},
+        counts={**state.counts, "window_overlap": corpus.overlap, "prefixes": len(table), **(counts or {})},
+    )
+
+
 def analyse_corpus(
     view: MlpView,
     tokenizer: Any,
@@ -85,81 +206,17 @@ def analyse_corpus(
     params: Parameters,
     progress: Progress | None = None,
 ) -> CorpusAnalysis:
-    model = view.model
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    value_projs = view.value_projs()
-
-    def tick(stage: str, total: int) -> Callable[[int], None] | None:
-        return None if progress is None else (lambda n: progress(stage, n, total))
-
+    """The whole analysis of a corpus held in memory, in one piece (one shard, no database)."""
     t0 = time.perf_counter()
-    result = corpus_pass(
-        model, value_projs, corpus, top_n=params.top_n, gated=view.gated,
-        batch_tokens=params.batch_tokens, pad=pad, key_projs=view.key_projs(),
-        progress=tick("corpus pass", corpus.n_tokens),
-    )
+    state = pass_state(view, tokenizer, corpus, params, progress)
     t1 = time.perf_counter()
-    table = abl.prefix_table(corpus, result.top, result.bottom)
-    texts = abl.prefix_texts(corpus, table, tokenizer)
-    top_ids = table.top_ids
-    lengths = corpus.prefix_lengths(table.slots, table.positions)  # tokens read up to each trigger
-    ablated: dict[str, list[torch.Tensor]] = {}
-    jobs: dict[str, abl.AblationJob] = {}
-    if corpus.causal:  # an encoder's triggers are positions in context: no prefix ablations (encoder.py)
-        ablated["last"] = [t.previous.cpu() for t in result.top]
-        # A single-token prefix has no 'without last' either (the corpus pass read BOS there).
-        single = lengths == 1  # the trigger is its window's first token
-        for layer, ids in enumerate(top_ids):
-            one_token = torch.where(ids >= 0, single[ids.clamp(min=0)], True)
-            ablated["last"][layer] = torch.where(one_token, math.nan, ablated["last"][layer])
-        jobs = abl.ablation_jobs(corpus, table, torch.cat([i.flatten() for i in top_ids]), seed=params.ablation_seed)
-        for kind in ("first", "random"):
-            job = jobs[kind]
-            ablated[kind] = abl.run_ablation(
-                model, value_projs, job, top_ids, n_prefixes=len(table), bos=corpus.bos, pad=pad,
-                batch_tokens=params.batch_tokens, progress=tick(f"ablation ({kind})", sum(len(r) for r in job.rows)),
-            )
+    table = abl.prefix_table(corpus, state.top, state.bottom)
+    ablated, ablation_tokens = ablate(view, tokenizer, corpus, table, params, progress=progress) if corpus.causal else ({}, 0)
     t2 = time.perf_counter()
-    rule = lab.LabelRule(min_prefix=params.label_min_prefix, min_triggers=params.label_min_triggers,
-                         quantile=params.label_quantile, bootstrap=params.label_bootstrap, seed=params.ablation_seed)
-    layer_labels: list[lab.LayerLabels] | None = None
-    applied: dict[str, Any] | None = None
-    if "random" in ablated:  # encoders have no prefix ablations, hence no label
-        per_layer = []
-        for layer, ids in enumerate(top_ids):
-            a = torch.where(ids >= 0, result.top[layer].values.cpu(), math.nan)
-            n_tok = torch.where(ids >= 0, lengths[ids.clamp(min=0)], 0)
-            per_layer.append((a, ablated["last"][layer], ablated["random"][layer], n_tok))
-        layer_labels, applied = lab.label_layers(per_layer, rule)
-    vocab = int(view.unembedding().shape[0])
-    counts = torch.bincount(torch.tensor([t for toks in corpus.tokens for t in toks], dtype=torch.long),
-                            minlength=vocab)[:vocab]
-    return CorpusAnalysis(
-        corpus=corpus,
-        stats=[s.summary() for s in result.stats],
-        firing=[f.summary() for f in result.firing],
-        token_counts=counts,
-        top=result.top,
-        bottom=result.bottom,
-        prefixes=table,
-        prefix_text=texts,
-        prefix_token=abl.token_at(corpus, table, 0),
-        prefix_next=abl.token_at(corpus, table, 1),
-        ablated=ablated,
-        labels=layer_labels,
-        label_rule=applied,
-        prefix_text_after=None if corpus.causal else texts_after(corpus, table, tokenizer),
-        timings={"corpus_pass": t1 - t0, "ablation": t2 - t1, "labels": time.perf_counter() - t2},
-        counts={
-            "tokens": result.tokens,
-            "documents": len(corpus.tokens),
-            "windows": len(corpus.windows),
-            "window_overlap": corpus.overlap,
-            "truncated_documents": corpus.truncated_documents,
-            "prefixes": len(table),
-            "ablation_tokens": sum(len(r) for j in jobs.values() for r in j.rows),
-        },
-    )
+    analysis = analysis_from(view, tokenizer, corpus, state, table, ablated, params,
+                             {"ablation_tokens": ablation_tokens})
+    analysis.timings.update(corpus_pass=t1 - t0, ablation=t2 - t1)
+    return analysis
 
 
 @dataclass

@@ -6,9 +6,12 @@ Each is a pure object with a documented total order or exact arithmetic and an a
 
 from __future__ import annotations
 
+import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -223,3 +226,110 @@ def masked_extremes(masked: torch.Tensor, *, lowest: bool = False) -> tuple[torc
     # max/min along a dim return the index of the first extreme value: ties go to the shorter prefix.
     out = masked.min(dim=1) if lowest else masked.max(dim=1)
     return out.values, out.indices
+
+
+@dataclass
+class PassState:
+    """Everything one pass over a range of the corpus leaves behind, per layer, plus the shard-wide counts.
+
+    ``merge`` folds another range's state in: exact for the top-N (a total order) and the counts,
+    float64 Chan updates for the moments. Folding shards in shard order makes the result the same
+    whichever process did which shard, and when.
+    """
+
+    stats: list[RunningStats]
+    firing: list[FiringStats]
+    top: list[TopState]
+    bottom: list[TopState] | None
+    token_counts: torch.Tensor  # [vocab] int64: occurrences of each token among the counted tokens
+    counts: dict[str, int]  # tokens, documents, windows, truncated_documents
+
+    def merge(self, other: PassState) -> PassState:
+        return PassState(
+            [a.merge(b) for a, b in zip(self.stats, other.stats, strict=True)],
+            [a.merge(b) for a, b in zip(self.firing, other.firing, strict=True)],
+            [a.merge(b) for a, b in zip(self.top, other.top, strict=True)],
+            None if self.bottom is None or other.bottom is None
+            else [a.merge(b) for a, b in zip(self.bottom, other.bottom, strict=True)],
+            self.token_counts + other.token_counts,
+            {k: self.counts.get(k, 0) + other.counts.get(k, 0) for k in self.counts.keys() | other.counts.keys()},
+        )
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.top)
+
+
+# Serialised states: numpy .npz archives (no pickle: np.load(allow_pickle=False)), deflated. The
+# |coefficient| histogram is most of a layer's state; it is stored in the narrowest unsigned type
+# that holds its largest count (a shard's counts are bounded by its tokens), and mostly zeros.
+def pack(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def unpack(payload: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(payload), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _narrow_counts(x: torch.Tensor) -> np.ndarray:
+    a = x.cpu().numpy()
+    top = int(a.max()) if a.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return a.astype(dtype)
+    return a.astype(np.int64)
+
+
+def _top_arrays(prefix: str, t: TopState) -> dict[str, np.ndarray]:
+    return {f"{prefix}_values": t.values.float().cpu().numpy(), f"{prefix}_documents": t.documents.cpu().numpy().astype(np.int64),
+            f"{prefix}_positions": t.positions.cpu().numpy().astype(np.int32), f"{prefix}_previous": t.previous.float().cpu().numpy()}
+
+
+def _top_from(prefix: str, a: dict[str, np.ndarray], device: torch.device) -> TopState:
+    return TopState(torch.from_numpy(a[f"{prefix}_values"]).to(device),
+                    torch.from_numpy(a[f"{prefix}_documents"].astype(np.int64)).to(device),
+                    torch.from_numpy(a[f"{prefix}_positions"].astype(np.int64)).to(device),
+                    torch.from_numpy(a[f"{prefix}_previous"]).to(device))
+
+
+def layer_payload(state: PassState, layer: int) -> bytes:
+    """One layer of a pass state as bytes (see ``pack``)."""
+    s, f = state.stats[layer], state.firing[layer]
+    arrays = {
+        **_top_arrays("top", state.top[layer]),
+        "mean": s.mean.cpu().numpy(), "m2": s.m2.cpu().numpy(), "positive": s.positive.cpu().numpy(),
+        "maximum": s.maximum.cpu().numpy(), "count": np.array(s.count, dtype=np.int64),
+        "gate_open": f.gate_open.cpu().numpy(), "abs_hist": _narrow_counts(f.abs_hist),
+        "firing_count": np.array(f.count, dtype=np.int64),
+    }
+    if state.bottom is not None:
+        arrays.update(_top_arrays("bottom", state.bottom[layer]))
+    return pack(arrays)
+
+
+def shard_payload(state: PassState) -> bytes:
+    """The shard-wide part of a pass state: token counts and the plan's counts."""
+    names = sorted(state.counts)
+    return pack({"token_counts": state.token_counts.cpu().numpy().astype(np.int64),
+                 "count_names": np.array(names), "count_values": np.array([state.counts[k] for k in names], dtype=np.int64)})
+
+
+def pass_state_from(shard: bytes, layers: Sequence[bytes], device: torch.device | str = "cpu") -> PassState:
+    """Rebuild a pass state from ``shard_payload`` and each layer's ``layer_payload``, in layer order."""
+    device = torch.device(device)
+    head = unpack(shard)
+    stats, firing, top, bottom = [], [], [], []
+    for payload in layers:
+        a = unpack(payload)
+        stats.append(RunningStats(*(torch.from_numpy(a[k]).to(device) for k in ("mean", "m2", "positive", "maximum")),
+                                  count=int(a["count"])))
+        firing.append(FiringStats(torch.from_numpy(a["gate_open"]).to(device),
+                                  torch.from_numpy(a["abs_hist"].astype(np.int64)).to(device), count=int(a["firing_count"])))
+        top.append(_top_from("top", a, device))
+        if "bottom_values" in a:
+            bottom.append(_top_from("bottom", a, device))
+    counts = {str(k): int(v) for k, v in zip(head["count_names"].tolist(), head["count_values"].tolist(), strict=True)}
+    return PassState(stats, firing, top, bottom or None, torch.from_numpy(head["token_counts"]), counts)

@@ -12,7 +12,7 @@ A trigger's *prefix* is its window's tokens up to and including the trigger posi
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,8 +135,12 @@ def tokenise(
     causal: bool = True,
     bos: str | int | None = "auto",
     overlap: int | None = None,
+    cut_at: Mapping[int, int] | None = None,
 ) -> TokenisedCorpus:
     """Tokenise documents in corpus order, cap at ``max_tokens`` and split them into windows.
+
+    ``cut_at``: corpus document index -> tokens kept of it; how a shard (or the trigger documents)
+    re-reads the one document that a run's --max-tokens cut, wherever the budget was counted.
 
     ``bos``: see :func:`choose_bos`. ``causal=False`` (an encoder): each window is read as
     [CLS] + its tokens + [SEP]. ``overlap``: context tokens of each window after a document's first
@@ -163,6 +167,10 @@ def tokenise(
         if not ids:
             continue
         slot = len(corpus.tokens)
+        if cut_at is not None and doc.index in cut_at and len(ids) > cut_at[doc.index]:
+            corpus.cut_next[slot] = int(ids[cut_at[doc.index]])
+            ids = ids[: cut_at[doc.index]]
+            corpus.truncated_documents += 1
         if len(ids) > budget:
             corpus.cut_next[slot] = int(ids[int(budget)])  # the document goes on: not an end
             ids = ids[: int(budget)]

@@ -24,6 +24,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -76,6 +77,35 @@ class RunStatus(enum.StrEnum):
     complete = "complete"
     failed = "failed"
     superseded = "superseded"
+    # part 8: the run's process ended before it finished (killed, lost): ``runs resume`` goes on from
+    # its finished shards; ``runs cancel`` ends it for good
+    interrupted = "interrupted"
+    cancelled = "cancelled"
+
+
+class ShardKind(enum.StrEnum):
+    """A run's pieces: ``pass`` shards cover corpus document ranges; ``ablation`` shards the trigger
+    prefixes of document ranges, planned once the pass shards are merged."""
+
+    pass_ = "pass"
+    ablation = "ablation"
+
+
+class ShardStatus(enum.StrEnum):
+    pending = "pending"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+class RunStep(enum.StrEnum):
+    """Where a run is: its pass shards, its ablation shards, then one finishing step (labels,
+    baselines, projections, ingest, indexes and publish, in one transaction)."""
+
+    pass_ = "pass"
+    ablation = "ablation"
+    finish = "finish"
+    done = "done"
 
 
 class CatalogModel(Base):
@@ -124,6 +154,62 @@ class ExtractionRun(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # part 8: the request as given (what ``runs resume`` reloads), the plan's figures (shard budget,
+    # tokens, documents, the --max-tokens cut), the step reached, and who drives it: "local" (a
+    # process holding the run's liveness lock) or "queue" (Celery workers, part 9)
+    request: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    step: Mapped[str | None] = mapped_column(String(16))
+    driver: Mapped[str] = mapped_column(String(16), server_default=text("'local'"))
+
+
+class RunShard(Base):
+    """One piece of a run: a range of corpus documents [doc_start, doc_stop) in corpus order.
+
+    A holder takes it with a lease (holder, lease_expires_at) and a new attempt number; its state is
+    written (``ShardState``) in the transaction that marks it done, and only by the attempt that still
+    holds it, so a stale holder's late write is refused (catalog/runs/lifecycle.py).
+    """
+
+    __tablename__ = "run_shards"
+    __table_args__ = (
+        CheckConstraint("kind IN ('pass', 'ablation')", name="kind"),
+        CheckConstraint("status IN ('pending', 'running', 'done', 'failed')", name="status"),
+    )
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("extraction_runs.id", ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    doc_start: Mapped[int] = mapped_column(BigInteger)
+    doc_stop: Mapped[int] = mapped_column(BigInteger)
+    tokens: Mapped[int] = mapped_column(BigInteger)  # planned: corpus tokens (pass) or prefixes (ablation)
+    status: Mapped[str] = mapped_column(String(10), server_default=text("'pending'"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    holder: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    done_tokens: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))  # progress of the attempt
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    seconds: Mapped[float | None] = mapped_column(Float)
+    state_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class ShardState(Base):
+    """A done shard's serialised state, one row per layer (layer -1: shard-wide figures); dropped
+    once the run is published."""
+
+    __tablename__ = "shard_states"
+    __table_args__ = (
+        ForeignKeyConstraint(["run_id", "kind", "index"], ["run_shards.run_id", "run_shards.kind", "run_shards.index"],
+                             ondelete="CASCADE"),
+    )
+
+    run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Token(Base):
