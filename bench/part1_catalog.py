@@ -53,7 +53,8 @@ def main() -> None:
     from sqlalchemy import text
 
     from catalog.loading import load
-    from catalog.service import ExtractRequest, extract
+    from catalog.runs.local import extract
+    from catalog.runs.schemas import ExtractRequest
     from catalog.store.database import get_engine, stop_embedded
 
     transformers.logging.set_verbosity_error()

@@ -4,7 +4,7 @@
 
 Measured in this one run, over the very same batches (same tokenisation, window and packing):
 1. a plain forward pass of the whole model (LM head included), no hooks;
-2. the full extraction (``catalog.service.extract``): corpus pass, ablation, weights, ingest;
+2. the full extraction (``catalog.runs.local.extract``): corpus pass, ablation, weights, ingest;
 3. a plain forward pass of the backbone only (no LM head), as the corpus pass runs it.
 Plain passes before and after the extraction put drift in machine speed on both sides of it.
 The target is corpus-pass time / plain time <= 1.25 (i.e. tokens/s ratio plain / corpus >= 0.8).
@@ -47,7 +47,8 @@ def main() -> None:
     from catalog.extract.pipeline import Parameters
     from catalog.extract.windows import tokenise
     from catalog.loading import load
-    from catalog.service import ExtractRequest, extract
+    from catalog.runs.local import extract
+    from catalog.runs.schemas import ExtractRequest
     from catalog.store.database import stop_embedded
 
     transformers.logging.set_verbosity_error()

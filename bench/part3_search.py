@@ -204,7 +204,8 @@ def main() -> None:
         smol = current_run(s, "SmolLM2-135M-Instruct")
     if smol is None:
         print("extracting SmolLM2 (weights only) for the probe ...", flush=True)
-        from catalog.service import ExtractRequest, extract
+        from catalog.runs.local import extract
+        from catalog.runs.schemas import ExtractRequest
 
         extract(ExtractRequest(model="smollm2", name="SmolLM2-135M-Instruct"))
     if have is None:

@@ -1,4 +1,4 @@
-"""The ``neuron-catalog`` command: thin wrappers around catalog.service, catalog.read, catalog.export,
+"""The ``neuron-catalog`` command: thin wrappers around catalog.runs, catalog.read, catalog.export,
 the API server and migrations.
 
 Every known failure (bad model path, unsupported architecture, bad corpus, unreachable database,
@@ -7,10 +7,11 @@ bad export target) is reported as one ``error:`` line on stderr with exit status
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import typer
 
@@ -31,9 +32,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from catalog.export import ExportError
     from catalog.read.errors import ReadError
     from catalog.report import ReportError
+    from catalog.runs.lifecycle import RunStateError
     from catalog.store.database import DatabaseUnavailable
+    from catalog.store.migrate import SchemaMismatch
 
-    known: list[type[BaseException]] = [CorpusError, ExportError, DatabaseUnavailable, ReadError, ReportError]
+    known: list[type[BaseException]] = [CorpusError, ExportError, DatabaseUnavailable, ReadError, ReportError,
+                                         RunStateError, SchemaMismatch]
     # Model errors come from modules that import torch; when they were never imported they cannot
     # have been raised, and read-only commands stay quick.
     if "catalog.loading" in sys.modules:
@@ -56,11 +60,13 @@ def _run(fn: Any) -> Any:
     except _known_errors() as exc:
         _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     except KeyboardInterrupt:
-        _fail("interrupted; the previous catalog is unchanged", 130)
+        _fail("interrupted; the previous catalog is unchanged (an extraction stops resumable: `neuron-catalog runs resume ID`)", 130)
 
 
 class _Bars:
     """One tqdm bar per stage, created when the stage reports first."""
+
+    UNITS: ClassVar[dict[str, str]] = {"plan": "doc", "merge": "layer", "weights": "layer", "indexes": "index", "ablation": "prefix"}
 
     def __init__(self) -> None:
         from tqdm import tqdm
@@ -73,8 +79,8 @@ class _Bars:
         if bar is None:
             for other in self.bars.values():
                 other.close()
-            unit = "layer" if stage.startswith("weights") else "tok"
-            bar = self.bars[stage] = self.tqdm(total=total, desc=stage, unit=unit, unit_scale=unit == "tok",
+            unit = next((u for k, u in self.UNITS.items() if stage.startswith(k)), "tok")
+            bar = self.bars[stage] = self.tqdm(total=total or None, desc=stage, unit=unit, unit_scale=unit == "tok",
                                                file=sys.stderr, dynamic_ncols=True)
         bar.update(done)
 
@@ -110,18 +116,19 @@ def extract(
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: CUDA when present).")] = None,
     distributed: Annotated[bool, typer.Option("--distributed", help="Queue the extraction for the Celery workers (`neuron-catalog worker`, broker CATALOG_BROKER_URL) instead of running it here, and follow it until it is published; Ctrl-C stops following only. Model and corpus paths are read on the worker.")] = False,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="With --distributed: print the request id and return once it is queued.")] = False,
+    shard_tokens: Annotated[int | None, typer.Option(min=1, help="Corpus tokens per shard (whole documents; default CATALOG_SHARD_TOKENS, 100000). A killed run resumes from its finished shards (`neuron-catalog runs resume ID`).")] = None,
 ) -> None:
     """Extract a model's neuron catalog into Postgres (and, with --corpus, its trigger prefixes)."""
     if no_wait and not distributed:
         _fail("--no-wait needs --distributed")
     _quiet_transformers()
-    from catalog.service import ExtractRequest, default_parameters
-    from catalog.service import extract as run_extract
+    from catalog.runs.local import extract as run_extract
+    from catalog.runs.schemas import ExtractRequest, default_parameters
 
     params = default_parameters(top_n=top_n, window=window, batch_tokens=batch_tokens, ablation_seed=seed, bos=bos)
     req = ExtractRequest(
         model=model, name=name, corpus=str(corpus) if corpus is not None else None, text_field=text_field,
-        max_tokens=max_tokens, max_documents=max_documents, device=device, params=params,
+        max_tokens=max_tokens, max_documents=max_documents, device=device, params=params, shard_tokens=shard_tokens,
     )
     if distributed:
         _extract_distributed(req, wait=not no_wait)
@@ -300,33 +307,46 @@ def report(
         typer.echo(f"  {key}: {note}")
 
 
-@app.command()
-def runs() -> None:
-    """List catalog entries and their extraction runs (runs whose process died are marked failed), then the latest distributed requests."""
-    from sqlalchemy import inspect, select
+runs_app = typer.Typer(help="Extraction runs: list them, show one, resume an interrupted one, cancel one.")
+app.add_typer(runs_app, name="runs")
 
+
+def _runs_session() -> Any:
+    """A session on a database with a schema; runs whose process died are marked interrupted first."""
+    from catalog.read.catalog import NO_SCHEMA
+    from catalog.read.errors import CatalogMissing
+    from catalog.runs.lifecycle import reap_stale_runs
+    from catalog.store import migrate
     from catalog.store.database import check_connection, session_scope
-    from catalog.store.models import CatalogModel, ExtractionRun
-    from catalog.store.runs import reap_stale_runs  # not catalog.service's copy: that module imports torch
+
+    check_connection()
+    if migrate.current(None) is None:
+        raise CatalogMissing(NO_SCHEMA)
+    reap_stale_runs()  # a 'running' local run whose process died is shown as interrupted
+    return session_scope()
+
+
+@runs_app.callback(invoke_without_command=True)
+def runs(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per run (id, status, step, shards done/total).")] = False,
+) -> None:
+    """List extraction runs with status and shards done / total, then the latest distributed requests."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from sqlalchemy import inspect
+
+    from catalog.runs.views import list_runs, summary_line
 
     def go() -> None:
-        from catalog.read.catalog import NO_SCHEMA
-        from catalog.read.errors import CatalogMissing
-        from catalog.store import migrate
-
-        check_connection()
-        if migrate.current(None) is None:
-            raise CatalogMissing(NO_SCHEMA)
-        reap_stale_runs()  # a 'running' run whose process died is shown as failed (interrupted)
-        with session_scope() as s:
-            names = dict(s.execute(select(CatalogModel.id, CatalogModel.name)).tuples().all())
-            current = set(s.scalars(select(CatalogModel.current_run_id)))
-            for r in s.scalars(select(ExtractionRun).order_by(ExtractionRun.id)):
-                mark = "*" if r.id in current else " "
-                corpus = (r.corpus or {}).get("source", "-")
-                typer.echo(f"{mark} run {r.id:>4}  {names.get(r.model_id, '?'):<30} {r.status.value:<10} "
-                           f"started {r.started_at:%Y-%m-%d %H:%M}  corpus {corpus}"
-                           + (f"  error: {r.error}" if r.error else ""))
+        with _runs_session() as s:
+            views = list_runs(s)
+            if as_json:
+                for v in views:
+                    typer.echo(json.dumps({k: x for k, x in v.to_json().items() if k != "shards"}))
+                return
+            for v in views:
+                typer.echo(summary_line(v))
             if inspect(s.connection()).has_table("extraction_requests"):  # from revision 0007 on
                 from catalog.requests import recent
 
@@ -338,6 +358,59 @@ def runs() -> None:
                                + (f"  error: {q.error}" if q.error else ""))
 
     _run(go)
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[int, typer.Argument(help="The run's id (see `neuron-catalog runs`).")],
+    as_json: Annotated[bool, typer.Option("--json", help="The run as one JSON object, with its plan and every shard.")] = False,
+) -> None:
+    """One run: its plan, each shard's status, attempts, timing and error; tokens/s and an ETA while it runs."""
+    from catalog.read.errors import NotFound
+    from catalog.runs.views import detail_lines, show_run
+
+    def go() -> Any:
+        with _runs_session() as s:
+            v = show_run(s, run_id)
+        if v is None:
+            raise NotFound(f"no run {run_id} (see `neuron-catalog runs`)")
+        return v
+
+    v = _run(go)
+    if as_json:
+        typer.echo(json.dumps(v.to_json()))
+        return
+    for line in detail_lines(v):
+        typer.echo(line)
+
+
+@runs_app.command("resume")
+def runs_resume(run_id: Annotated[int, typer.Argument(help="An interrupted (or failed) run's id.")]) -> None:
+    """Go on with an interrupted run: finished shards are reused, the rest computed, then it publishes."""
+    _quiet_transformers()
+    from catalog.runs.local import resume
+
+    bars = _Bars()
+    try:
+        summary = _run(lambda: resume(run_id, progress=bars, log=lambda m: typer.echo(m, err=True)))
+    finally:
+        bars.close()
+    typer.echo(f"run {run_id}: reused {summary.reused_shards} finished shard(s)", err=True)
+    _summary_lines(summary.name, summary.n_layers, summary.d_mlp, summary.run_id, summary.timings)
+
+
+@runs_app.command("cancel")
+def runs_cancel(run_id: Annotated[int, typer.Argument(help="The run to stop for good.")]) -> None:
+    """Stop a run for good: it never publishes (its process stops at the next shard); the catalog stays as it was."""
+    from catalog.runs.lifecycle import cancel
+
+    def go() -> Any:
+        with _runs_session():
+            pass
+        return cancel(None, run_id)
+
+    before = _run(go)
+    typer.echo(f"run {run_id} cancelled (it was {before.value})")
 
 
 @app.command()

@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     # A request started this many times without finishing (its worker died each time, e.g. out of
     # memory) is marked failed instead of being started again.
     request_max_attempts: int = Field(default=3, ge=1)
+    # Runs made of shards (part 8). A pass shard covers about this many corpus tokens (whole
+    # documents); ablation shards about a fifth as many trigger prefixes (each costs a few forward
+    # tokens). A shard's holder renews its lease every third of ``shard_lease_s``; a holder whose lease
+    # ran out is taken over, and its late write refused. A shard failing this many attempts fails its run.
+    shard_tokens: int = Field(default=100_000, ge=1)
+    shard_lease_s: float = Field(default=60.0, gt=0)
+    shard_max_attempts: int = Field(default=3, ge=1)
     # TCP keepalives of a worker's database connections, both ends (libpq and the server's
     # tcp_keepalives_*): a worker machine that vanishes without closing its sockets (power loss,
     # network cut) has its sessions, and so its locks, dropped after about idle + interval x count

@@ -18,7 +18,7 @@ publication is exactly once:
 * Fencing: claiming increments ``attempts``; the attempt number and holder are the fencing token.
   The run's registration and, above all, the commit that publishes the catalog update the request
   only ``WHERE status = 'running' AND attempts = <mine> AND holder = <me>``, in the same transaction
-  as the catalog change (``catalog.service.Fence``): an attempt that lost its claim (its session
+  as the catalog change (``catalog.runs.schemas.Fence``): an attempt that lost its claim (its session
   dropped and another attempt started) cannot publish, and a request is marked ``published`` in the
   very commit that makes its catalog current.
 * Recovery: a ``running`` request whose lock is free has a dead holder; each worker's sweeper finds
@@ -26,7 +26,7 @@ publication is exactly once:
   re-sends the task. Redelivered messages of a worker that vanished only come back after Redis's
   visibility timeout; the sweeper does not wait for it.
 
-Nothing here imports torch or Celery: ``catalog.service`` is imported only to run a request, and
+Nothing here imports torch or Celery: ``catalog.runs.local`` is imported only to run a request, and
 ``workers/`` passes in how to send a task.
 """
 
@@ -57,12 +57,12 @@ from catalog.store.models import (
 )
 
 if TYPE_CHECKING:
-    from catalog.service import ExtractRequest
+    from catalog.runs.schemas import ExtractRequest
 
 logger = logging.getLogger(__name__)
 
 # First key of the two-int advisory lock a live attempt holds (the second is the request id).
-REQUEST_LOCK_CLASS = 0x4E52  # "NR"; runs use 0x4E43 ("NC"), catalog.store.runs
+REQUEST_LOCK_CLASS = 0x4E52  # "NR"; runs use 0x4E43 ("NC"), catalog.runs.lifecycle
 # How often `extract --distributed` reads the request's row while following it.
 FOLLOW_POLL_S = 0.5
 
@@ -280,11 +280,9 @@ def request_from_message(request: dict[str, Any]) -> ExtractRequest:
     Parameters the message leaves out come from this worker's settings (``CATALOG_*``), not from
     the dataclass defaults.
     """
-    from catalog.service import ExtractRequest, default_parameters
+    from catalog.runs.schemas import ExtractRequest
 
-    fields = dict(request)
-    params = default_parameters(**(fields.pop("params", None) or {}))
-    return ExtractRequest(**fields, params=params)
+    return ExtractRequest.from_json(dict(request, params=request.get("params") or {}))
 
 
 def _mine(request_id: int, attempt: int, holder: str) -> Any:
@@ -294,7 +292,7 @@ def _mine(request_id: int, attempt: int, holder: str) -> Any:
 
 @dataclass(frozen=True)
 class RequestFence:
-    """``catalog.service.Fence`` for one attempt: both updates apply only while the attempt still holds
+    """``catalog.runs.schemas.Fence`` for one attempt: both updates apply only while the attempt still holds
     the request, in the transaction that registers / publishes the run."""
 
     request_id: int
@@ -400,10 +398,10 @@ def run_request(request_id: int, *, url: str | None = None, log: Callable[[str],
             _fail_attempt(engine, request_id, attempt, holder, f"cannot read the request: {one_line(exc)}")
             return Outcome.failed
         log(f"request {request_id}: attempt {attempt} on {holder}: extracting {req.model}")
-        from catalog.service import extract
+        from catalog.runs.local import extract
 
         try:
-            summary = extract(req, engine=engine, migrate_schema=False,
+            summary = extract(req, engine=engine,
                               fence=RequestFence(request_id, attempt, holder), log=log)
         except FenceLost as exc:
             log(str(exc))

@@ -24,7 +24,8 @@ from sqlalchemy import delete, text
 from sqlalchemy.engine import Engine
 
 from catalog.annotations.agreement import cohen_kappa, fleiss_kappa
-from catalog.service import ExtractRequest, default_parameters, extract
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest, default_parameters
 from catalog.store.database import session_scope
 from catalog.store.models import Annotation, AnnotationRevision
 

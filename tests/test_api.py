@@ -35,7 +35,8 @@ from catalog.config import settings
 from catalog.corpus import Document
 from catalog.extract.corpus_pass import corpus_pass
 from catalog.extract.windows import tokenise
-from catalog.service import ExtractRequest, default_parameters, extract
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest, default_parameters
 from catalog.store.database import session_scope
 from catalog.store.models import LABELS, NEURON_STATS, CatalogModel
 from catalog.store.search_index import drop_orphan_vector_indexes

@@ -39,7 +39,8 @@ from sqlalchemy import delete, select
 from catalog.annotations import service
 from catalog.annotations.schemas import AnnotationWrite
 from catalog.api.app import create_app
-from catalog.service import ExtractRequest, default_parameters, extract
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest, default_parameters
 from catalog.store.database import get_engine, session_scope
 from catalog.store.models import Annotation, Annotator, CatalogModel
 from catalog.store.search_index import drop_orphan_vector_indexes

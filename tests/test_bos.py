@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from catalog.export import records
 from catalog.extract.pipeline import Parameters
 from catalog.extract.windows import BosError, choose_bos
-from catalog.service import ExtractRequest, current_run, extract
+from catalog.read.catalog import current_run
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest
 from catalog.store.database import get_engine, session_scope
 from catalog.store.models import CatalogModel
 

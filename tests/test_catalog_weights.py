@@ -26,7 +26,9 @@ from tiny_models import D_MLP, D_MODEL, FAMILIES, N_LAYERS
 from transformers import AutoModelForCausalLM
 
 from catalog.export import export
-from catalog.service import ExtractRequest, current_run, extract
+from catalog.read.catalog import current_run
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest
 from catalog.store.database import get_engine, session_scope
 from catalog.store.models import (
     CatalogModel,

@@ -35,7 +35,7 @@ import httpx
 import pytest
 import tiny_models
 
-from catalog.service import WAITING_TO_WRITE, WRITE_LOCK_CLASS
+from catalog.runs.lifecycle import WAITING_TO_WRITE, WRITE_LOCK_CLASS
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_SH = REPO / "scripts" / "compose.sh"
@@ -243,7 +243,7 @@ def test_compose_stack(stack: Stack, migrated_db: str, tmp_path: Path) -> None:
     assert saved.status_code == 201, saved.text
 
     # 4. Kill the worker holding a run: re-queued, published once; the old catalog served meanwhile.
-    # A psql session holds the extractions' write lock (catalog/service.py WRITE_LOCK_CLASS), so the
+    # A psql session holds the extractions' write lock (catalog/runs/lifecycle.py WRITE_LOCK_CLASS), so the
     # run waits mid-way, after its corpus pass, at a known point: no race with its finishing.
     blocker = subprocess.Popen(["docker", "exec", "-i", stack.db_container(), "psql", "-U", "catalog", "-d", "catalog",
                                 "-At"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

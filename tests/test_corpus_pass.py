@@ -36,7 +36,9 @@ from catalog.export import records
 from catalog.extract.ablation import relative_change
 from catalog.extract.pipeline import Parameters
 from catalog.extract.states import TopState
-from catalog.service import ExtractRequest, current_run, extract
+from catalog.read.catalog import current_run
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest
 from catalog.store.database import get_engine
 from catalog.store.models import CatalogModel, Layer, Trigger
 

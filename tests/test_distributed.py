@@ -31,7 +31,9 @@ from sqlalchemy.orm import Session
 from tiny_models import D_MLP, N_LAYERS
 
 from catalog.export import export
-from catalog.service import INTERRUPTED, ExtractRequest, extract
+from catalog.runs.lifecycle import INTERRUPTED
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest
 from catalog.store import migrate
 from catalog.store.database import dispose_engine, session_scope
 from catalog.store.models import CatalogModel, ExtractionRequest, ExtractionRun, RunStatus

@@ -40,7 +40,9 @@ from catalog.extract.corpus_pass import batches
 from catalog.extract.pipeline import Parameters
 from catalog.extract.windows import tokenise
 from catalog.loading import MINILM_NAME, load, packaged_minilm, resolve
-from catalog.service import ExtractRequest, current_run, extract
+from catalog.read.catalog import current_run
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest
 from catalog.store.database import get_engine
 from catalog.store.models import CatalogModel, Layer, Prefix, Trigger
 

@@ -27,7 +27,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from catalog.api.app import create_app
-from catalog.service import ExtractRequest, default_parameters, extract
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest, default_parameters
 from catalog.store.database import session_scope
 from catalog.store.models import HUMAN_LABELS
 from catalog.store.search_index import drop_orphan_vector_indexes

@@ -14,7 +14,8 @@ import pytest
 from cli_runner import cli
 from sqlalchemy.engine import Engine
 
-from catalog.service import ExtractRequest, default_parameters, extract
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest, default_parameters
 
 TAG = uuid.uuid4().hex[:6]
 

@@ -161,7 +161,7 @@ def test_api_health_on_new_database(empty_api: str) -> None:
 
 
 def test_worker_parameters_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    from catalog.service import ExtractRequest, default_parameters
+    from catalog.runs.schemas import ExtractRequest, default_parameters
     from workers.tasks import request_from_message
 
     monkeypatch.setattr(settings, "label_min_prefix", 9)

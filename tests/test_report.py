@@ -33,7 +33,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from catalog.api.app import create_app
-from catalog.service import ExtractRequest, default_parameters, extract
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest, default_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

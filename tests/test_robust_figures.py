@@ -37,7 +37,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from catalog import histograms
 from catalog.api.app import create_app
 from catalog.extract.ablation import relative_change
-from catalog.service import ExtractRequest, default_parameters, extract
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest, default_parameters
 from catalog.ui import plots
 
 pytestmark = pytest.mark.usefixtures("one_thread")

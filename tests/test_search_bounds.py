@@ -23,7 +23,8 @@ from sqlalchemy import delete, text
 from sqlalchemy.engine import Engine
 
 from catalog.config import settings
-from catalog.service import ExtractRequest, default_parameters, extract
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest, default_parameters
 from catalog.store.database import session_scope
 from catalog.store.models import CatalogModel
 from catalog.store.search_index import drop_orphan_vector_indexes

@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session
 from catalog.config import settings
 from catalog.read import catalog, search, vectors
 from catalog.read.explain import plans
-from catalog.service import ExtractRequest, default_parameters, extract
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest, default_parameters
 from catalog.store.database import get_engine
 
 NAME = "plans-gpt2"

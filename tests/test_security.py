@@ -27,7 +27,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from catalog.config import settings
-from catalog.service import ExtractRequest, default_parameters, extract
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest, default_parameters
 
 TAG = uuid.uuid4().hex[:6]
 EVIL = ("http://evil.example", "null")

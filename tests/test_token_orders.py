@@ -26,7 +26,8 @@ from sqlalchemy.engine import Engine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from catalog.config import settings
-from catalog.service import ExtractRequest, default_parameters, extract
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest, default_parameters
 
 TAG = uuid.uuid4().hex[:6]
 STORED_TOP = 12

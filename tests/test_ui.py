@@ -20,7 +20,8 @@ from cli_runner import REPO, cli
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from catalog.service import ExtractRequest, default_parameters, extract
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest, default_parameters
 from catalog.store.database import session_scope
 
 # The README links docs/screenshots/; a run refreshes them there only when asked (so that tests do

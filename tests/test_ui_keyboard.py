@@ -28,7 +28,8 @@ from sqlalchemy.engine import Engine
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from catalog.service import ExtractRequest, extract
+from catalog.runs.local import extract
+from catalog.runs.schemas import ExtractRequest
 
 TAG = uuid.uuid4().hex[:6]
 SPACE = api_server.SPACE

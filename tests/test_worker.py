@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session
 
 from catalog.extract.pipeline import Parameters
 from catalog.loading import ModelSourceError
-from catalog.service import ExtractRequest, current_run
+from catalog.read.catalog import current_run
+from catalog.runs.schemas import ExtractRequest
 from catalog.store.models import CatalogModel, Neuron, RunStatus, Trigger
 from workers.celery_app import create_app
 from workers.tasks import EXTRACT_CATALOG, request_from_message

@@ -1,1 +1,1 @@
-"""Celery workers: thin task shells around ``catalog.service`` (part 3 adds distributed extraction)."""
+"""Celery workers: thin task shells around ``catalog.runs`` (part 3 adds distributed extraction)."""

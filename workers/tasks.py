@@ -1,4 +1,4 @@
-"""Celery tasks: argument mapping only; the work is in ``catalog.service`` and ``catalog.requests``."""
+"""Celery tasks: argument mapping only; the work is in ``catalog.runs`` and ``catalog.requests``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from kombu.utils.url import maybe_sanitize_url
 
 from catalog import requests
 from catalog.requests import request_from_message
-from catalog.service import extract
+from catalog.runs.local import extract
 from catalog.store.migrate import require_head
 from workers.celery_app import app
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from catalog.extract.architectures import MlpView
 from catalog.extract.baselines import Baselines, agreement_figures, negative_trigger_share
 from catalog.extract.corpus_pass import corpus_pass
 from catalog.extract.encoder import agreement_targets, texts_after
+from catalog.extract.params import Parameters, Progress
 from catalog.extract.states import PassState, TopState
 from catalog.extract.weights import (
     NeuronWeights,
@@ -31,25 +32,6 @@ from catalog.extract.weights import (
     value_logits,
 )
 from catalog.extract.windows import TokenisedCorpus
-
-Progress = Callable[[str, int, int], None]  # (stage, done increment, total)
-
-
-@dataclass(frozen=True)
-class Parameters:
-    top_n: int = 50
-    window: int = 256
-    batch_tokens: int = 4096
-    value_top: int = 30
-    value_bottom: int = 10
-    ablation_seed: int = 0  # also seeds the shuffled-value baseline and the label bootstrap
-    label_min_prefix: int = 4
-    label_min_triggers: int = 5
-    label_quantile: float = 0.5
-    label_bootstrap: int = 200
-    # BOS read before each window: "auto" (the tokenizer's own, see corpus_pass.choose_bos), "none",
-    # or a token's text
-    bos: str = "auto"
 
 
 @dataclass

@@ -317,10 +317,13 @@ def shard_payload(state: PassState) -> bytes:
                  "count_names": np.array(names), "count_values": np.array([state.counts[k] for k in names], dtype=np.int64)})
 
 
-def pass_state_from(shard: bytes, layers: Sequence[bytes], device: torch.device | str = "cpu") -> PassState:
-    """Rebuild a pass state from ``shard_payload`` and each layer's ``layer_payload``, in layer order."""
+def pass_state_from(shard: bytes | None, layers: Sequence[bytes], device: torch.device | str = "cpu") -> PassState:
+    """Rebuild a pass state from ``shard_payload`` (None: no token counts) and each layer's
+    ``layer_payload``, in layer order."""
     device = torch.device(device)
-    head = unpack(shard)
+    head = unpack(shard) if shard is not None else {
+        "token_counts": np.zeros(0, dtype=np.int64), "count_names": np.array([], dtype=str),
+        "count_values": np.zeros(0, dtype=np.int64)}
     stats, firing, top, bottom = [], [], [], []
     for payload in layers:
         a = unpack(payload)
