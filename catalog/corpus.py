@@ -87,6 +87,14 @@ class CorpusSource:
             if doc.index >= start:
                 yield doc
 
+    def validate(self) -> int:
+        """Read every document once, as a stream, so that a corpus that cannot be read (empty, binary,
+        not UTF-8, a bad JSON line) fails before a model loads; returns the undecodable lines skipped."""
+        stats = LineStats()
+        n = sum(1 for _ in self.documents(stats=stats))
+        check_read(self, stats, n)
+        return stats.undecodable
+
     def sha256(self) -> str:
         return _sha256(self.path)
 

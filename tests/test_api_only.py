@@ -217,7 +217,7 @@ def test_read_commands_without_torch(cat: str, blocked: dict[str, str], tmp_path
 
 
 def test_runs_reaps_without_torch(cat: str, blocked: dict[str, str], engine: Engine) -> None:
-    """`runs` marks a 'running' run whose process died as failed, from catalog.store.runs (no torch)."""
+    """`runs` marks a 'running' run whose process died as interrupted, from catalog.runs.lifecycle (no torch)."""
     with Session(engine) as s, s.begin():  # a run row as a live extraction writes it, but no process holds its lock
         model_id = s.scalar(select(CatalogModel.id).where(CatalogModel.name == cat))
         run = ExtractionRun(model_id=model_id, status=RunStatus.running)
@@ -227,11 +227,11 @@ def test_runs_reaps_without_torch(cat: str, blocked: dict[str, str], engine: Eng
     r = run_blocked(blocked, "runs")
     assert r.returncode == 0, r.stderr
     line = next(ln for ln in r.stdout.splitlines() if f"run {dead:>4}" in ln)
-    assert cat in line and " failed " in line and INTERRUPTED in line, line
+    assert cat in line and " interrupted " in line and INTERRUPTED in line, line
     assert any(ln.startswith("*") and cat in ln and " complete " in ln for ln in r.stdout.splitlines()), r.stdout
     with engine.connect() as conn:
         row = conn.execute(select(ExtractionRun.status, ExtractionRun.error).where(ExtractionRun.id == dead)).one()
-    assert (row.status, row.error) == (RunStatus.failed, INTERRUPTED)
+    assert (row.status, row.error) == (RunStatus.interrupted, INTERRUPTED)
 
 
 def test_one_line_errors_without_the_extras(blocked: dict[str, str], tmp_path: Path) -> None:

@@ -127,8 +127,10 @@ def take_over(conn: Connection, run_id: int) -> dict[str, Any]:
     ``running`` again. Shards left ``running`` by its dead driver go back to ``pending`` (their
     attempt numbers stay, so a zombie's late write is still refused); failed shards get their
     attempts back. Returns the run's stored request."""
-    if not conn.scalar(text("SELECT pg_try_advisory_lock(:c, :r)"), {"c": RUN_LOCK_CLASS, "r": run_id}):
-        conn.commit()
+    held = conn.scalar(text("SELECT pg_try_advisory_lock(:c, :r)"), {"c": RUN_LOCK_CLASS, "r": run_id})
+    conn.commit()  # the session below must own (and commit) its own transaction on this connection
+    if not held:
+        conn.close()
         raise RunStateError(f"run {run_id} is being extracted by a live process; nothing to resume")
     try:
         with Session(bind=conn) as s, s.begin():

@@ -71,6 +71,7 @@ def extract(
     corpus = None
     if req.corpus is not None:
         corpus = open_corpus(req.corpus, text_field=req.text_field, max_documents=req.max_documents)
+        corpus.validate()
     engine = engine or get_engine()
     check_connection(engine)
     migrate.require_head(engine.url.render_as_string(hide_password=False), who="extract")
