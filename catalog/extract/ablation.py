@@ -33,9 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from catalog import vocab
 from catalog.extract.corpus_pass import TokenisedCorpus, TopState, _pad_rows, backbone, capture_coefficients
 
-ABLATIONS = ("last", "first", "random")
+ABLATIONS = vocab.ABLATIONS  # kinds of prefix ablation: last, first, random
 
 
 @dataclass
