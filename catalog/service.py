@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from catalog.config import settings
 from catalog.corpus import Corpus, CorpusError, load_corpus
+from catalog.extract.columns import layer_columns, prefix_columns
 from catalog.extract.corpus_pass import choose_bos, tokenise
 from catalog.extract.pipeline import CorpusAnalysis, Parameters, Progress, analyse_corpus, layer_records
 from catalog.loading import LoadedModel, load, resolve, tokenizer_sha256, weights_sha256
@@ -285,13 +286,13 @@ def _write_and_publish(
         writer = RunWriter(dbapi, run_id)
         writer.tokens(texts, loaded.view.unembedding().detach().float().cpu().numpy())
         if analysis is not None:
-            writer.prefixes(analysis)
+            writer.prefixes(prefix_columns(analysis))
         records = layer_records(loaded.view, req.params, analysis, progress)
         for rec in records:
             stage(f"layer {rec.layer}")
             for k, v in rec.seconds.items():
                 by_stage[k] = by_stage.get(k, 0.0) + v
-            writer.layer(rec, dict(rec.stats))
+            writer.layer(**layer_columns(rec))
         timings.update(by_stage)
         stage("vector indexes")
         timings.update(writer.vector_indexes(loaded.view.d_model))
