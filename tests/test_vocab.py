@@ -119,6 +119,14 @@ def test_labels_and_kinds() -> None:
     assert report_data.SUGGESTED_LABELS == ("shallow", "shallow+semantic", "semantic")
     assert report_data.HUMAN_LABELS == (*report_data.SUGGESTED_LABELS, "none")
     assert all(type(x) is str for x in (*vocab.LABELS, *vocab.HUMAN_LABELS, *report_data.HUMAN_LABELS))
+    # the places that give each label a colour or a key have one for every label
+    from catalog.extract.labels import CODES
+    from catalog.report.figures import LABEL_COLOURS
+    from catalog.ui.pages import LABEL_KEYS
+    from catalog.ui.plots import LABEL_COLOURS as UI_COLOURS
+
+    assert set(CODES) == set(vocab.LABELS)
+    assert set(vocab.HUMAN_LABELS) == set(LABEL_KEYS) == set(UI_COLOURS) <= set(LABEL_COLOURS)
     # the ORM's CHECK of annotators' labels is built from the enum (the migrated one is checked above)
     (check,) = [c for c in Annotation.__table__.constraints if c.name == "ck_annotations_label"]
     assert set(re.findall(r"'([^']*)'", str(check.sqltext))) == set(vocab.HUMAN_LABELS)
