@@ -30,7 +30,6 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +71,7 @@ def build(vocab_texts: list[str], corpus_lines: list[str]) -> dict[str, float]:
     from sqlalchemy import text, update
 
     from catalog.extract.baselines import Baselines
+    from catalog.extract.columns import layer_columns
     from catalog.extract.pipeline import LayerRecord
     from catalog.extract.states import TopState
     from catalog.extract.weights import NeuronWeights, TokenProjection
@@ -103,19 +103,20 @@ def build(vocab_texts: list[str], corpus_lines: list[str]) -> dict[str, float]:
     for i in range(N_PREFIXES):
         words = corpus_lines[int(rng.integers(len(corpus_lines)))].split()
         texts.append(" ".join(words[: int(rng.integers(1, len(words) + 1))]))
-    prefixes = SimpleNamespace(
-        prefixes=SimpleNamespace(documents=torch.from_numpy(docs), positions=torch.tensor([len(t.split()) - 1 for t in texts])),
-        prefix_token=torch.from_numpy(rng.integers(0, vocab, N_PREFIXES)),
-        prefix_next=torch.from_numpy(np.where(rng.random(N_PREFIXES) < 0.05, -1, rng.integers(0, vocab, N_PREFIXES))),
-        prefix_text=texts, prefix_text_after=None,
-    )
+    positions = torch.tensor([len(t.split()) - 1 for t in texts])
+    token = rng.integers(0, vocab, N_PREFIXES)
+    nxt = np.where(rng.random(N_PREFIXES) < 0.05, -1, rng.integers(0, vocab, N_PREFIXES))
+    prefixes = {  # RunWriter.prefixes' named columns
+        "document": docs.tolist(), "position": positions.tolist(), "text": texts, "token_id": token.tolist(),
+        "next_token_id": [int(x) if x >= 0 else None for x in nxt],
+    }
     with engine.connect() as conn, conn.begin():
         writer = RunWriter(conn.connection.driver_connection, run_id)
         t0 = time.perf_counter()
         writer.tokens(vocab_texts, unembedding(vocab, u).numpy())
         times["tokens"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        writer.prefixes(prefixes)  # type: ignore[arg-type]
+        writer.prefixes(prefixes)
         times["prefixes"] = time.perf_counter() - t0
         gen = 0.0
         for layer in range(N_LAYERS):
@@ -130,7 +131,7 @@ def build(vocab_texts: list[str], corpus_lines: list[str]) -> dict[str, float]:
                                    top_ids[:, VALUE_TOP:], logits[:, VALUE_TOP:].flip(1).float())
             trig = torch.from_numpy(np.stack([rng.choice(N_PREFIXES, TOP_N, replace=False) for _ in range(D_MLP)]))
             coeffs = torch.from_numpy(np.sort(rng.gamma(2.0, 1.0, (D_MLP, TOP_N)), axis=1)[:, ::-1].copy()).float()
-            top = TopState(coeffs, trig, prefixes.prefixes.positions[trig], coeffs * 0.3)
+            top = TopState(coeffs, trig, positions[trig], coeffs * 0.3)
             ablated = {k: coeffs * float(f) for k, f in (("last", 0.2), ("first", 0.9), ("random", 0.8))}
             act = {"mean": torch.from_numpy(rng.normal(0, 0.1, D_MLP)), "std": torch.from_numpy(rng.gamma(2, 0.2, D_MLP)),
                    "positive_fraction": torch.from_numpy(rng.beta(2, 5, D_MLP)), "max": coeffs[:, 0].double()}
@@ -146,7 +147,7 @@ def build(vocab_texts: list[str], corpus_lines: list[str]) -> dict[str, float]:
                 labels=labels, top=top, bottom=None, top_ablated=ablated,
             )
             gen += time.perf_counter() - g0
-            writer.layer(rec, dict(rec.stats))
+            writer.layer(**layer_columns(rec))
             print(f"  layer {layer}: ingest {writer.seconds:.0f}s, search terms {writer.search_seconds:.0f}s, "
                   f"generate {gen:.0f}s", flush=True)
         times["generate"] = gen

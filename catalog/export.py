@@ -11,8 +11,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from catalog.read.catalog import NEURON_FIELDS, layer_summaries, records
-from catalog.store.models import LABELS
+from catalog.read.catalog import layer_summaries, records
+from catalog.vocab import LABELS, NEURON_FIGURES
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
 
@@ -68,7 +68,9 @@ def parquet_schema(*, vectors: bool) -> Any:
         ("text_after", pa.string()),
     ])
     fields = [("model", pa.string()), ("run_id", pa.int64()), ("layer", pa.int64()), ("neuron", pa.int64())]
-    fields += [(f, pa.string() if f == "suggested_label" else pa.float64()) for f in NEURON_FIELDS]
+    # every figure of catalog.vocab in its order; numeric figures are float64 (label_triggers too, as
+    # files written before the vocabulary have it), labels strings
+    fields += [(f.name, pa.string() if f.type is str else pa.float64()) for f in NEURON_FIGURES]
     fields += [("agreement_triggers", pa.int64())]
     fields += [("value_top_tokens", pa.list_(token)), ("value_bottom_tokens", pa.list_(token)),
                ("value_top_tokens_folded", pa.list_(token)), ("value_bottom_tokens_folded", pa.list_(token)),

@@ -29,12 +29,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from catalog.api.probe import NO_TORCH
+from catalog.runs.lifecycle import INTERRUPTED
 from catalog.runs.local import extract
 from catalog.runs.schemas import ExtractRequest, default_parameters
 from catalog.store.database import NO_EMBEDDED
 from catalog.store.migrate import alembic_config
 from catalog.store.models import Annotator, CatalogModel, ExtractionRun, RunStatus
-from catalog.runs.lifecycle import INTERRUPTED
 
 TAG = uuid.uuid4().hex[:6]
 # The `extract` and `embedded` extras' top-level modules, and the worker's.

@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from catalog import vocab
 from catalog.extract.hooks import backbone, capture_coefficients, pad_rows
 from catalog.extract.states import TopState
 from catalog.extract.windows import TokenisedCorpus
 
-ABLATIONS = ("last", "first", "random")
+ABLATIONS = vocab.ABLATIONS  # kinds of prefix ablation: last, first, random
 
 
 @dataclass

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from catalog import vocab
+
 if TYPE_CHECKING:
     from catalog.extract.ablation import PrefixTable
     from catalog.extract.windows import TokenisedCorpus
@@ -59,4 +61,4 @@ def texts_after(corpus: TokenisedCorpus, table: PrefixTable, tokenizer: object) 
 
 def no_ablations(prefix_ids: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
     """Ablated coefficients of an encoder's triggers: none (NaN, stored null) for every kind."""
-    return {kind: [torch.full(p.shape, float("nan")) for p in prefix_ids] for kind in ("last", "first", "random")}
+    return {kind: [torch.full(p.shape, float("nan")) for p in prefix_ids] for kind in vocab.ABLATIONS}

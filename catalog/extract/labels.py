@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from catalog.vocab import SuggestedLabel
+
 
 @dataclass(frozen=True)
 class LabelRule:
@@ -115,7 +117,8 @@ def classify(contrast: torch.Tensor, context: torch.Tensor, t_contrast: float, t
     return torch.where(contrast.isnan() | context.isnan(), -1, code)
 
 
-CODES = ("shallow", "semantic", "shallow+semantic")
+# classify's codes 0, 1, 2, in this order
+CODES = (SuggestedLabel.shallow.value, SuggestedLabel.semantic.value, SuggestedLabel.shallow_semantic.value)
 
 
 def bootstrap_confidence(contrast: torch.Tensor, context: torch.Tensor, labels: torch.Tensor,

@@ -16,6 +16,7 @@ from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session
 
 from catalog import histograms as histograms_rule
+from catalog import vocab
 from catalog.read.errors import CatalogMissing, NotFound
 from catalog.store.models import (
     NEURON_STATS,
@@ -29,15 +30,8 @@ from catalog.store.models import (
     ValueToken,
 )
 
-NEURON_FIELDS = (*NEURON_STATS, "suggested_label")
-LAYER_FIELDS = (
-    "mean_bias", "mean_alignment", "corr_bias_key_norm", "corr_bias_value_norm", "corr_bias_alignment",
-    "bias_alignment_slope", "bias_alignment_intercept", "key_cosine_mean", "value_cosine_mean",
-    "mean_agreement", "mean_ablation_last", "mean_ablation_first", "mean_ablation_random",
-    "mean_agreement_shuffled", "mean_agreement_folded", "agreement_top1_rate", "mean_agreement_negative",
-    "mean_top_token_frequency", "median_rank_percentile", "median_rank_percentile_shuffled",
-    "median_label_contrast", "median_label_context",
-)
+NEURON_FIELDS = vocab.NEURON_FIELDS  # every per-neuron figure: NEURON_STATS, then suggested_label
+LAYER_FIELDS = vocab.LAYER_STATS  # the layers row's figures
 NO_SCHEMA = "the database has no catalog yet (no schema): run `neuron-catalog extract` first"
 
 
@@ -209,8 +203,8 @@ def _num(column: str) -> str:
 
 
 def _triggers_json(sign: int, ablations: bool) -> str:
-    extra = "".join(f", 'without_{k}', {_num(f't.coefficient_without_{k}')}" for k in ("last", "first", "random")) \
-        if ablations else ", 'without_last', NULL, 'without_first', NULL, 'without_random', NULL"
+    extra = "".join(f", 'without_{k}', {_num(f't.coefficient_without_{k}') if ablations else 'NULL'}"
+                    for k in vocab.ABLATIONS)
     return f"""coalesce((
         SELECT json_agg(json_build_object('document', t.document, 'position', t.position, 'text', p.text,
                         'activation', t.coefficient, 'next_token_id', p.next_token_id, 'next_token', nt.text,

@@ -8,65 +8,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from catalog import vocab
 
 T = TypeVar("T")
 
-# One line per figure: what it means. Shown in the OpenAPI schema (and, later, the review UI).
-STAT_MEANINGS: dict[str, str] = {
-    "key_norm": "L2 norm of the key k_i (the input-side row whose dot product with x gives the pre-activation; "
-                "for gated MLPs the gate row g_i).",
-    "value_norm": "L2 norm of the value v_i (the output-side row the coefficient scales).",
-    "up_norm": "Gated models: L2 norm of the up-projection row u_i; null otherwise.",
-    "bias": "Bias of the input projection for this neuron; null where the model has none (LLaMA family).",
-    "alignment": "cos(k_i, v_i). GELU/ReLU models: seed 000's key-value (M1-M2) alignment. Gated models: "
-                 "cos(gate row, v_i), which is not seed 000's figure (see up_alignment).",
-    "up_alignment": "Gated models: cos(u_i, v_i); null otherwise.",
-    "activation_mean": "Mean memory coefficient over every counted corpus position.",
-    "activation_std": "Standard deviation of the memory coefficient over the corpus.",
-    "activation_positive_fraction": "Fraction of corpus positions where the coefficient is > 0. GELU/ReLU: a "
-                                    "firing rate. Gated (SwiGLU): the sign of silu(g.x) * (u.x), about 0.5 "
-                                    "everywhere, not a firing rate (use gate_open_fraction).",
-    "activation_max": "Highest memory coefficient seen in the corpus (the top trigger's).",
-    "agreement": "Precision@N: fraction of the triggers with a next token whose next token is the value's "
-                 "top token under the raw projection (see agreement_triggers for N; compare "
-                 "agreement_shuffled and top_token_frequency, the chance levels).",
-    "next_token_mean_rank": "Mean 1-based rank of the triggers' next tokens in v_i . E^T (vocabulary/2 = chance).",
-    "ablation_last": "Mean over the triggers of the relative change (a'-a)/max(|a|, s) of the trigger coefficient "
-                     "when the prefix's last token is removed, s the neuron's median trigger coefficient (a floor "
-                     "for near-zero coefficients; (a'-a)/|a| wherever |a| >= s). Seed 001's figure; mostly "
-                     "selection, see label_contrast.",
-    "ablation_first": "Mean relative change (a'-a)/max(|a|, s) when the window's first token is removed.",
-    "ablation_random": "Mean relative change (a'-a)/max(|a|, s) when one random token other than the last is "
-                       "removed.",
-    "gate_open_fraction": "Fraction of corpus positions where the key pre-activation is > 0: gate.x > 0 for "
-                          "gated MLPs (their firing rate), x.k + b > 0 for GELU/ReLU (equal to "
-                          "activation_positive_fraction there).",
-    "abs_coefficient_p50": "Median |memory coefficient| over the corpus (from a histogram of 16 bins per octave, within 6.25%).",
-    "abs_coefficient_p90": "90th percentile of |memory coefficient| over the corpus (within 6.25%).",
-    "abs_coefficient_p99": "99th percentile of |memory coefficient| over the corpus (within 6.25%).",
-    "negative_trigger_share": "Gated models: of the neuron's N strongest triggers by |coefficient| (the top-N "
-                              "positive and top-N negative pooled), the share that are negative; null for "
-                              "GELU/ReLU, whose coefficient is >= -0.17.",
-    "agreement_shuffled": "Baseline: the agreement of this neuron's triggers scored against another neuron's "
-                          "value (same layer, fixed-seed derangement): what any value scores.",
-    "agreement_folded": "Agreement with the final norm's gain folded into the unembedding (projection=folded).",
-    "agreement_top1": "1 if the strongest trigger's next token is the value's top token, else 0 (Geva et al.'s "
-                      "per-layer top-1 agreement rate is its mean).",
-    "agreement_negative": "Gated models: fraction of the negative triggers whose next token is the value's bottom "
-                          "token (a negative coefficient adds -v_i).",
-    "next_token_rank_percentile": "Median over the triggers of (rank-1)/(vocab-1) of the next token in v_i . E^T: "
-                                  "0 = top, 0.5 = chance.",
-    "next_token_rank_percentile_shuffled": "The same for another neuron's value (the shuffled baseline).",
-    "top_token_frequency": "Corpus frequency of the value's top token: the agreement expected by chance.",
-    "label_contrast": "Suggested-label input: median over triggers (prefix >= min_prefix tokens) of "
-                      "(a_without_random - a_without_last) / s, s the neuron's median trigger coefficient: how "
-                      "much more the last token matters than a random other one.",
-    "label_context": "Suggested-label input: median of (a - a_without_random) / s: how much one random earlier "
-                     "token matters.",
-    "label_confidence": "Share of 200 bootstrap resamples of the neuron's triggers giving the same label.",
-    "label_triggers": "Triggers the label is computed from (prefix of at least min_prefix tokens).",
-}
+# One line per numeric figure: what it means (catalog.vocab). Shown in the OpenAPI schema and the review UI.
+STAT_MEANINGS: dict[str, str] = vocab.STAT_MEANINGS
 
 
 class ErrorBody(BaseModel):
@@ -114,39 +63,18 @@ class ModelInfo(BaseModel):
     current_run: RunInfo | None
 
 
-class LayerInfo(BaseModel):
-    layer: int
-    mean_bias: float | None = None
-    mean_alignment: float | None = None
-    corr_bias_key_norm: float | None = None
-    corr_bias_value_norm: float | None = None
-    corr_bias_alignment: float | None = None
-    bias_alignment_slope: float | None = None
-    bias_alignment_intercept: float | None = None
-    key_cosine_mean: float | None = None
-    value_cosine_mean: float | None = None
-    mean_agreement: float | None = None
-    mean_ablation_last: float | None = Field(None, description="MEDIAN (despite the name, kept from seed 001) "
-                                             "over every trigger of the layer of (a'-a)/max(|a|, s) without the "
-                                             "last token; see ablation_last.")
-    mean_ablation_first: float | None = Field(None, description="Median over every trigger of the layer of the "
-                                              "relative change without the window's first token.")
-    mean_ablation_random: float | None = Field(None, description="Median over every trigger of the layer of the "
-                                               "relative change without one random other token.")
-    mean_agreement_shuffled: float | None = Field(None, description="Mean agreement_shuffled: the chance level.")
-    mean_agreement_folded: float | None = None
-    agreement_top1_rate: float | None = Field(None, description="Geva et al.'s top-1 trigger agreement rate.")
-    mean_agreement_negative: float | None = None
-    mean_top_token_frequency: float | None = None
-    median_rank_percentile: float | None = Field(None, description="Median over every trigger of the layer.")
-    median_rank_percentile_shuffled: float | None = None
-    median_label_contrast: float | None = None
-    median_label_context: float | None = None
-    label_counts: dict[str, int] = Field(default_factory=dict, description="Suggested labels in this layer.")
-    histograms: dict[str, Any] = Field(default_factory=dict, description="Per statistic {edges, counts, below, "
-                                       "above, min, max, clipped, quantiles, n}: 40 bins over [min, max], or, when "
-                                       "clipped (the full span is over 3x the 1st-99th percentile span), over the "
-                                       "1st-99th percentiles with the values beyond counted in below/above.")
+# The layers row as the API gives it: every figure of catalog.vocab.LAYER_FIGURES (optional, with its
+# meaning), the label counts and the histograms.
+LayerInfo = create_model(
+    "LayerInfo",
+    layer=(int, ...),
+    **{f.name: (f.type | None, Field(None, description=f.meaning)) for f in vocab.LAYER_FIGURES},  # type: ignore[call-overload]
+    label_counts=(dict[str, int], Field(default_factory=dict, description="Suggested labels in this layer.")),
+    histograms=(dict[str, Any], Field(default_factory=dict, description="Per statistic {edges, counts, below, "
+                "above, min, max, clipped, quantiles, n}: 40 bins over [min, max], or, when clipped (the full "
+                "span is over 3x the 1st-99th percentile span), over the 1st-99th percentiles with the values "
+                "beyond counted in below/above.")),
+)
 
 
 class TokenLogit(BaseModel):
@@ -170,46 +98,14 @@ class Trigger(BaseModel):
                                    "(an encoder reads both sides; untrusted corpus text).")
 
 
-class NeuronStats(BaseModel):
-    key_norm: float | None = Field(None, description=STAT_MEANINGS["key_norm"])
-    value_norm: float | None = Field(None, description=STAT_MEANINGS["value_norm"])
-    up_norm: float | None = Field(None, description=STAT_MEANINGS["up_norm"])
-    bias: float | None = Field(None, description=STAT_MEANINGS["bias"])
-    alignment: float | None = Field(None, description=STAT_MEANINGS["alignment"])
-    up_alignment: float | None = Field(None, description=STAT_MEANINGS["up_alignment"])
-    activation_mean: float | None = Field(None, description=STAT_MEANINGS["activation_mean"])
-    activation_std: float | None = Field(None, description=STAT_MEANINGS["activation_std"])
-    activation_positive_fraction: float | None = Field(None, description=STAT_MEANINGS["activation_positive_fraction"])
-    activation_max: float | None = Field(None, description=STAT_MEANINGS["activation_max"])
-    agreement: float | None = Field(None, description=STAT_MEANINGS["agreement"])
-    next_token_mean_rank: float | None = Field(None, description=STAT_MEANINGS["next_token_mean_rank"])
-    ablation_last: float | None = Field(None, description=STAT_MEANINGS["ablation_last"])
-    ablation_first: float | None = Field(None, description=STAT_MEANINGS["ablation_first"])
-    ablation_random: float | None = Field(None, description=STAT_MEANINGS["ablation_random"])
-    gate_open_fraction: float | None = Field(None, description=STAT_MEANINGS["gate_open_fraction"])
-    abs_coefficient_p50: float | None = Field(None, description=STAT_MEANINGS["abs_coefficient_p50"])
-    abs_coefficient_p90: float | None = Field(None, description=STAT_MEANINGS["abs_coefficient_p90"])
-    abs_coefficient_p99: float | None = Field(None, description=STAT_MEANINGS["abs_coefficient_p99"])
-    negative_trigger_share: float | None = Field(None, description=STAT_MEANINGS["negative_trigger_share"])
-    agreement_shuffled: float | None = Field(None, description=STAT_MEANINGS["agreement_shuffled"])
-    agreement_folded: float | None = Field(None, description=STAT_MEANINGS["agreement_folded"])
-    agreement_top1: float | None = Field(None, description=STAT_MEANINGS["agreement_top1"])
-    agreement_negative: float | None = Field(None, description=STAT_MEANINGS["agreement_negative"])
-    next_token_rank_percentile: float | None = Field(None, description=STAT_MEANINGS["next_token_rank_percentile"])
-    next_token_rank_percentile_shuffled: float | None = Field(
-        None, description=STAT_MEANINGS["next_token_rank_percentile_shuffled"])
-    top_token_frequency: float | None = Field(None, description=STAT_MEANINGS["top_token_frequency"])
-    label_contrast: float | None = Field(None, description=STAT_MEANINGS["label_contrast"])
-    label_context: float | None = Field(None, description=STAT_MEANINGS["label_context"])
-    label_confidence: float | None = Field(None, description=STAT_MEANINGS["label_confidence"])
-    label_triggers: int | None = Field(None, description=STAT_MEANINGS["label_triggers"])
-    suggested_label: str | None = Field(None, description="shallow | semantic | shallow+semantic from "
-                                        "label_contrast and label_context against thresholds pooled over the "
-                                        "model (README, 'Suggested labels'; the run's label_rule); null without "
-                                        "a corpus, for encoders, or with too few long-enough triggers.")
+# Every per-neuron figure of catalog.vocab.NEURON_FIGURES, in its order, optional, with its meaning.
+NeuronStats = create_model(
+    "NeuronStats",
+    **{f.name: (f.type | None, Field(None, description=f.meaning)) for f in vocab.NEURON_FIGURES},  # type: ignore[call-overload]
+)
 
 
-class NeuronRecord(NeuronStats):
+class NeuronRecord(NeuronStats):  # type: ignore[misc,valid-type]
     """Everything stored about one neuron: the fields of an export record."""
 
     model: str
@@ -246,7 +142,7 @@ class MatchingTrigger(BaseModel):
                                    "for (every occurrence, as the 'simple' configuration splits words), in order.")
 
 
-class NeuronSummary(NeuronStats):
+class NeuronSummary(NeuronStats):  # type: ignore[misc,valid-type]
     """A search hit: the figures, the value's five top tokens and the strongest trigger."""
 
     layer: int

@@ -24,6 +24,7 @@ from sqlalchemy import and_, func, select, text
 from sqlalchemy.orm import Session
 
 from catalog import histograms as hist_rule
+from catalog import vocab
 from catalog.annotations.agreement import cohen_kappa
 from catalog.read.catalog import require_run
 from catalog.store.models import Annotation, Layer, Neuron
@@ -45,8 +46,8 @@ NO_ANNOTATIONS = "no annotations yet: annotators' labels appear here once the re
 
 WEIGHT_STATS = ("key_norm", "value_norm", "alignment")  # bias against these (seed 000, Figure 1)
 STAT_NAMES = {"key_norm": "key norm", "value_norm": "value norm", "alignment": "alignment"}
-SUGGESTED_LABELS = ("shallow", "shallow+semantic", "semantic")  # shallow to semantic
-HUMAN_LABELS = (*SUGGESTED_LABELS, "none")
+SUGGESTED_LABELS = tuple(x.value for x in vocab.LABEL_SCALE)  # shallow to semantic
+HUMAN_LABELS = (*SUGGESTED_LABELS, vocab.HumanLabel.none.value)
 NO_SUGGESTION = "(no suggested label)"
 # At most this many layers in the bias small multiples of a model (first and last always among them).
 SCATTER_LAYERS = 6

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from catalog.config import settings
 from catalog.corpus import CorpusError, CorpusSource, Document, LineStats, check_read
 from catalog.extract import ablation as abl
+from catalog.extract.columns import layer_columns, prefix_columns
 from catalog.extract.params import Parameters, Progress
 from catalog.extract.pipeline import (
     CorpusAnalysis,
@@ -293,12 +294,12 @@ def finish(
         writer = RunWriter(dbapi, run_id)
         writer.tokens(texts, view.unembedding().detach().float().cpu().numpy())
         if result is not None:
-            writer.prefixes(result)
+            writer.prefixes(prefix_columns(result))
         for rec in layer_records(view, req.params, result, None):
             stage(f"layer {rec.layer}")
             for k, v in rec.seconds.items():
                 by_stage[k] = by_stage.get(k, 0.0) + v
-            writer.layer(rec, dict(rec.stats))
+            writer.layer(**layer_columns(rec))
             if progress is not None:
                 progress("weights, projections and ingest", 1, view.n_layers)
         timings.update(by_stage)

@@ -1,5 +1,10 @@
 """Write one extraction run's rows with COPY, inside the caller's transaction.
 
+The writer takes plain named columns (numpy arrays, lists), keyed by the names of ``catalog.vocab``
+and of the tables, never the pipeline's objects (``catalog.extract.columns`` turns those into
+columns): so the store does not import the extraction side or torch, and anything that has the
+columns (a pipeline, a merge of shard states, a benchmark) can write a run.
+
 Bulk tables (neurons with their vectors, value tokens, triggers) go in as binary COPY payloads built
 column-wise by :mod:`catalog.store.copy`; the two tables with free text (tokens, prefixes) use
 psycopg's row writer. Nothing here commits: the service publishes the run in the same transaction.
@@ -8,24 +13,48 @@ psycopg's row writer. Nothing here commits: the service publishes the run in the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
-from catalog.extract.pipeline import CorpusAnalysis, LayerRecord
 from catalog.store import search_index
 from catalog.store.copy import Column, encode
+from catalog.vocab import ABLATIONS, LAYER_STATS, NEURON_FIGURES
 
 CHUNK_ROWS = 250_000
+# COPY types of the columns the writer is given (run_id and layer it adds itself)
+_FIGURE_KINDS = {float: ("float8", np.float64), int: ("int4", np.int64)}
+NEURON_VECTORS = ("key_vector", "value_vector", "up_vector")  # up_vector: None without an up-projection
+LAYER_ROW = (*LAYER_STATS, "histograms")
+PREFIX_COLUMNS = {"document": "int8", "position": "int4", "text": "text", "token_id": "int4",
+                  "next_token_id": "int4", "text_after": "text"}
+VALUE_TOKEN_COLUMNS = {"neuron": "int4", "convention": "label", "kind": "label", "rank": "int2", "token_id": "int4",
+                       "logit": "float8"}
+TRIGGER_COLUMNS = {"neuron": "int4", "sign": "int2", "rank": "int2", "document": "int8", "position": "int4",
+                   "coefficient": "float8", **{f"coefficient_without_{k}": "float8" for k in ABLATIONS}}
+
+ColumnValues = np.ndarray | Sequence[Any]
 
 
-def _np(t: torch.Tensor | None, n: int, dtype: Any = np.float64) -> tuple[np.ndarray, np.ndarray | None]:
-    """A column's values and null mask (all null where the tensor is None)."""
-    if t is None:
+def _check(table: str, given: Mapping[str, Any], known: Sequence[str] | Mapping[str, Any], *,
+           required: bool) -> None:
+    unknown = set(given) - set(known)
+    if unknown:
+        raise ValueError(f"{table}: unknown columns {sorted(unknown)}; known: {', '.join(known)}")
+    missing = set(known) - set(given)
+    if required and missing:
+        raise ValueError(f"{table}: missing columns {sorted(missing)}")
+
+
+def _figure(values: ColumnValues | None, n: int, dtype: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """A figure column's values and null mask (all null where the values are None; NaN is null too)."""
+    if values is None:
         return np.zeros(n, dtype=dtype), np.ones(n, dtype=bool)
-    return t.detach().cpu().numpy().astype(dtype, copy=False), None
+    arr = np.asarray(values).astype(dtype, copy=False)
+    if arr.shape != (n,):
+        raise ValueError(f"a figure column has shape {arr.shape}, not ({n},)")
+    return arr, None
 
 
 def clean_text(s: str) -> str:
@@ -82,30 +111,47 @@ class RunWriter:
             ((rid, i, clean_text(t), unembedding[i]) for i, t in enumerate(texts)),
         )
 
-    def prefixes(self, a: CorpusAnalysis) -> None:
+    def prefixes(self, columns: Mapping[str, Sequence[Any]]) -> None:
+        """The run's trigger prefixes, column-wise (PREFIX_COLUMNS): document, position, text,
+        token_id, next_token_id (None at a document's end) and text_after (optional; None outside
+        encoders)."""
+        _check("prefixes", columns, PREFIX_COLUMNS, required=False)
+        n = len(columns["document"])
+        after = columns.get("text_after")
+        cols = [columns[k] for k in ("document", "position", "text", "token_id", "next_token_id")]
+        cols.append(after if after is not None else [None] * n)
         rid = self.run_id
-        docs, pos = a.prefixes.documents.tolist(), a.prefixes.positions.tolist()
-        tok, nxt = a.prefix_token.tolist(), a.prefix_next.tolist()
-        after: list[str | None] = list(a.prefix_text_after) if a.prefix_text_after is not None else [None] * len(docs)
         self._copy_rows(
-            "prefixes", ("run_id", "document", "position", "text", "token_id", "next_token_id", "text_after"),
-            ("int4", "int8", "int4", "text", "int4", "int4", "text"),
+            "prefixes", ("run_id", *PREFIX_COLUMNS), ("int4", *PREFIX_COLUMNS.values()),
             (
-                (rid, d, p, clean_text(t), k, x if x >= 0 else None, None if r is None else clean_text(r))
-                for d, p, t, k, x, r in zip(docs, pos, a.prefix_text, tok, nxt, after, strict=True)
+                (rid, d, p, clean_text(t), k, x, None if r is None else clean_text(r))
+                for d, p, t, k, x, r in zip(*cols, strict=True)
             ),
         )
 
-    def layer(self, rec: LayerRecord, layer_row: dict[str, Any]) -> None:
-        self._layer_row(rec, layer_row)
-        self._neurons(rec)
-        self._value_tokens(rec)
-        if rec.top is not None:
-            self._triggers(rec)
+    def layer(
+        self, layer: int, row: Mapping[str, Any], neurons: Mapping[str, ColumnValues | None],
+        value_tokens: Mapping[str, ColumnValues], triggers: Mapping[str, ColumnValues] | None = None,
+    ) -> None:
+        """One layer's rows, then its neuron_search rows when it has triggers.
+
+        ``row``: the ``layers`` row (LAYER_ROW: the figures of ``vocab.LAYER_FIGURES`` and histograms;
+        missing ones are null). ``neurons``: every figure of ``vocab.NEURON_FIGURES``, arrays [d_mlp]
+        indexed by 0-based neuron (None or a missing key: null throughout; NaN: null), labels as
+        a list of str | None, and NEURON_VECTORS ([d_mlp, d_model] float32; key and value required).
+        ``value_tokens`` and ``triggers``: their tables' columns flattened, one entry per row
+        (VALUE_TOKEN_COLUMNS, TRIGGER_COLUMNS; NaN coefficients are null); ``triggers`` None for a
+        weight-only run.
+        """
+        self._layer_row(layer, row)
+        self._neurons(layer, neurons)
+        self._copy_table("value_tokens", layer, value_tokens, VALUE_TOKEN_COLUMNS)
+        if triggers is not None:
+            self._copy_table("triggers", layer, triggers, TRIGGER_COLUMNS)
             t0 = time.perf_counter()
             with self.conn.cursor() as cur:
                 self.rows["neuron_search"] = self.rows.get("neuron_search", 0) + search_index.build_neuron_search(
-                    cur, self.run_id, rec.layer
+                    cur, self.run_id, layer
                 )
             self.search_seconds += time.perf_counter() - t0
 
@@ -114,134 +160,54 @@ class RunWriter:
         with self.conn.cursor() as cur:
             return search_index.create_vector_indexes(cur, self.run_id, dim)
 
-    def _layer_row(self, rec: LayerRecord, row: dict[str, Any]) -> None:
+    def _layer_row(self, layer: int, row: Mapping[str, Any]) -> None:
         from psycopg.types.json import Jsonb
 
+        _check("layers", row, LAYER_ROW, required=False)
         cols = ["run_id", "layer", *row]
         t0 = time.perf_counter()
         with self.conn.cursor() as cur:
             cur.execute(
                 f"INSERT INTO layers ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(cols))})",
-                [self.run_id, rec.layer, *(Jsonb(v) if isinstance(v, dict) else v for v in row.values())],
+                [self.run_id, layer, *(Jsonb(v) if isinstance(v, dict) else v for v in row.values())],
             )
         self.seconds += time.perf_counter() - t0
 
-    def _neurons(self, rec: LayerRecord) -> None:
-        n = rec.keys.shape[0]
-        w = rec.weights
-        act = rec.activation or {}
+    def _neurons(self, layer: int, given: Mapping[str, ColumnValues | None]) -> None:
+        _check("neurons", given, [*(f.name for f in NEURON_FIGURES), *NEURON_VECTORS], required=False)
+        keys, values = np.asarray(given["key_vector"]), np.asarray(given["value_vector"])
+        n = keys.shape[0]
+        ups = given.get("up_vector")
         cols = [
             Column("run_id", "int4", np.full(n, self.run_id)),
-            Column("layer", "int2", np.full(n, rec.layer)),
+            Column("layer", "int2", np.full(n, layer)),
             Column("neuron", "int4", np.arange(n)),
-            Column("key_norm", "float8", *_np(w.key_norm, n)),
-            Column("value_norm", "float8", *_np(w.value_norm, n)),
-            Column("up_norm", "float8", *_np(w.up_norm, n)),
-            Column("bias", "float8", *_np(w.bias, n)),
-            Column("alignment", "float8", *_np(w.alignment, n)),
-            Column("up_alignment", "float8", *_np(w.up_alignment, n)),
-            Column("key_vector", "vector", rec.keys.numpy(), nan_is_null=False),
-            Column("value_vector", "vector", rec.values.numpy(), nan_is_null=False),
-            Column(
-                "up_vector", "vector",
-                rec.ups.numpy() if rec.ups is not None else np.zeros((n, 1), np.float32),
-                None if rec.ups is not None else np.ones(n, bool), nan_is_null=False,
-            ),
-            Column("activation_mean", "float8", *_np(act.get("mean"), n)),
-            Column("activation_std", "float8", *_np(act.get("std"), n)),
-            Column("activation_positive_fraction", "float8", *_np(act.get("positive_fraction"), n)),
-            Column("activation_max", "float8", *_np(act.get("max"), n)),
-            Column("agreement", "float8", *_np(rec.agreement.agreement if rec.agreement else None, n)),
-            Column("next_token_mean_rank", "float8", *_np(rec.agreement.mean_rank if rec.agreement else None, n)),
+            Column("key_vector", "vector", keys, nan_is_null=False),
+            Column("value_vector", "vector", values, nan_is_null=False),
+            Column("up_vector", "vector", np.zeros((n, 1), np.float32), np.ones(n, bool), nan_is_null=False)
+            if ups is None else Column("up_vector", "vector", np.asarray(ups), nan_is_null=False),
         ]
-        abl = rec.ablation or {}
-        for kind in ("last", "first", "random"):
-            cols.append(Column(f"ablation_{kind}", "float8", *_np(abl.get(kind), n)))
-        cols.append(Column("suggested_label", "label", rec.labels if rec.labels is not None else [None] * n))
-        fire = rec.firing or {}
-        base = rec.agreement
-        lab = rec.label
-        extra: dict[str, torch.Tensor | None] = {
-            "gate_open_fraction": fire.get("gate_open_fraction"),
-            "abs_coefficient_p50": fire.get("abs_p50"),
-            "abs_coefficient_p90": fire.get("abs_p90"),
-            "abs_coefficient_p99": fire.get("abs_p99"),
-            "negative_trigger_share": rec.negative_share,
-            "agreement_shuffled": base.shuffled if base else None,
-            "agreement_folded": base.folded if base else None,
-            "agreement_top1": base.top1 if base else None,
-            "agreement_negative": base.negative if base else None,
-            "next_token_rank_percentile": base.rank_percentile if base else None,
-            "next_token_rank_percentile_shuffled": base.rank_percentile_shuffled if base else None,
-            "top_token_frequency": base.top_token_frequency if base else None,
-            "label_contrast": lab.inputs.contrast if lab else None,
-            "label_context": lab.inputs.context if lab else None,
-            "label_confidence": lab.confidence if lab else None,
-        }
-        cols.extend(Column(name, "float8", *_np(t, n)) for name, t in extra.items())
-        cols.append(Column("label_triggers", "int4", *_np(lab.inputs.triggers if lab else None, n, np.int64)))
+        for f in NEURON_FIGURES:
+            v = given.get(f.name)
+            if f.type is str:
+                labels = [None] * n if v is None else list(v)
+                if len(labels) != n:
+                    raise ValueError(f"neurons: {f.name} has {len(labels)} values, not {n}")
+                cols.append(Column(f.name, "label", labels))
+            else:
+                kind, dtype = _FIGURE_KINDS[f.type]
+                cols.append(Column(f.name, kind, *_figure(v, n, dtype)))
         self._copy_binary("neurons", cols)
 
-    def _value_tokens(self, rec: LayerRecord) -> None:
-        parts = []
-        projections = [("raw", rec.projection)]
-        if rec.projection_folded is not None:
-            projections.append(("folded", rec.projection_folded))
-        for convention, p in projections:
-            for kind, ids, logits in (("top", p.top_ids, p.top_logits), ("bottom", p.bottom_ids, p.bottom_logits)):
-                d, k = ids.shape
-                parts.append((convention, kind, np.repeat(np.arange(d), k), np.tile(np.arange(k), d),
-                              ids.numpy().reshape(-1), logits.double().numpy().reshape(-1)))
-        m = sum(len(x[2]) for x in parts)
-        self._copy_binary("value_tokens", [
+    def _copy_table(self, table: str, layer: int, given: Mapping[str, ColumnValues], kinds: Mapping[str, str]) -> None:
+        """One layer's rows of a table given flat, one entry per row for every column of ``kinds``."""
+        _check(table, given, kinds, required=True)
+        m = len(given["neuron"])
+        self._copy_binary(table, [
             Column("run_id", "int4", np.full(m, self.run_id)),
-            Column("layer", "int2", np.full(m, rec.layer)),
-            Column("neuron", "int4", np.concatenate([x[2] for x in parts])),
-            Column("convention", "label", [x[0] for x in parts for _ in range(len(x[2]))]),
-            Column("kind", "label", [x[1] for x in parts for _ in range(len(x[2]))]),
-            Column("rank", "int2", np.concatenate([x[3] for x in parts])),
-            Column("token_id", "int4", np.concatenate([x[4] for x in parts])),
-            Column("logit", "float8", np.concatenate([x[5] for x in parts])),
-        ])
-
-    def _triggers(self, rec: LayerRecord) -> None:
-        assert rec.top is not None
-        blocks = [(1, rec.top, rec.top_ablated)]
-        if rec.bottom is not None:
-            blocks.append((-1, rec.bottom, None))
-        cols: dict[str, list[np.ndarray]] = {k: [] for k in (
-            "neuron", "sign", "rank", "document", "position", "coefficient", "last", "first", "random")}
-        for sign, state, ablated in blocks:
-            docs = state.documents.cpu()
-            keep = (docs >= 0).numpy()
-            d, k = docs.shape
-            neuron, rank = np.repeat(np.arange(d), k), np.tile(np.arange(k), d)
-            flat = keep.reshape(-1)
-            cols["neuron"].append(neuron[flat])
-            cols["rank"].append(rank[flat])
-            cols["sign"].append(np.full(int(flat.sum()), sign))
-            cols["document"].append(docs.numpy().reshape(-1)[flat])
-            cols["position"].append(state.positions.cpu().numpy().reshape(-1)[flat])
-            cols["coefficient"].append((state.values.cpu().double().numpy() * sign).reshape(-1)[flat])
-            for kind in ("last", "first", "random"):
-                if ablated is None or kind not in ablated:  # negative triggers; encoders (no ablations)
-                    cols[kind].append(np.full(int(flat.sum()), np.nan))
-                else:
-                    cols[kind].append(ablated[kind].double().numpy().reshape(-1)[flat])
-        c = {k: np.concatenate(v) for k, v in cols.items()}
-        m = len(c["neuron"])
-        self._copy_binary("triggers", [
-            Column("run_id", "int4", np.full(m, self.run_id)),
-            Column("layer", "int2", np.full(m, rec.layer)),
-            Column("neuron", "int4", c["neuron"]),
-            Column("sign", "int2", c["sign"]),
-            Column("rank", "int2", c["rank"]),
-            Column("document", "int8", c["document"]),
-            Column("position", "int4", c["position"]),
-            Column("coefficient", "float8", c["coefficient"]),
-            Column("coefficient_without_last", "float8", c["last"]),
-            Column("coefficient_without_first", "float8", c["first"]),
-            Column("coefficient_without_random", "float8", c["random"]),
+            Column("layer", "int2", np.full(m, layer)),
+            *(Column(name, kind, given[name] if kind == "label" else np.asarray(given[name]))
+              for name, kind in kinds.items()),
         ])
 
 

@@ -35,7 +35,11 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TSVECTOR
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column, relationship
+from sqlalchemy.types import TypeEngine
+
+# re-exported for the many importers of NEURON_STATS, LABELS, HUMAN_LABELS and PROJECTIONS
+from catalog.vocab import HUMAN_LABELS, LABELS, LAYER_FIGURE, NEURON_FIGURE, NEURON_STATS, PROJECTIONS, Figure  # noqa: F401
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -46,23 +50,9 @@ NAMING_CONVENTION = {
 }
 
 
-# The numeric per-neuron figures, in API and export order: the one list that search filters
-# (min_/max_), sorts, per-statistic indexes and export fields are built from.
-NEURON_STATS = (
-    "key_norm", "value_norm", "up_norm", "bias", "alignment", "up_alignment",
-    "activation_mean", "activation_std", "activation_positive_fraction", "activation_max",
-    "agreement", "next_token_mean_rank", "ablation_last", "ablation_first", "ablation_random",
-    # part 5: architecture-aware firing figures, baselines beside agreement, the label's inputs
-    "gate_open_fraction", "abs_coefficient_p50", "abs_coefficient_p90", "abs_coefficient_p99",
-    "negative_trigger_share", "agreement_shuffled", "agreement_folded", "agreement_top1", "agreement_negative",
-    "next_token_rank_percentile", "next_token_rank_percentile_shuffled", "top_token_frequency",
-    "label_contrast", "label_context", "label_confidence", "label_triggers",
-)
-# Value-projection conventions (part 5): "raw" = v . E^T with E as stored; "folded" = the final
-# norm's gain folded into E (v . (E * g)^T), what the model's head does to a direction.
-PROJECTIONS = ("raw", "folded")
-# Suggested (automatic) labels; annotators' labels (part 4) add "none".
-LABELS = ("shallow", "semantic", "shallow+semantic")
+# The figures, labels and kinds are named once, in catalog.vocab: NEURON_STATS (the numeric
+# per-neuron figures in API and export order, the one list that search filters, sorts, per-statistic
+# indexes and export fields are built from), PROJECTIONS, LABELS (suggested) and HUMAN_LABELS.
 # Postgres text-search configuration of pattern search: no stemming, no stop words, so a pattern
 # matches the words of the prefix as written ("ends with 'substitutes'" is a shallow pattern).
 TEXT_SEARCH_CONFIG = "simple"
@@ -70,6 +60,25 @@ TEXT_SEARCH_CONFIG = "simple"
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _sql_type(f: Figure) -> TypeEngine[Any]:
+    """A figure's SQL type from its vocabulary type (labels are short text)."""
+    sql: dict[type, TypeEngine[Any]] = {float: Float(), int: Integer(), str: String(20)}
+    return sql[f.type]
+
+
+def _per_neuron(name: str) -> MappedColumn[Any]:
+    """A figure column of ``neurons`` as catalog.vocab describes it (SQL type and nullability);
+    tests/test_vocab.py checks that the table holds exactly the vocabulary's figures."""
+    f = NEURON_FIGURE[name]
+    return mapped_column(_sql_type(f), nullable=f.nullable)
+
+
+def _per_layer(name: str) -> MappedColumn[Any]:
+    """A figure column of ``layers`` as catalog.vocab describes it."""
+    f = LAYER_FIGURE[name]
+    return mapped_column(_sql_type(f), nullable=f.nullable)
 
 
 class RunStatus(enum.StrEnum):
@@ -233,30 +242,30 @@ class Layer(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("extraction_runs.id", ondelete="CASCADE"), primary_key=True)
     layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     # seed 000
-    mean_bias: Mapped[float | None] = mapped_column(Float)
-    mean_alignment: Mapped[float] = mapped_column(Float)
-    corr_bias_key_norm: Mapped[float | None] = mapped_column(Float)
-    corr_bias_value_norm: Mapped[float | None] = mapped_column(Float)
-    corr_bias_alignment: Mapped[float | None] = mapped_column(Float)
-    bias_alignment_slope: Mapped[float | None] = mapped_column(Float)
-    bias_alignment_intercept: Mapped[float | None] = mapped_column(Float)
-    key_cosine_mean: Mapped[float] = mapped_column(Float)
-    value_cosine_mean: Mapped[float] = mapped_column(Float)
+    mean_bias: Mapped[float | None] = _per_layer("mean_bias")
+    mean_alignment: Mapped[float] = _per_layer("mean_alignment")
+    corr_bias_key_norm: Mapped[float | None] = _per_layer("corr_bias_key_norm")
+    corr_bias_value_norm: Mapped[float | None] = _per_layer("corr_bias_value_norm")
+    corr_bias_alignment: Mapped[float | None] = _per_layer("corr_bias_alignment")
+    bias_alignment_slope: Mapped[float | None] = _per_layer("bias_alignment_slope")
+    bias_alignment_intercept: Mapped[float | None] = _per_layer("bias_alignment_intercept")
+    key_cosine_mean: Mapped[float] = _per_layer("key_cosine_mean")
+    value_cosine_mean: Mapped[float] = _per_layer("value_cosine_mean")
     # seed 001 (corpus pass); null for weight-only runs
-    mean_agreement: Mapped[float | None] = mapped_column(Float)
-    mean_ablation_last: Mapped[float | None] = mapped_column(Float)
-    mean_ablation_first: Mapped[float | None] = mapped_column(Float)
-    mean_ablation_random: Mapped[float | None] = mapped_column(Float)
+    mean_agreement: Mapped[float | None] = _per_layer("mean_agreement")
+    mean_ablation_last: Mapped[float | None] = _per_layer("mean_ablation_last")
+    mean_ablation_first: Mapped[float | None] = _per_layer("mean_ablation_first")
+    mean_ablation_random: Mapped[float | None] = _per_layer("mean_ablation_random")
     # part 5: baselines and the label rule's inputs, per layer
-    mean_agreement_shuffled: Mapped[float | None] = mapped_column(Float)
-    mean_agreement_folded: Mapped[float | None] = mapped_column(Float)
-    agreement_top1_rate: Mapped[float | None] = mapped_column(Float)
-    mean_agreement_negative: Mapped[float | None] = mapped_column(Float)
-    mean_top_token_frequency: Mapped[float | None] = mapped_column(Float)
-    median_rank_percentile: Mapped[float | None] = mapped_column(Float)
-    median_rank_percentile_shuffled: Mapped[float | None] = mapped_column(Float)
-    median_label_contrast: Mapped[float | None] = mapped_column(Float)
-    median_label_context: Mapped[float | None] = mapped_column(Float)
+    mean_agreement_shuffled: Mapped[float | None] = _per_layer("mean_agreement_shuffled")
+    mean_agreement_folded: Mapped[float | None] = _per_layer("mean_agreement_folded")
+    agreement_top1_rate: Mapped[float | None] = _per_layer("agreement_top1_rate")
+    mean_agreement_negative: Mapped[float | None] = _per_layer("mean_agreement_negative")
+    mean_top_token_frequency: Mapped[float | None] = _per_layer("mean_top_token_frequency")
+    median_rank_percentile: Mapped[float | None] = _per_layer("median_rank_percentile")
+    median_rank_percentile_shuffled: Mapped[float | None] = _per_layer("median_rank_percentile_shuffled")
+    median_label_contrast: Mapped[float | None] = _per_layer("median_label_contrast")
+    median_label_context: Mapped[float | None] = _per_layer("median_label_context")
     histograms: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
 
 
@@ -269,45 +278,46 @@ class Neuron(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("extraction_runs.id", ondelete="CASCADE"), primary_key=True)
     layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
-    key_norm: Mapped[float] = mapped_column(Float)
-    value_norm: Mapped[float] = mapped_column(Float)
-    up_norm: Mapped[float | None] = mapped_column(Float)
-    bias: Mapped[float | None] = mapped_column(Float)
-    alignment: Mapped[float] = mapped_column(Float)
-    up_alignment: Mapped[float | None] = mapped_column(Float)
+    key_norm: Mapped[float] = _per_neuron("key_norm")
+    value_norm: Mapped[float] = _per_neuron("value_norm")
+    up_norm: Mapped[float | None] = _per_neuron("up_norm")
+    bias: Mapped[float | None] = _per_neuron("bias")
+    alignment: Mapped[float] = _per_neuron("alignment")
+    up_alignment: Mapped[float | None] = _per_neuron("up_alignment")
     # Vectors without a fixed dimension so one table holds every model; part 4 adds per-model
     # HNSW expression indexes (cast to vector(d_model)).
     key_vector: Mapped[Any] = mapped_column(Vector())
     value_vector: Mapped[Any] = mapped_column(Vector())
     up_vector: Mapped[Any | None] = mapped_column(Vector())
     # corpus pass (part 2); null for weight-only runs
-    activation_mean: Mapped[float | None] = mapped_column(Float)
-    activation_std: Mapped[float | None] = mapped_column(Float)
-    activation_positive_fraction: Mapped[float | None] = mapped_column(Float)
-    activation_max: Mapped[float | None] = mapped_column(Float)
-    agreement: Mapped[float | None] = mapped_column(Float)
-    next_token_mean_rank: Mapped[float | None] = mapped_column(Float)
-    ablation_last: Mapped[float | None] = mapped_column(Float)
-    ablation_first: Mapped[float | None] = mapped_column(Float)
-    ablation_random: Mapped[float | None] = mapped_column(Float)
-    suggested_label: Mapped[str | None] = mapped_column(String(20))
+    activation_mean: Mapped[float | None] = _per_neuron("activation_mean")
+    activation_std: Mapped[float | None] = _per_neuron("activation_std")
+    activation_positive_fraction: Mapped[float | None] = _per_neuron("activation_positive_fraction")
+    activation_max: Mapped[float | None] = _per_neuron("activation_max")
+    agreement: Mapped[float | None] = _per_neuron("agreement")
+    next_token_mean_rank: Mapped[float | None] = _per_neuron("next_token_mean_rank")
+    ablation_last: Mapped[float | None] = _per_neuron("ablation_last")
+    ablation_first: Mapped[float | None] = _per_neuron("ablation_first")
+    ablation_random: Mapped[float | None] = _per_neuron("ablation_random")
+    suggested_label: Mapped[str | None] = _per_neuron("suggested_label")
     # part 5 (null for weight-only runs; see README "Figures and what they mean")
-    gate_open_fraction: Mapped[float | None] = mapped_column(Float)  # key pre-activation > 0
-    abs_coefficient_p50: Mapped[float | None] = mapped_column(Float)
-    abs_coefficient_p90: Mapped[float | None] = mapped_column(Float)
-    abs_coefficient_p99: Mapped[float | None] = mapped_column(Float)
-    negative_trigger_share: Mapped[float | None] = mapped_column(Float)  # gated models
-    agreement_shuffled: Mapped[float | None] = mapped_column(Float)
-    agreement_folded: Mapped[float | None] = mapped_column(Float)
-    agreement_top1: Mapped[float | None] = mapped_column(Float)
-    agreement_negative: Mapped[float | None] = mapped_column(Float)  # gated models
-    next_token_rank_percentile: Mapped[float | None] = mapped_column(Float)
-    next_token_rank_percentile_shuffled: Mapped[float | None] = mapped_column(Float)
-    top_token_frequency: Mapped[float | None] = mapped_column(Float)
-    label_contrast: Mapped[float | None] = mapped_column(Float)
-    label_context: Mapped[float | None] = mapped_column(Float)
-    label_confidence: Mapped[float | None] = mapped_column(Float)
-    label_triggers: Mapped[int | None] = mapped_column(Integer)
+    gate_open_fraction: Mapped[float | None] = _per_neuron("gate_open_fraction")  # key pre-activation > 0
+    abs_coefficient_p50: Mapped[float | None] = _per_neuron("abs_coefficient_p50")
+    abs_coefficient_p90: Mapped[float | None] = _per_neuron("abs_coefficient_p90")
+    abs_coefficient_p99: Mapped[float | None] = _per_neuron("abs_coefficient_p99")
+    negative_trigger_share: Mapped[float | None] = _per_neuron("negative_trigger_share")  # gated models
+    agreement_shuffled: Mapped[float | None] = _per_neuron("agreement_shuffled")
+    agreement_folded: Mapped[float | None] = _per_neuron("agreement_folded")
+    agreement_top1: Mapped[float | None] = _per_neuron("agreement_top1")
+    agreement_negative: Mapped[float | None] = _per_neuron("agreement_negative")  # gated models
+    next_token_rank_percentile: Mapped[float | None] = _per_neuron("next_token_rank_percentile")
+    next_token_rank_percentile_shuffled: Mapped[float | None] = _per_neuron(
+        "next_token_rank_percentile_shuffled")
+    top_token_frequency: Mapped[float | None] = _per_neuron("top_token_frequency")
+    label_contrast: Mapped[float | None] = _per_neuron("label_contrast")
+    label_context: Mapped[float | None] = _per_neuron("label_context")
+    label_confidence: Mapped[float | None] = _per_neuron("label_confidence")
+    label_triggers: Mapped[int | None] = _per_neuron("label_triggers")
 
 
 class ValueToken(Base):
@@ -426,8 +436,6 @@ class NeuronSearch(Base):
 
 
 # --- annotations (part 4) ------------------------------------------------------------------------
-# Annotators' labels: the suggested labels plus "none" (no clear pattern).
-HUMAN_LABELS = (*LABELS, "none")
 
 
 class Annotator(Base):
@@ -455,7 +463,7 @@ class Annotation(Base):
     __table_args__ = (
         # one annotation per annotator and neuron; also serves "annotations of this neuron"
         UniqueConstraint("model_id", "layer", "neuron", "annotator_id", name="uq_annotations_neuron_annotator"),
-        CheckConstraint("label IN ('shallow', 'semantic', 'shallow+semantic', 'none')", name="label"),
+        CheckConstraint(f"label IN ({', '.join(repr(x) for x in HUMAN_LABELS)})", name="label"),
         Index("ix_annotations_annotator_model", "annotator_id", "model_id", "layer"),
         # the search API's q pattern over descriptions
         Index("ix_annotations_description_tsv",

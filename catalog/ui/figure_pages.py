@@ -36,8 +36,8 @@ from catalog.ui.templating import render
 router = APIRouter(include_in_schema=False)
 
 # Stacking order of label shares: from shallow to semantic, then "no clear pattern" (every one of
-# catalog.store.models.HUMAN_LABELS; a label missing here would still be drawn, after these).
-LABEL_ORDER = ("shallow", "shallow+semantic", "semantic", "none")
+# catalog.vocab.HumanLabel; a label missing here would still be drawn, after these).
+LABEL_ORDER = report_data.HUMAN_LABELS
 SEED_000 = "seed 000"
 SEED_001 = "seed 001"
 WEIGHT_STATS = ("key_norm", "value_norm", "up_norm", "bias", "alignment", "up_alignment")
