@@ -163,7 +163,7 @@ def _extract_distributed(req: Any, *, wait: bool) -> None:
 
     def submit() -> int:
         check_connection()
-        migrate.upgrade(None)  # the CLI path may create or upgrade the schema; workers never do
+        migrate.require_head(None, who="extract")  # `db upgrade` (or `serve`) migrates; extraction never does
         return requests.create(asdict(req))
 
     request_id = _run(submit)

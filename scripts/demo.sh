@@ -9,6 +9,7 @@ bash scripts/setup.sh
 NC=.venv/bin/neuron-catalog
 NAME=SmolLM2-135M-Instruct
 PORT=${DEMO_PORT:-8000}
+$NC db upgrade  # the schema (extraction never migrates; serve does too)
 $NC extract --model smollm2 --name "$NAME" --corpus data/wordnet.txt --max-tokens "${DEMO_MAX_TOKENS:-20000}"
 $NC layers --model "$NAME"
 $NC show --model "$NAME" --layer 20 --neuron 7
