@@ -16,7 +16,6 @@ import json
 import logging
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,9 +214,3 @@ def tokenizer_sha256(tokenizer: Any) -> str:
         if getattr(tokenizer, f"{name}_token_id", None) is not None:
             special[name] = getattr(tokenizer, f"{name}_token_id")
     return hashlib.sha256(json.dumps([sorted(vocab.items(), key=lambda kv: kv[1]), special]).encode()).hexdigest()
-
-
-def timed_load(spec: str, *, device: str | None = None) -> tuple[LoadedModel, float]:
-    t0 = time.perf_counter()
-    loaded = load(spec, device=device)
-    return loaded, time.perf_counter() - t0

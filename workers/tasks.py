@@ -35,7 +35,7 @@ def extract_catalog(request: dict[str, Any]) -> dict[str, Any]:
     Kept for callers that send a request by value; ``extract --distributed`` uses ``run_extraction_request``.
     """
     require_head()  # workers never migrate
-    return asdict(extract(request_from_message(request), migrate_schema=False))
+    return asdict(extract(request_from_message(request)))
 
 
 @app.task(name=RUN_REQUEST, ignore_result=True)

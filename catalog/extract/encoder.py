@@ -16,12 +16,9 @@ An encoder's attention sees its whole window, both sides of every token. So:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-
-from catalog import vocab
 
 if TYPE_CHECKING:
     from catalog.extract.ablation import PrefixTable
@@ -57,8 +54,3 @@ def texts_after(corpus: TokenisedCorpus, table: PrefixTable, tokenizer: object) 
         else:
             out.append(f" {tail}" if tail else "")
     return out
-
-
-def no_ablations(prefix_ids: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-    """Ablated coefficients of an encoder's triggers: none (NaN, stored null) for every kind."""
-    return {kind: [torch.full(p.shape, float("nan")) for p in prefix_ids] for kind in vocab.ABLATIONS}

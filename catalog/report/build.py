@@ -1,7 +1,7 @@
 """The report's figures, in order: for each, the query and data function, its caption and renderer.
 
-``model_figures`` gives the figures of a catalog's current run (the report and the UI's model page),
-``layer_figures`` those of one layer (the UI's layer page): the same data functions, captions and
+``model_figures`` gives the figures of a catalog's current run (the report and the UI's model page);
+``figure(..., layer)`` one of a layer's (the UI's layer page): the same data functions, captions and
 renderers, so the PNG a page shows is the one the report writes.
 """
 
@@ -134,7 +134,3 @@ def figure(session: Session, ref: d.RunRef, key: str, layer: int | None = None) 
 def model_figures(session: Session, ref: d.RunRef, keys: Sequence[str] = MODEL_KEYS) -> list[FigureResult]:
     return [figure(session, ref, k) for k in keys]
 
-
-def layer_figures(session: Session, ref: d.RunRef, layer: int, keys: Sequence[str] = LAYER_KEYS
-                  ) -> list[FigureResult]:
-    return [figure(session, ref, k, layer) for k in keys]

@@ -320,7 +320,7 @@ def claim(engine: Engine, shard: Shard, holder: str, *, lease_s: float, max_atte
         row = s.get(RunShard, (shard.run_id, shard.kind, shard.index), with_for_update=True)
         if row is None:
             raise RunStateError(f"run {shard.run_id} has no {shard.kind} shard {shard.index}")
-        now = s.scalar(select(func.now()))
+        now: datetime = s.execute(select(func.now())).scalar_one()
         if row.status == ShardStatus.done.value:
             raise StaleLease(f"{shard.kind} shard {shard.index} of run {shard.run_id} is done already")
         if row.status == ShardStatus.running.value and row.lease_expires_at is not None and row.lease_expires_at > now:

@@ -273,7 +273,7 @@ def _shard_seconds(engine: Engine, run_id: int) -> dict[str, float]:
         rows = conn.execute(select(RunShard.kind, func.coalesce(func.sum(RunShard.seconds), 0.0))
                             .where(RunShard.run_id == run_id).group_by(RunShard.kind)).all()
     names = {ShardKind.pass_.value: "corpus_pass", ShardKind.ablation.value: "ablation"}
-    return {names[k]: float(v) for k, v in rows}
+    return {names[k]: float(v or 0.0) for k, v in rows}
 
 
 def _tidy(engine: Engine) -> None:

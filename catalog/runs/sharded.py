@@ -51,6 +51,7 @@ from catalog.loading import LoadedModel, tokenizer_sha256, weights_sha256
 from catalog.runs import lifecycle
 from catalog.runs.lifecycle import Shard, ShardPlan
 from catalog.runs.schemas import ExtractRequest, StageHook
+from catalog.store import search_index
 from catalog.store.ingest import RunWriter
 from catalog.store.models import ShardKind
 
@@ -304,9 +305,9 @@ def finish(
                 progress("weights, projections and ingest", 1, view.n_layers)
         timings.update(by_stage)
         stage("vector indexes")
-        timings.update(writer.vector_indexes(view.d_model))
-        if progress is not None:
-            progress("indexes", 1, 1)
+        n_indexes = len(search_index.VECTOR_INDEXES)
+        timings.update(writer.vector_indexes(
+            view.d_model, None if progress is None else (lambda: progress("indexes", 1, n_indexes))))
         timings["ingest"] = writer.seconds
         timings["search_terms"] = writer.search_seconds
         counts["rows"] = dict(writer.rows)

@@ -101,7 +101,7 @@ def show_run(s: Session, run_id: int) -> RunView | None:
     elif passes:
         running = [r for r in passes if r.status == ShardStatus.running.value and r.started_at and r.done_tokens]
         if running:
-            elapsed = sum((datetime.now(UTC) - r.started_at).total_seconds() for r in running)
+            elapsed = sum((datetime.now(UTC) - r.started_at).total_seconds() for r in running if r.started_at)
             view.tokens_per_s = sum(r.done_tokens for r in running) / max(elapsed, 1e-9)
     if view.status == "running" and view.tokens_per_s:
         view.eta_s = (view.tokens_total - view.tokens_done) / view.tokens_per_s

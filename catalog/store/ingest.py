@@ -13,7 +13,7 @@ psycopg's row writer. Nothing here commits: the service publishes the run in the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -155,10 +155,10 @@ class RunWriter:
                 )
             self.search_seconds += time.perf_counter() - t0
 
-    def vector_indexes(self, dim: int) -> dict[str, float]:
-        """The run's HNSW indexes, once every layer is in; seconds per index."""
+    def vector_indexes(self, dim: int, on_index: Callable[[], None] | None = None) -> dict[str, float]:
+        """The run's HNSW indexes, once every layer is in; seconds per index (``on_index``: after each)."""
         with self.conn.cursor() as cur:
-            return search_index.create_vector_indexes(cur, self.run_id, dim)
+            return search_index.create_vector_indexes(cur, self.run_id, dim, on_index)
 
     def _layer_row(self, layer: int, row: Mapping[str, Any]) -> None:
         from psycopg.types.json import Jsonb

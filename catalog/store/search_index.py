@@ -14,6 +14,7 @@ match a partial index under a generic plan.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from sqlalchemy import Engine, text
@@ -73,8 +74,9 @@ def build_neuron_search(cur: Any, run_id: int, layer: int) -> int:
         cur.execute("SET LOCAL enable_nestloop = on")
 
 
-def create_vector_indexes(cur: Any, run_id: int, dim: int) -> dict[str, float]:
-    """Build the run's HNSW indexes; returns seconds per index. Runs in the caller's transaction."""
+def create_vector_indexes(cur: Any, run_id: int, dim: int, on_index: Callable[[], None] | None = None) -> dict[str, float]:
+    """Build the run's HNSW indexes; returns seconds per index. Runs in the caller's transaction.
+    ``on_index`` is called after each index (a progress bar's tick)."""
     import time
 
     if dim > MAX_HNSW_DIM:
@@ -89,6 +91,8 @@ def create_vector_indexes(cur: Any, run_id: int, dim: int) -> dict[str, float]:
             f"WHERE run_id = {int(run_id)}"
         )
         seconds[f"index_{part}"] = time.perf_counter() - t0
+        if on_index is not None:
+            on_index()
     return seconds
 
 
