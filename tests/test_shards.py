@@ -67,8 +67,11 @@ def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from test_encoder import save_bert
+
     root = tmp_path_factory.mktemp("shard-models")
-    return {f: tiny_models.save(f, root / f, seed=5) for f in ("gpt2", "llama")}
+    return {**{f: tiny_models.save(f, root / f, seed=5) for f in ("gpt2", "llama")},
+            "bert": save_bert("BertForMaskedLM", root / "bert", seed=2)}
 
 
 # --- the merge, with no database: random partitions and fold orders --------------------------------
@@ -203,7 +206,7 @@ def trigger_keys(rows: list[dict[str, Any]]) -> list[Any]:
     return [[(t["document"], t["position"], t["activation"]) for t in r.get("triggers") or []] for r in rows]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
 def test_sharded_run_equals_the_one_shard_run(migrated_db: str, models: dict[str, Path], corpus_file: Path,
                                               family: str) -> None:
     one = extract(ExtractRequest(model=str(models[family]), name=f"one-{family}", corpus=str(corpus_file),
