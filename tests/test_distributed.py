@@ -483,7 +483,8 @@ def test_worker_killed_mid_run_is_taken_over_and_published_once(
     assert current_run_id(engine, name) == second.run_id
     runs = {x.id: x for x in runs_of(engine, name)}
     assert [x.id for x in runs.values() if x.status == RunStatus.complete] == [second.run_id]  # exactly once
-    assert first.run_id in runs and runs[first.run_id].status == RunStatus.failed
+    # the killed attempt's run is reaped resumable (part 8); the request went on as a new run
+    assert first.run_id in runs and runs[first.run_id].status == RunStatus.interrupted
     assert runs[first.run_id].error == INTERRUPTED
     assert previous not in runs  # superseded by the one publish, and deleted
 
@@ -533,7 +534,7 @@ def test_an_attempt_that_lost_its_claim_cannot_publish(engine: Engine, models: d
                                  {"i": request_id})
 
         with pytest.raises(FenceLost, match="no longer holds it; not publishing"):
-            extract(req, engine=engine, migrate_schema=False, fence=RequestFence(request_id, 1, "here:1"),
+            extract(req, engine=engine, fence=RequestFence(request_id, 1, "here:1"),
                     on_stage=take_over)
         assert current_run_id(engine, name) == previous
         row = request_row(engine, request_id)
@@ -545,7 +546,7 @@ def test_an_attempt_that_lost_its_claim_cannot_publish(engine: Engine, models: d
 
         # and an attempt that is not the request's current one cannot even start its run
         with pytest.raises(FenceLost, match="not starting its run"):
-            extract(req, engine=engine, migrate_schema=False, fence=RequestFence(request_id, 1, "here:1"))
+            extract(req, engine=engine, fence=RequestFence(request_id, 1, "here:1"))
         assert current_run_id(engine, name) == previous
 
 
