@@ -74,6 +74,25 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "bert": save_bert("BertForMaskedLM", root / "bert", seed=2)}
 
 
+def assert_same_triggers(got: list[tuple[int, int, float]], want: list[tuple[int, int, float]], where: Any) -> None:
+    """The same triggers in the same order, with coefficients within float32 rounding.
+
+    Two triggers whose coefficients are equal in exact arithmetic (identical prefixes: the same first
+    token of two documents) can round one ulp apart in batches padded differently, and then trade
+    places, or one of them falls off the end of the top-N: that is allowed, and nothing else.
+    """
+    assert len(got) == len(want), where
+    close = lambda a, b: abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1e-3)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert close(g[2], w[2]), (where, i, g, w)
+        if g[:2] != w[:2]:  # swapped with a tied trigger, or one of a tie at the cut (below)
+            theirs = [w2[2] for w2 in want if w2[:2] == g[:2]]
+            assert all(close(v, w[2]) for v in theirs), (where, i, g, w)
+    for extra in {x[:2] for x in got} ^ {x[:2] for x in want}:  # only at the cut, by a tie
+        value = next(x[2] for x in [*got, *want] if x[:2] == extra)
+        assert close(value, want[-1][2]), (where, extra)
+
+
 # --- the merge, with no database: random partitions and fold orders --------------------------------
 
 
@@ -124,12 +143,16 @@ def test_any_partition_merges_to_the_one_pass_state(
     tops = [(merged.top, whole.top)] + ([(merged.bottom, whole.bottom)] if whole.bottom is not None else [])
     for got_list, want_list in tops:
         for got, want in zip(got_list, want_list, strict=True):
-            # the same triggers in the same order (a total order), with the same coefficients
-            assert torch.equal(got.documents.cpu(), want.documents.cpu()), family
-            assert torch.equal(got.positions.cpu(), want.positions.cpu())
-            # coefficients within float32 rounding: a shard's batches are padded to other widths
+            # the same triggers in the same order (a total order), coefficients within float32
+            # rounding (a shard's batches are padded to other widths)
+            same = (got.documents == want.documents) & (got.positions == want.positions)
+            for neuron in torch.nonzero(~same.all(dim=1)).flatten().tolist():
+                def row(t: Any, n: int = neuron) -> list[tuple[int, int, float]]:
+                    return list(zip(t.documents[n].tolist(), t.positions[n].tolist(), t.values[n].tolist(), strict=True))
+                assert_same_triggers(row(got), row(want), (family, neuron))
             torch.testing.assert_close(got.values.cpu(), want.values.cpu(), rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(got.previous.cpu(), want.previous.cpu(), rtol=1e-5, atol=1e-6, equal_nan=True)
+            prev_same = torch.where(same, got.previous, want.previous)
+            torch.testing.assert_close(prev_same.cpu(), want.previous.cpu(), rtol=1e-5, atol=1e-6, equal_nan=True)
     for got, want in zip(merged.firing, whole.firing, strict=True):
         assert got.count == want.count
         assert torch.equal(got.abs_hist.cpu(), want.abs_hist.cpu())  # counts: exactly
@@ -202,8 +225,8 @@ def _close(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def trigger_keys(rows: list[dict[str, Any]]) -> list[Any]:
-    return [[(t["document"], t["position"], t["activation"]) for t in r.get("triggers") or []] for r in rows]
+def trigger_keys(rows: list[dict[str, Any]], kind: str = "triggers") -> list[Any]:
+    return [[(t["document"], t["position"], t["activation"]) for t in r.get(kind) or []] for r in rows]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
@@ -215,8 +238,16 @@ def test_sharded_run_equals_the_one_shard_run(migrated_db: str, models: dict[str
                                   params=PARAMS, shard_tokens=97))
     assert one.counts["shards"] == 1 and many.counts["shards"] > 5
     a, b = export_of(f"one-{family}"), export_of(f"many-{family}")
-    assert trigger_keys(a) == trigger_keys(b)  # the same triggers in the same order, same coefficients
-    assert_same_catalog(b, a)
+    for ra, rb in zip(a, b, strict=True):
+        for kind in ("triggers", "negative_triggers"):
+            assert_same_triggers(trigger_keys([rb], kind)[0], trigger_keys([ra], kind)[0], (ra["layer"], ra["neuron"]))
+    def places(r: dict[str, Any]) -> list[Any]:
+        return [t[:2] for kind in ("triggers", "negative_triggers") for t in trigger_keys([r], kind)[0]]
+
+    tied = {(r["layer"], r["neuron"]) for r, q in zip(a, b, strict=True) if places(r) != places(q)}
+    assert len(tied) <= len(a) // 20  # a few ties at most, not a different catalog
+    assert_same_catalog([r for r in b if (r["layer"], r["neuron"]) not in tied],
+                        [r for r in a if (r["layer"], r["neuron"]) not in tied])
     for key in ("tokens", "documents", "windows", "prefixes"):
         assert one.counts[key] == many.counts[key], key
 

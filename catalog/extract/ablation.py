@@ -185,8 +185,9 @@ def run_ablation(
         while i < len(order):
             width = len(job.rows[order[i]]) + len(lead)
             take = max(1, batch_tokens // width)
-            chunk = order[i : i + take]
-            i += take
+            # rows under half the batch's width start the next batch: at most half of a row is padding
+            chunk = [j for j in order[i : i + take] if 2 * (len(job.rows[j]) + len(lead)) >= width] or order[i : i + 1]
+            i += len(chunk)
             ids, mask = pad_rows([lead + job.rows[j] for j in chunk], pad, device)
             shape[:] = list(ids.shape)
             loc.fill_(-1)

@@ -80,7 +80,9 @@ def batches(corpus: TokenisedCorpus, *, batch_tokens: int, pad: int, device: tor
         n_win = corpus.n_windows(slot)
         w = min(len(corpus.tokens[slot]), corpus.chunk) + len(lead) + len(tail)
         new_width = max(width, w)
-        if pending and (rows_pending + n_win) * new_width > batch_tokens:
+        # a new batch when this one is full, or when the document is under half its width (at most
+        # half of any row is padding, whatever mix of lengths a shard holds)
+        if pending and ((rows_pending + n_win) * new_width > batch_tokens or 2 * w < width):
             yield make(pending)
             pending, rows_pending, new_width = [], 0, w
         pending.append(slot)

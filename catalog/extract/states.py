@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -258,8 +259,13 @@ class PassState:
 # |coefficient| histogram is most of a layer's state; it is stored in the narrowest unsigned type
 # that holds its largest count (a shard's counts are bounded by its tokens), and mostly zeros.
 def pack(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz archive, deflated at level 1: about 5x faster than numpy's default level for a few
+    percent more bytes (the histograms are mostly zeros either way)."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        for name, array in arrays.items():
+            with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
     return buf.getvalue()
 
 

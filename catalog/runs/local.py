@@ -28,9 +28,6 @@ from catalog.store.models import RunStep, ShardKind
 from catalog.store.search_index import drop_orphan_vector_indexes
 
 PROJECTION_CONVENTION = "raw_unembedding"
-# Ablation shards: a fifth of a pass shard's budget in prefixes (each ablation costs a few forward
-# tokens per prefix, so about as long as a pass shard).
-ABLATION_SHARD_RATIO = 5
 
 
 def bos_record(loaded: LoadedModel, spec: str) -> dict[str, Any]:
@@ -219,8 +216,8 @@ def _drive(
             ablation_tokens = 0
             if loaded.view.causal:  # an encoder has no prefix ablations
                 lifecycle.set_step(engine, run_id, RunStep.ablation)
-                per_shard = max(1, (req.shard_tokens or settings.shard_tokens) // ABLATION_SHARD_RATIO)
-                sharded.plan_ablation(engine, run_id, table, per_shard)
+                # as many ablation shards as pass shards: the same parallelism, each a document range
+                sharded.plan_ablation(engine, run_id, table, max(1, -(-len(table) // len(shards))))
                 ab_shards = lifecycle.shards(engine, run_id, ShardKind.ablation)
                 ab_todo = sharded.pending(ab_shards)
                 reused += len(ab_shards) - len(ab_todo)
