@@ -66,7 +66,8 @@ def _run(fn: Any) -> Any:
 class _Bars:
     """One tqdm bar per stage, created when the stage reports first."""
 
-    UNITS: ClassVar[dict[str, str]] = {"plan": "doc", "merge": "layer", "weights": "layer", "indexes": "index", "ablation": "prefix"}
+    UNITS: ClassVar[dict[str, str]] = {"plan": "doc", "merge": "layer", "weights": "layer", "indexes": "index", "ablation": "prefix",
+                                         "labels": "layer"}
 
     def __init__(self) -> None:
         from tqdm import tqdm

@@ -27,7 +27,7 @@ replacement, fixed seed) whose medians give the same label under the same thresh
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -143,10 +143,11 @@ def bootstrap_confidence(contrast: torch.Tensor, context: torch.Tensor, labels: 
 
 
 def label_layers(per_layer: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
-                 rule: LabelRule) -> tuple[list[LayerLabels], dict[str, object]]:
+                 rule: LabelRule, on_layer: Callable[[], None] | None = None) -> tuple[list[LayerLabels], dict[str, object]]:
     """Labels of every layer from (a, a_last, a_rand, prefix lengths) [d_mlp, N] per layer.
 
-    Returns the layers' labels and the rule as applied (stored on the run).
+    Returns the layers' labels and the rule as applied (stored on the run). ``on_layer`` is called
+    as each layer's labels are done (a progress bar's tick: the bootstrap takes a while).
     """
     parts = [inputs(*p, rule) for p in per_layer]
     t_c, t_x = thresholds([p[0] for p in parts], rule)
@@ -160,4 +161,6 @@ def label_layers(per_layer: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Ten
         codes = classify(inp.contrast, inp.context, t_c, t_x)
         conf = bootstrap_confidence(contrast, context, codes, t_c, t_x, rule, layer)
         out.append(LayerLabels(inp, [CODES[c] if c >= 0 else None for c in codes.tolist()], conf))
+        if on_layer is not None:
+            on_layer()
     return out, applied

@@ -132,6 +132,7 @@ def ablate(
 def analysis_from(
     view: MlpView, tokenizer: Any, corpus: TokenisedCorpus, state: PassState, table: abl.PrefixTable,
     ablated: dict[str, list[torch.Tensor]], params: Parameters, counts: dict[str, int] | None = None,
+    progress: Progress | None = None,
 ) -> CorpusAnalysis:
     """The merged pass state, its prefix table and the ablations as one analysis (labels included).
 
@@ -159,7 +160,9 @@ def analysis_from(
             a = torch.where(ids >= 0, state.top[layer].values.cpu(), math.nan)
             n_tok = torch.where(ids >= 0, lengths[ids.clamp(min=0)], 0)
             per_layer.append((a, full["last"][layer], full["random"][layer], n_tok))
-        layer_labels, applied = lab.label_layers(per_layer, rule)
+        n_layers = len(per_layer)
+        layer_labels, applied = lab.label_layers(
+            per_layer, rule, None if progress is None else (lambda: progress("labels", 1, n_layers)))
     texts = abl.prefix_texts(corpus, table, tokenizer)
     return CorpusAnalysis(
         corpus=corpus,

@@ -233,7 +233,7 @@ def _drive(
                 ablated, ablation_tokens = sharded.ablations(engine, run_id, table)
             lifecycle.set_step(engine, run_id, RunStep.finish)
             lifecycle.set_progress(engine, run_id, "labels")
-            result = sharded.analysis(loaded, req, triggers, state, table, ablated, ablation_tokens)
+            result = sharded.analysis(loaded, req, triggers, state, table, ablated, ablation_tokens, progress)
             timings.update(_shard_seconds(engine, run_id))
             timings.update(result.timings)
             counts.update(result.counts)

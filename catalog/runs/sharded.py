@@ -271,9 +271,10 @@ def ablations(engine: Engine, run_id: int, table: abl.PrefixTable) -> tuple[dict
 
 
 def analysis(loaded: LoadedModel, req: ExtractRequest, corpus: TokenisedCorpus, state: PassState,
-             table: abl.PrefixTable, ablated: dict[str, list[torch.Tensor]], ablation_tokens: int) -> CorpusAnalysis:
+             table: abl.PrefixTable, ablated: dict[str, list[torch.Tensor]], ablation_tokens: int,
+             progress: Progress | None = None) -> CorpusAnalysis:
     return analysis_from(loaded.view, loaded.tokenizer, corpus, state, table, ablated, req.params,
-                         {"ablation_tokens": ablation_tokens})
+                         {"ablation_tokens": ablation_tokens}, progress)
 
 
 def finish(
