@@ -444,3 +444,45 @@ def test_runs_json_views(engine: Engine, models: dict[str, Path], corpus_file: P
     assert "plan:" in text_out and "pass" in text_out
     missing = CliRunner().invoke(app, ["runs", "show", "999999"])
     assert missing.exit_code == 1 and missing.stderr.strip().startswith("error: no run 999999")
+
+
+def test_a_live_shard_keeps_its_lease(engine: Engine, models: dict[str, Path], corpus_file: Path) -> None:
+    """The holder's thread renews its lease while the shard runs, so nobody takes a live shard over."""
+    from catalog.runs.sharded import Lease
+
+    run = extract(ExtractRequest(model=str(models["gpt2"]), name="renewed", corpus=str(corpus_file), params=PARAMS,
+                                 shard_tokens=400))
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO run_shards (run_id, kind, index, doc_start, doc_stop, tokens) "
+                       "VALUES (:r, 'ablation', 998, 0, 1, 1)"), {"r": run.run_id})
+    shard = next(s for s in lifecycle.shards(engine, run.run_id, ShardKind.ablation) if s.index == 998)
+    attempt = lifecycle.claim(engine, shard, "busy-holder", lease_s=0.6, max_attempts=3)
+    with Lease(engine, shard, attempt, 0.6) as lease:
+        lease.done = 7
+        time.sleep(1.5)  # more than two leases: alive only because the thread renewed it
+        with pytest.raises(lifecycle.StaleLease, match="held by busy-holder"):
+            lifecycle.claim(engine, shard, "thief", lease_s=60, max_attempts=3)
+    with engine.connect() as c:
+        done = c.scalar(select(RunShard.done_tokens).where(RunShard.run_id == run.run_id, RunShard.index == 998,
+                                                           RunShard.kind == "ablation"))
+    assert done == 7 and not lease.lost
+
+
+def test_runs_show_a_live_run(engine: Engine, models: dict[str, Path], corpus_file: Path) -> None:
+    """While a run goes on, `runs show --json` has its shards, tokens done, a rate and an ETA."""
+    seen: list[dict[str, Any]] = []
+
+    def hook(stage: str) -> None:
+        if stage == "pass shard 2":
+            out = CliRunner().invoke(app, ["runs", "show", str(latest_run(engine)), "--json"])
+            assert out.exit_code == 0, out.stderr
+            seen.append(json.loads(out.stdout))
+
+    run = extract(ExtractRequest(model=str(models["llama"]), name="live-view", corpus=str(corpus_file), params=PARAMS,
+                                 shard_tokens=150), on_stage=hook)
+    (live,) = seen
+    assert live["run_id"] == run.run_id and live["status"] == "running" and live["step"] == "pass"
+    passes = [s for s in live["shards"] if s["kind"] == "pass"]
+    assert [s["status"] for s in passes[:3]] == ["done", "done", "pending"]
+    assert live["tokens_done"] == passes[0]["tokens"] + passes[1]["tokens"] < live["tokens_total"]
+    assert live["tokens_per_s"] > 0 and live["eta_s"] > 0
