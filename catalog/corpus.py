@@ -32,6 +32,7 @@ class CorpusError(ValueError):
 class Document:
     index: int  # 0-based position in the corpus: line number (text/JSONL) or row number
     text: str
+    offset: int = -1  # byte offset of its line in a text/JSONL file (where a shard's read seeks to); -1: none
 
 
 @dataclass(frozen=True)
@@ -67,20 +68,25 @@ class CorpusSource:
     def source(self) -> str:
         return str(self.path)
 
-    def documents(self, start: int = 0, stop: int | None = None, stats: LineStats | None = None) -> Iterator[Document]:
+    def documents(self, start: int = 0, stop: int | None = None, stats: LineStats | None = None,
+                  offset: int | None = None) -> Iterator[Document]:
+        """``offset``: the byte offset of document ``start``'s line (``Document.offset``, text and JSONL):
+        the read seeks there instead of reading the file from its start. The plan already applied
+        ``max_documents`` to such a range, so it is not counted again."""
         stats = stats if stats is not None else LineStats()
         p, fmt = self.path, self.format
+        seek = offset if fmt in ("text", "jsonl") and offset is not None and offset >= 0 else None
         docs: Iterable[Document]
         if fmt == "text":
-            docs = (Document(i, t) for i, t in _iter_lines(p, stats))
+            docs = (Document(i, t, o) for i, o, t in _iter_lines(p, stats, seek, start))
         elif fmt == "jsonl":
-            docs = _iter_jsonl(p, stats, self.text_field)
+            docs = _iter_jsonl(p, stats, self.text_field, seek, start)
         elif fmt == "parquet":
             docs = _iter_parquet(p, self.text_field)
         else:
             docs = _iter_datasets(p, self.text_field)
         for n, doc in enumerate(docs):
-            if self.max_documents is not None and n >= self.max_documents:
+            if self.max_documents is not None and n >= self.max_documents and seek is None:
                 break
             if stop is not None and doc.index >= stop:
                 break
@@ -168,15 +174,23 @@ def _guess_format(p: Path) -> str:
     return "text"
 
 
-def _iter_lines(p: Path, stats: LineStats) -> Iterator[tuple[int, str]]:
-    """Yield (0-based line number, text) of each non-blank line that is valid UTF-8."""
+def _iter_lines(p: Path, stats: LineStats, seek: int | None = None, first_line: int = 0
+                ) -> Iterator[tuple[int, int, str]]:
+    """Yield (0-based line number, byte offset, text) of each non-blank line that is valid UTF-8;
+    from byte ``seek`` (line ``first_line``) when given."""
     with p.open("rb") as f:
-        if b"\0" in f.read(_SNIFF_BYTES):
-            raise CorpusError(f"{p}: looks like a binary file (NUL byte in the first 64 KiB), not UTF-8 text")
-        f.seek(0)
+        if seek is None:
+            if b"\0" in f.read(_SNIFF_BYTES):
+                raise CorpusError(f"{p}: looks like a binary file (NUL byte in the first 64 KiB), not UTF-8 text")
+            f.seek(0)
+            first_line, at = 0, 0
+        else:
+            f.seek(seek)
+            at = seek
         # Binary iteration splits on b"\n" only, so decoding per line lets one bad line be skipped
         # without losing the line numbering of the rest.
-        for lineno, raw in enumerate(f):
+        for lineno, raw in enumerate(f, start=first_line):
+            offset, at = at, at + len(raw)
             raw = raw.rstrip(b"\n").rstrip(b"\r")
             if lineno == 0 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8) :]
@@ -188,11 +202,12 @@ def _iter_lines(p: Path, stats: LineStats) -> Iterator[tuple[int, str]]:
             if not text.strip():
                 continue
             stats.decoded += 1
-            yield lineno, text
+            yield lineno, offset, text
 
 
-def _iter_jsonl(p: Path, stats: LineStats, text_field: str) -> Iterator[Document]:
-    for lineno, line in _iter_lines(p, stats):
+def _iter_jsonl(p: Path, stats: LineStats, text_field: str, seek: int | None = None, first_line: int = 0
+                ) -> Iterator[Document]:
+    for lineno, offset, line in _iter_lines(p, stats, seek, first_line):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
@@ -207,7 +222,7 @@ def _iter_jsonl(p: Path, stats: LineStats, text_field: str) -> Iterator[Document
                 f"{p}: line {lineno + 1}: field {text_field!r} is not a string (got {type(value).__name__})"
             )
         if value.strip():
-            yield Document(lineno, value)
+            yield Document(lineno, value, offset)
 
 
 def _iter_parquet(p: Path, text_field: str) -> Iterator[Document]:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from catalog.corpus import CorpusError, Document, load_corpus
+from catalog.corpus import CorpusError, Document, load_corpus, open_corpus
 from catalog.demo_corpus import build_wordnet_corpus, parse_gloss
 
 
@@ -295,3 +295,20 @@ def test_build_wordnet_corpus(tmp_path: Path) -> None:
     # The corpus loader reads it back with the provenance attached.
     c = load_corpus(out, max_documents=10)
     assert len(c.documents) == 10 and c.provenance["source"] == "Debian package wordnet-base"
+
+
+@pytest.mark.parametrize("fmt", ["text", "jsonl"])
+def test_a_range_read_from_its_byte_offset_equals_the_full_read(tmp_path: Path, fmt: str) -> None:
+    """How a shard reads its documents: seek to the first one's line, read to the range's end."""
+    texts = ["first line", "", "caf\u00e9 cr\u00e8me", "   ", "a\tb", "last one", "and more", "x"]
+    path = tmp_path / ("c.txt" if fmt == "text" else "c.jsonl")
+    lines = [t if fmt == "text" else json.dumps({"text": t}) for t in texts]
+    raw = "\ufeff" + "\r\n".join(lines[:3]) + "\r\n" + "\n".join(lines[3:]) + "\n"
+    path.write_bytes(raw.encode("utf-8").replace(b"a\tb", b"\xff\xfe bad" if fmt == "text" else b"a\\tb"))
+    source = open_corpus(path)
+    full = list(source.documents())
+    assert [d.index for d in full] == ([0, 2, 5, 6, 7] if fmt == "text" else [0, 2, 4, 5, 6, 7])
+    for i, first in enumerate(full):
+        for stop in [d.index + 1 for d in full[i:]] + [None]:
+            want = [d for d in full[i:] if stop is None or d.index < stop]
+            assert list(source.documents(first.index, stop, offset=first.offset)) == want

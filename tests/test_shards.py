@@ -440,6 +440,15 @@ def test_runs_json_views(engine: Engine, models: dict[str, Path], corpus_file: P
     assert sum(s["tokens"] for s in passes) == run.counts["tokens"] == shown["plan"]["tokens"]
     # documents in corpus order, no gap and no overlap
     assert all(a["doc_stop"] == b["doc_start"] for a, b in itertools.pairwise(passes))
+    # each pass shard seeks to its first document's line instead of reading the file from the start
+    data = corpus_file.read_bytes()
+    with engine.connect() as c:
+        offsets = c.execute(select(RunShard.doc_start, RunShard.byte_offset).where(
+            RunShard.run_id == run.run_id, RunShard.kind == "pass").order_by(RunShard.index)).all()
+    assert offsets[0] == (0, 0) and len({o for _d, o in offsets}) == len(offsets)
+    for doc_start, offset in offsets:
+        assert data[offset:].split(b"\n", 1)[0].decode() == lines(120, 11)[doc_start]
+        assert offset == 0 or data[offset - 1 : offset] == b"\n"
     text_out = CliRunner().invoke(app, ["runs", "show", str(run.run_id)]).stdout
     assert "plan:" in text_out and "pass" in text_out
     missing = CliRunner().invoke(app, ["runs", "show", "999999"])

@@ -89,6 +89,7 @@ class ShardPlan:
     doc_start: int
     doc_stop: int
     tokens: int
+    byte_offset: int | None = None  # where doc_start's line begins in a text/JSONL file
 
 
 def register(
@@ -115,7 +116,8 @@ def register(
         if shards:
             s.execute(insert(RunShard), [
                 {"run_id": row.id, "kind": ShardKind.pass_.value, "index": i, "doc_start": p.doc_start,
-                 "doc_stop": p.doc_stop, "tokens": p.tokens} for i, p in enumerate(shards)])
+                 "doc_stop": p.doc_stop, "tokens": p.tokens, "byte_offset": p.byte_offset}
+                for i, p in enumerate(shards)])
         if fence is not None:  # before the lock: a refusal rolls back with nothing left held
             fence.registered(s, row.id)
         s.execute(text("SELECT pg_advisory_lock(:c, :r)"), {"c": RUN_LOCK_CLASS, "r": row.id})
@@ -287,13 +289,15 @@ class Shard:
     tokens: int
     status: str
     attempts: int
+    byte_offset: int | None = None
 
 
 def shards(engine: Engine, run_id: int, kind: ShardKind) -> list[Shard]:
     """The run's shards of ``kind`` in index order."""
     with engine.connect() as conn:
         rows = conn.execute(select(RunShard.run_id, RunShard.kind, RunShard.index, RunShard.doc_start,
-                                   RunShard.doc_stop, RunShard.tokens, RunShard.status, RunShard.attempts)
+                                   RunShard.doc_stop, RunShard.tokens, RunShard.status, RunShard.attempts,
+                                   RunShard.byte_offset)
                             .where(RunShard.run_id == run_id, RunShard.kind == kind.value)
                             .order_by(RunShard.index)).all()
     return [Shard(*r) for r in rows]

@@ -89,21 +89,22 @@ def plan_pass(source: CorpusSource, loaded: LoadedModel, req: ExtractRequest, sh
     stats = LineStats()
     budget = req.max_tokens
     shards: list[ShardPlan] = []
-    start, stop, in_shard = -1, -1, 0
+    start, stop, in_shard, offset = -1, -1, 0, -1
     total, n_docs = 0, 0
     cut: tuple[int, int] | None = None
     block: list[Document] = []
 
     def flush(docs: list[Document]) -> bool:
-        nonlocal start, stop, in_shard, total, n_docs, cut, budget
+        nonlocal start, stop, in_shard, offset, total, n_docs, cut, budget
         corpus = _tokenise(docs, loaded, req.params, max_tokens=budget)
+        offsets = {d.index: d.offset for d in docs}
         for slot, doc_index in enumerate(corpus.documents):
             n = len(corpus.tokens[slot])
             if in_shard and in_shard + n > shard_tokens:
-                shards.append(ShardPlan(start, doc_index, in_shard))
+                shards.append(ShardPlan(start, doc_index, in_shard, _offset(offset)))
                 in_shard = 0
             if not in_shard:
-                start = doc_index
+                start, offset = doc_index, offsets[doc_index]
             in_shard += n
             stop = doc_index + 1
             if slot in corpus.cut_next:
@@ -128,10 +129,14 @@ def plan_pass(source: CorpusSource, loaded: LoadedModel, req: ExtractRequest, sh
         flush(block)
     check_read(source, stats, n_docs or stats.decoded)
     if in_shard:
-        shards.append(ShardPlan(start, stop, in_shard))
+        shards.append(ShardPlan(start, stop, in_shard, _offset(offset)))
     if total == 0:
         raise CorpusError(f"corpus {source.source} has no tokens after tokenisation")
     return PassPlan(shards, total, n_docs, stats.undecodable, cut)
+
+
+def _offset(offset: int) -> int | None:
+    return offset if offset >= 0 else None
 
 
 class Lease:
@@ -169,7 +174,7 @@ def run_pass_shard(engine: Engine, shard: Shard, attempt: int, loaded: LoadedMod
     """One attempt at a pass shard: read its documents, run the pass, write its state (fenced)."""
     t0 = time.perf_counter()
     with Lease(engine, shard, attempt, settings.shard_lease_s) as lease:
-        docs = list(source.documents(shard.doc_start, shard.doc_stop))
+        docs = list(source.documents(shard.doc_start, shard.doc_stop, offset=shard.byte_offset))
         corpus = _tokenise(docs, loaded, req.params, cut_at=cut)
 
         def tick(stage: str, n: int, total: int) -> None:

@@ -192,6 +192,8 @@ class RunShard(Base):
     doc_start: Mapped[int] = mapped_column(BigInteger)
     doc_stop: Mapped[int] = mapped_column(BigInteger)
     tokens: Mapped[int] = mapped_column(BigInteger)  # planned: corpus tokens (pass) or prefixes (ablation)
+    # where doc_start's line begins in a text/JSONL corpus file: a shard seeks there (null: reads from the start)
+    byte_offset: Mapped[int | None] = mapped_column(BigInteger)
     status: Mapped[str] = mapped_column(String(10), server_default=text("'pending'"))
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     holder: Mapped[str | None] = mapped_column(Text)

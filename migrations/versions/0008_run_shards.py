@@ -40,6 +40,7 @@ def upgrade() -> None:
     sa.Column('doc_start', sa.BigInteger(), nullable=False),
     sa.Column('doc_stop', sa.BigInteger(), nullable=False),
     sa.Column('tokens', sa.BigInteger(), nullable=False),
+    sa.Column('byte_offset', sa.BigInteger(), nullable=True),
     sa.Column('status', sa.String(length=10), server_default=sa.text("'pending'"), nullable=False),
     sa.Column('attempts', sa.Integer(), server_default=sa.text('0'), nullable=False),
     sa.Column('holder', sa.Text(), nullable=True),
