@@ -105,7 +105,7 @@ def test_the_blocker_blocks(blocked: dict[str, str]) -> None:
     r = subprocess.run([str(Path(CLI).with_name("python")), "-c", script], check=False,
                        env={**os.environ, **blocked}, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["absent torch", "[]", "['200', '400', '404', '409', '422', '501', '503']"], r.stdout
+    assert r.stdout.splitlines() == ["absent torch", "[]", "['200', '400', '404', '409', '422', '429', '501', '503']"], r.stdout
 
 
 def test_serve_without_torch(cat: str, blocked: dict[str, str], tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorBody, "description": "The catalog lacks what this needs (e.g. extracted before the "
           "feature existed; the model cannot be loaded for a probe)."},
     422: {"model": ErrorBody, "description": "Invalid parameters; the detail names the parameter."},
+    429: {"model": ErrorBody, "description": "Too many requests from this client, or the expensive searches "
+          "are all busy; retry after the Retry-After header's seconds (catalog/api/limits.py)."},
     503: {"model": ErrorBody, "description": "No catalog yet, database unreachable, or the query timed out."},
 }
 router = APIRouter(responses=ERRORS)
