@@ -33,8 +33,6 @@ Nothing here imports torch or Celery: ``catalog.runs.local`` is imported only to
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +44,7 @@ from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.orm import Session
 
 from catalog.config import settings
+from catalog.runs.lifecycle import holder_name
 from catalog.store import migrate
 from catalog.store.database import CONNECT_TIMEOUT_S, get_engine, normalize_url
 from catalog.store.models import (
@@ -81,11 +80,6 @@ class Outcome(StrEnum):
     done = "done"  # already published, failed or cancelled
     missing = "missing"  # no such request (deleted)
     fenced = "fenced"  # this attempt lost its claim before publishing; the holder now publishes
-
-
-def holder_name() -> str:
-    """``hostname:pid`` of this process (in a container: the container's hostname)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def gave_up_message(attempts: int) -> str:

@@ -71,6 +71,8 @@ class ShardFailed(RunStateError):
 
 
 def holder_name() -> str:
+    """``hostname:pid`` of this process (in a container: the container's hostname): who holds a
+    shard's lease or a distributed request."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
