@@ -297,6 +297,11 @@ def finish(
     texts = loaded.tokenizer.batch_decode([[i] for i in range(vocab)], skip_special_tokens=False)
     by_stage: dict[str, float] = {}
     with engine.connect() as conn, conn.begin():
+        # The foreign-key checks of every COPYed row run a cached query on `neurons`; with the default
+        # plan_cache_mode it can be re-planned per row, and planning weighs every partial HNSW index of
+        # every run on `neurons` (92 in one test database: 40 s a layer for value_tokens). One generic
+        # plan (the primary key) serves them all; only this transaction's cached plans are affected.
+        conn.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
         dbapi = conn.connection.driver_connection
         writer = RunWriter(dbapi, run_id)
         writer.tokens(texts, view.unembedding().detach().float().cpu().numpy())
