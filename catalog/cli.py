@@ -187,21 +187,82 @@ def _extract_distributed(req: Any, *, wait: bool) -> None:
 
     lost: tuple[type[BaseException], ...] = (SQLAlchemyError, LookupError, *_known_errors())
     try:
-        final = requests.follow(request_id, show)
+        final = requests.follow(request_id, show, until_planned=True)
     except KeyboardInterrupt:
-        run = f", run {last[0].run_id}" if last and last[0].run_id is not None else ""
-        typer.echo(f"stopped following; the extraction goes on as request {request_id}{run} "
+        typer.echo(f"stopped following; the extraction goes on as request {request_id} "
                    "(see `neuron-catalog runs`)", err=True)
         raise typer.Exit(130) from None
     except lost as exc:
         _fail(f"lost the database while following request {request_id} (the extraction goes on): "
               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-    if final.status == "published":
-        done = _run(lambda: requests.published(request_id))
-        assert done is not None
-        _summary_lines(done.name, done.n_layers, done.d_mlp, done.run_id, done.timings)
+    if final.run_id is not None and final.status not in ("failed", "cancelled"):
+        _follow_run(final.run_id)
         return
     _fail(f"request {request_id} {final.status}: {final.error}" if final.error else f"request {request_id} {final.status}")
+
+
+def _follow_run(run_id: int) -> None:
+    """Follow a queue-driven run to its end with a live bar fed by its rows (shards done, tokens/s,
+    ETA, who holds what); print the in-process summary once published, else fail with its error."""
+    from sqlalchemy.exc import SQLAlchemyError
+    from tqdm import tqdm
+
+    from catalog.runs import views
+
+    bar = tqdm(total=0, unit="tok", file=sys.stderr, dynamic_ncols=True, leave=False)
+    what: list[str] = [""]
+
+    def show(v: views.RunView) -> None:
+        label, done, total, detail = views.bar_figures(v)
+        if label != what[0]:
+            what[0] = label
+            bar.reset(total=total)
+            bar.unit = "tok" if label == "corpus pass" else "shard"
+            bar.set_description(f"run {run_id} {label}")
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(detail, refresh=False)
+        bar.refresh()
+
+    lost: tuple[type[BaseException], ...] = (SQLAlchemyError, LookupError, *_known_errors())
+    try:
+        final = views.follow_run(run_id, show)
+    except KeyboardInterrupt:
+        bar.close()
+        typer.echo(f"stopped following; run {run_id} goes on on the workers (`neuron-catalog runs show {run_id}`)",
+                   err=True)
+        raise typer.Exit(130) from None
+    except lost as exc:
+        bar.close()
+        _fail(f"lost the database while following run {run_id} (the extraction goes on): "
+              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    bar.close()
+    if final.status not in ("complete", "superseded"):
+        _fail(f"run {run_id} {final.status}: {final.error}" if final.error else f"run {run_id} {final.status}")
+    done = _run(lambda: _published_run(run_id))
+    _summary_lines(*done)
+
+
+def _published_run(run_id: int) -> tuple[str, int, int, int, dict[str, float]]:
+    """The summary of a published queue-driven run: from its request's result, which keeps the
+    timings in stage order (a JSONB object does not), else from the run row."""
+    from sqlalchemy import select
+
+    from catalog import requests
+    from catalog.store.database import session_scope
+    from catalog.store.models import CatalogModel, ExtractionRequest, ExtractionRun
+
+    with session_scope() as s:
+        request_id = s.scalar(select(ExtractionRequest.id).where(ExtractionRequest.run_id == run_id,
+                                                                 ExtractionRequest.status == "published"))
+    done = None if request_id is None else requests.published(request_id)
+    if done is not None:
+        return done.name, done.n_layers, done.d_mlp, done.run_id, done.timings
+    with session_scope() as s:
+        name, n_layers, d_mlp, timings = s.execute(
+            select(CatalogModel.name, CatalogModel.n_layers, CatalogModel.d_mlp, ExtractionRun.timings)
+            .join(ExtractionRun, ExtractionRun.model_id == CatalogModel.id).where(ExtractionRun.id == run_id)).one()
+    return name, n_layers, d_mlp, run_id, {k: float(v) for k, v in (timings or {}).items() if k != "total"}
 
 
 @app.command("export")
@@ -387,8 +448,34 @@ def runs_show(
 
 @runs_app.command("resume")
 def runs_resume(run_id: Annotated[int, typer.Argument(help="An interrupted (or failed) run's id.")]) -> None:
-    """Go on with an interrupted run: finished shards are reused, the rest computed, then it publishes."""
+    """Go on with an interrupted run: finished shards are reused, the rest computed, then it publishes.
+    A run of the workers' queue (`extract --distributed`) is re-queued and followed."""
     _quiet_transformers()
+
+    def driver() -> str | None:
+        from sqlalchemy import select
+
+        from catalog.store.models import ExtractionRun
+
+        with _runs_session() as s:
+            return s.scalar(select(ExtractionRun.driver).where(ExtractionRun.id == run_id))
+
+    if _run(driver) == "queue":
+        from catalog.runs import lifecycle
+        from workers.tasks import BrokerUnavailable, CelerySender
+
+        def requeue() -> tuple[int, int]:
+            kept = lifecycle.requeue(lifecycle.get_engine(), run_id)
+            sent = lifecycle.dispatch(lifecycle.get_engine(), CelerySender(), run_id, again_s=0)
+            return kept, sum(len(d.shards) + (d.step is not None) for d in sent)
+
+        try:
+            kept, sent = _run(requeue)
+        except BrokerUnavailable as exc:
+            _fail(str(exc))
+        typer.echo(f"run {run_id}: kept {kept} finished shard(s); re-queued {sent} piece(s)", err=True)
+        _follow_run(run_id)
+        return
     from catalog.runs.local import resume
 
     bars = _Bars()
@@ -402,7 +489,8 @@ def runs_resume(run_id: Annotated[int, typer.Argument(help="An interrupted (or f
 
 @runs_app.command("cancel")
 def runs_cancel(run_id: Annotated[int, typer.Argument(help="The run to stop for good.")]) -> None:
-    """Stop a run for good: it never publishes (its process stops at the next shard); the catalog stays as it was."""
+    """Stop a run for good: it never publishes (its process, or its workers, stop at the next shard;
+    its queued shards are revoked); the catalog stays as it was."""
     from catalog.runs.lifecycle import cancel
 
     def go() -> Any:
@@ -411,7 +499,32 @@ def runs_cancel(run_id: Annotated[int, typer.Argument(help="The run to stop for 
         return cancel(None, run_id)
 
     before = _run(go)
-    typer.echo(f"run {run_id} cancelled (it was {before.value})")
+    revoked = _revoke(run_id)
+    typer.echo(f"run {run_id} cancelled (it was {before.value}){revoked}")
+
+
+def _revoke(run_id: int) -> str:
+    """Settle a queue-driven run's request and revoke its queued messages (best effort: a worker
+    drops a cancelled run's message anyway)."""
+    from sqlalchemy import select
+
+    from catalog import requests
+    from catalog.store.database import get_engine, session_scope
+    from catalog.store.models import ExtractionRun, RunShard
+
+    with session_scope() as s:
+        if s.scalar(select(ExtractionRun.driver).where(ExtractionRun.id == run_id)) != "queue":
+            return ""
+        pieces = [(k, int(i)) for k, i in s.execute(select(RunShard.kind, RunShard.index).where(
+            RunShard.run_id == run_id, RunShard.status != "done"))]
+    requests.settle(get_engine(), run_id)
+    try:
+        from workers.tasks import revoke_run
+
+        revoke_run(run_id, pieces)
+    except Exception as exc:  # noqa: BLE001  (no broker, or celery not installed here)
+        return f"; its queued shards were not revoked ({type(exc).__name__}); workers drop them when they meet them"
+    return f"; revoked its {len(pieces)} unfinished shard message(s)"
 
 
 @app.command()

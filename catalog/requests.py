@@ -56,7 +56,7 @@ from catalog.store.models import (
 )
 
 if TYPE_CHECKING:
-    from catalog.runs.schemas import ExtractRequest
+    from catalog.runs.schemas import ExtractRequest, Sender
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class Outcome(StrEnum):
     """What one delivery of a request did."""
 
     published = "published"
+    planned = "planned"  # its run is registered and its shards are queued (part 9)
     failed = "failed"  # marked failed: a real error, an unreadable request, or attempts used up
     gave_up = "gave up"  # marked failed: started max times, its worker died each time
     held = "held"  # a live holder has it: this delivery is a duplicate
@@ -199,6 +200,8 @@ class RequestView:
         if self.status == RequestStatus.queued:
             return f"{head}: queued, waiting for a worker"
         if self.status == RequestStatus.running:
+            if self.run_id is not None:
+                return f"{head}: planned as run {self.run_id}; its shards are queued"
             if not self.live:
                 return (f"{head}: attempt {self.attempts} on {self.holder} lost (its worker died); "
                         "waiting for another worker to take it over")
@@ -219,9 +222,9 @@ def view(request_id: int, engine: Engine | None = None) -> RequestView | None:
 
 
 def follow(request_id: int, on_change: Callable[[RequestView], None], engine: Engine | None = None,
-           poll_s: float = FOLLOW_POLL_S) -> RequestView:
-    """Read the request until it is published, failed or cancelled, calling ``on_change`` whenever
-    what a user sees of it changes; returns its final state."""
+           poll_s: float = FOLLOW_POLL_S, until_planned: bool = False) -> RequestView:
+    """Read the request until it is published, failed or cancelled (``until_planned``: or its run is
+    registered), calling ``on_change`` whenever what a user sees of it changes; returns its last state."""
     import time
 
     engine = engine or get_engine()
@@ -233,7 +236,7 @@ def follow(request_id: int, on_change: Callable[[RequestView], None], engine: En
         if now != last:
             on_change(now)
             last = now
-        if now.status in REQUEST_DONE:
+        if now.status in REQUEST_DONE or (until_planned and now.run_id is not None):
             return now
         time.sleep(poll_s)
 
@@ -307,14 +310,44 @@ class RequestFence:
         self._update(session, "starting its run", run_id=run_id)
 
     def publishing(self, session: Session, run_id: int) -> None:
-        # the session's own (just filled) objects: run.timings still has its keys in stage order
-        run = session.get(ExtractionRun, run_id)
-        entry = None if run is None else session.get(CatalogModel, run.model_id)
-        assert run is not None and entry is not None
-        result = {"run_id": run_id, "name": entry.name, "n_layers": entry.n_layers, "d_mlp": entry.d_mlp,
-                  "timings": [[k, v] for k, v in run.timings.items() if k != "total"]}
         self._update(session, "publishing", status=RequestStatus.published, run_id=run_id, error=None,
-                     result=result, finished_at=func.now())
+                     result=_result(session, run_id), finished_at=func.now())
+
+
+class RunRequestFence:
+    """``Fence`` for a queue-driven run's finish step: the publishing commit marks the request that
+    planned the run published, with the summary ``extract --distributed`` prints (no request: no-op)."""
+
+    def registered(self, session: Session, run_id: int) -> None:
+        return None
+
+    def publishing(self, session: Session, run_id: int) -> None:
+        session.execute(
+            update(ExtractionRequest)
+            .where(ExtractionRequest.run_id == run_id, ExtractionRequest.status.not_in(REQUEST_DONE))
+            .values(status=RequestStatus.published, error=None, result=_result(session, run_id),
+                    finished_at=func.now(), updated_at=func.now())
+            .execution_options(synchronize_session=False))
+
+
+def _result(session: Session, run_id: int) -> dict[str, Any]:
+    # the session's own (just filled) objects: run.timings still has its keys in stage order
+    run = session.get(ExtractionRun, run_id)
+    entry = None if run is None else session.get(CatalogModel, run.model_id)
+    assert run is not None and entry is not None
+    return {"run_id": run_id, "name": entry.name, "n_layers": entry.n_layers, "d_mlp": entry.d_mlp,
+            "timings": [[k, v] for k, v in run.timings.items() if k != "total"]}
+
+
+def settle(engine: Engine, run_id: int) -> None:
+    """A queue-driven run ended failed or cancelled: so does the request that planned it."""
+    with engine.begin() as conn:
+        conn.execute(text("""
+            UPDATE extraction_requests r SET status = x.status::text, error = x.error,
+                   finished_at = now(), updated_at = now()
+            FROM extraction_runs x
+            WHERE x.id = :run AND r.run_id = x.id AND r.status IN ('queued', 'running')
+              AND x.status IN ('failed', 'cancelled')"""), {"run": run_id})
 
 
 def _claim(conn: Any, request_id: int, holder: str) -> tuple[int, dict[str, Any]] | Outcome:
@@ -322,14 +355,17 @@ def _claim(conn: Any, request_id: int, holder: str) -> tuple[int, dict[str, Any]
     say why not."""
     with conn.begin():
         row = conn.execute(
-            select(ExtractionRequest.status, ExtractionRequest.attempts, ExtractionRequest.request)
+            select(ExtractionRequest.status, ExtractionRequest.attempts, ExtractionRequest.request,
+                   ExtractionRequest.run_id)
             .where(ExtractionRequest.id == request_id).with_for_update()
         ).one_or_none()
         if row is None:
             return Outcome.missing
-        status, attempts, request = row
+        status, attempts, request, run_id = row
         if status in REQUEST_DONE:
             return Outcome.done
+        if run_id is not None:  # planned: its run goes on shard by shard (catalog/runs/queued.py)
+            return Outcome.planned
         if attempts >= settings.request_max_attempts:
             # every earlier attempt started and never finished: its worker died (it did not fail: a
             # real error marks the request failed at once)
@@ -349,11 +385,13 @@ def _fail_attempt(engine: Engine, request_id: int, attempt: int, holder: str, er
             status=RequestStatus.failed, error=error[:2000], finished_at=func.now(), updated_at=func.now()))
 
 
-def run_request(request_id: int, *, url: str | None = None, log: Callable[[str], None] = logger.info) -> Outcome:
+def run_request(request_id: int, *, sender: Sender, url: str | None = None,
+                log: Callable[[str], None] = logger.info) -> Outcome:
     """Run one delivery of a request (the worker task's body).
 
     Checks the schema revision (workers never migrate), takes the request's lock (a live holder:
-    ``held``), claims a new attempt, extracts with the fence and returns how it ended. A real error
+    ``held``), claims a new attempt, plans the run with the fence and sends its shards
+    (catalog/runs/queued.py), and returns how that ended. A real error
     marks the request failed with its one-line message (and, unless it is a user's error such as a
     missing corpus, is re-raised for the worker's log to show its traceback); a BaseException (the
     worker shutting down) leaves it ``running`` and unlocked, for the sweeper to re-send.
@@ -391,12 +429,11 @@ def run_request(request_id: int, *, url: str | None = None, log: Callable[[str],
         except (TypeError, ValueError) as exc:  # written by another version of the code
             _fail_attempt(engine, request_id, attempt, holder, f"cannot read the request: {one_line(exc)}")
             return Outcome.failed
-        log(f"request {request_id}: attempt {attempt} on {holder}: extracting {req.model}")
-        from catalog.runs.local import extract
+        log(f"request {request_id}: attempt {attempt} on {holder}: planning {req.model}")
+        from catalog.runs import queued
 
         try:
-            summary = extract(req, engine=engine,
-                              fence=RequestFence(request_id, attempt, holder), log=log)
+            run_id = queued.plan(req, engine, RequestFence(request_id, attempt, holder), sender, log=log)
         except FenceLost as exc:
             log(str(exc))
             return Outcome.fenced
@@ -406,15 +443,15 @@ def run_request(request_id: int, *, url: str | None = None, log: Callable[[str],
                 logger.warning("request %s failed: %s", request_id, one_line(exc))
                 return Outcome.failed
             raise  # a bug: the worker's log gets the traceback
-        log(f"request {request_id}: published run {summary.run_id} of catalog {summary.name!r}")
-        return Outcome.published
+        log(f"request {request_id}: run {run_id} planned; its shards are queued")
+        return Outcome.planned
     finally:
         liveness.close()  # no pool: the session ends, and its lock with it
 
 
 SWEEP_SQL = f"""
 UPDATE extraction_requests AS r SET resent_at = now(), updated_at = now()
-WHERE r.status = 'running'
+WHERE r.status = 'running' AND r.run_id IS NULL
   AND (r.resent_at IS NULL OR r.resent_at < now() - make_interval(secs => :again))
   AND NOT {_held_sql('r.id')}
 RETURNING r.id
@@ -436,10 +473,14 @@ def sweep(engine: Engine, send: Callable[[int], None]) -> list[int]:
 
 
 class Sweeper:
-    """A daemon thread sweeping every ``interval_s`` (first at once), on an engine without a pool."""
+    """A daemon thread sweeping every ``interval_s`` (first at once), on an engine without a pool:
+    re-sends the requests whose worker died, then calls each of ``also`` (the queue-driven runs'
+    stranded shards and steps, catalog/runs/queued.py) with the same engine."""
 
-    def __init__(self, send: Callable[[int], None], interval_s: float | None = None, url: str | None = None) -> None:
+    def __init__(self, send: Callable[[int], None], interval_s: float | None = None, url: str | None = None,
+                 also: tuple[Callable[[Engine], list[Any]], ...] = ()) -> None:
         self.send = send
+        self.also = also
         self.interval_s = settings.sweep_interval_s if interval_s is None else interval_s
         self.url = url
         self._stop = threading.Event()
@@ -457,9 +498,14 @@ class Sweeper:
         failing = False
         while True:
             try:
-                ids = sweep(private_engine(self.url or database_url()), self.send)
+                engine = private_engine(self.url or database_url())
+                ids = sweep(engine, self.send)
                 if ids:
                     logger.warning("re-sent request(s) %s: their worker died mid-run", ", ".join(map(str, ids)))
+                for more in self.also:
+                    found = more(engine)
+                    if found:
+                        logger.warning("re-sent the stranded pieces of queued runs: %s", found)
                 failing = False
             except Exception as exc:  # noqa: BLE001  (a database or broker outage: try again next time)
                 if not failing:

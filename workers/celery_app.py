@@ -74,11 +74,13 @@ _sweepers: list[Any] = []
 @signals.worker_ready.connect
 def _start_sweeper(**_: Any) -> None:
     """In the worker's main process (with the default prefork pool it runs no task itself): re-send
-    the requests of dead workers."""
+    the requests, shards and steps of dead workers, and lost messages."""
     from catalog.requests import Sweeper
-    from workers.tasks import send_request
+    from catalog.runs.lifecycle import dispatch
+    from workers.tasks import CelerySender, send_request
 
-    sweeper = Sweeper(send_request, settings.sweep_interval_s)
+    sender = CelerySender()
+    sweeper = Sweeper(send_request, settings.sweep_interval_s, also=(lambda e: dispatch(e, sender),))
     sweeper.start()
     _sweepers.append(sweeper)
 

@@ -29,6 +29,7 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from catalog.config import settings
 from catalog.store.database import get_engine, session_scope
 from catalog.store.models import (
     CatalogModel,
@@ -96,13 +97,14 @@ class ShardPlan:
 
 def register(
     conn: Connection, *, name: str, entry: Mapping[str, Any], run: Mapping[str, Any], shards: Sequence[ShardPlan],
-    fence: Any = None,
+    fence: Any = None, driver: str = "local",
 ) -> tuple[int, bool]:
-    """Create the run row (and the catalog entry if new) with its pass shards, and take the run's
-    liveness lock on ``conn``. Returns (run id, whether the entry is new).
+    """Create the run row (and the catalog entry if new) with its pass shards, and (a local run)
+    take the run's liveness lock on ``conn``. Returns (run id, whether the entry is new).
 
-    The lock is taken before the row commits, so no other process ever sees this run ``running``
-    without its lock. ``fence``: catalog.runs.schemas.Fence.
+    The lock is taken before the row commits, so no other process ever sees a local run ``running``
+    without its lock. A queue-driven run has no driver process: its shards' and steps' own locks
+    say who is alive. ``fence``: catalog.runs.schemas.Fence.
     """
     with Session(bind=conn) as s, s.begin():
         model = s.scalar(select(CatalogModel).where(CatalogModel.name == name))
@@ -111,7 +113,8 @@ def register(
             model = CatalogModel(name=name, **entry)
             s.add(model)
             s.flush()
-        row = ExtractionRun(model_id=model.id, status=RunStatus.running, step=RunStep.pass_.value,
+        first = RunStep.pass_ if shards or driver == "local" else RunStep.finish
+        row = ExtractionRun(model_id=model.id, status=RunStatus.running, step=first.value, driver=driver,
                             progress={"stage": "starting"}, **run)
         s.add(row)
         s.flush()
@@ -122,7 +125,8 @@ def register(
                 for i, p in enumerate(shards)])
         if fence is not None:  # before the lock: a refusal rolls back with nothing left held
             fence.registered(s, row.id)
-        s.execute(text("SELECT pg_advisory_lock(:c, :r)"), {"c": RUN_LOCK_CLASS, "r": row.id})
+        if driver == "local":
+            s.execute(text("SELECT pg_advisory_lock(:c, :r)"), {"c": RUN_LOCK_CLASS, "r": row.id})
         return row.id, created
 
 
@@ -141,7 +145,9 @@ def take_over(conn: Connection, run_id: int) -> dict[str, Any]:
             run = s.get(ExtractionRun, run_id, with_for_update=True)
             if run is None:
                 raise RunStateError(f"no run {run_id} (see `neuron-catalog runs`)")
-            if run.status == RunStatus.running and run.driver == "local":
+            if run.driver != "local":
+                raise RunStateError(f"run {run_id} is driven by the workers' queue: `runs resume` re-queues it")
+            if run.status == RunStatus.running:
                 run.status = RunStatus.interrupted  # its driver is gone: we hold its lock
             if run.status not in RESUMABLE:
                 raise RunStateError(f"run {run_id} is {run.status.value}: only an interrupted or failed run resumes")
@@ -246,8 +252,9 @@ def cancel(engine: Engine | None, run_id: int) -> RunStatus:
         if before != RunStatus.cancelled:
             run.status, run.finished_at = RunStatus.cancelled, datetime.now(UTC)
             run.error = run.error or "cancelled"
-            s.execute(delete(ShardState).where(ShardState.run_id == run_id))
-        return before
+    with session_scope(engine) as s:  # after the commit: a shard finishing meanwhile sees the run cancelled
+        s.execute(delete(ShardState).where(ShardState.run_id == run_id))
+    return before
 
 
 def reap_stale_runs(engine: Engine | None = None) -> list[int]:
@@ -318,10 +325,14 @@ def plan_ablation(engine: Engine, run_id: int, cuts: Sequence[ShardPlan]) -> Non
                  "doc_stop": c.doc_stop, "tokens": c.tokens} for i, c in enumerate(cuts)])
 
 
-def claim(engine: Engine, shard: Shard, holder: str, *, lease_s: float, max_attempts: int) -> int:
+def claim(engine: Engine, shard: Shard, holder: str, *, lease_s: float, max_attempts: int,
+          locked: bool = False) -> int:
     """Take ``shard`` for a new attempt (pending, or running with an expired lease); returns the
     attempt number. Raises ShardFailed once it has used ``max_attempts``, StaleLease if it is held
-    by a live lease or already done."""
+    by a live lease or already done.
+
+    ``locked``: the caller holds the shard's liveness lock (``lock_shard``, queue-driven runs), so a
+    ``running`` shard's holder is dead whatever its lease says: it is taken over at once."""
     with session_scope(engine) as s:
         row = s.get(RunShard, (shard.run_id, shard.kind, shard.index), with_for_update=True)
         if row is None:
@@ -329,7 +340,8 @@ def claim(engine: Engine, shard: Shard, holder: str, *, lease_s: float, max_atte
         now: datetime = s.execute(select(func.now())).scalar_one()
         if row.status == ShardStatus.done.value:
             raise StaleLease(f"{shard.kind} shard {shard.index} of run {shard.run_id} is done already")
-        if row.status == ShardStatus.running.value and row.lease_expires_at is not None and row.lease_expires_at > now:
+        if (not locked and row.status == ShardStatus.running.value and row.lease_expires_at is not None
+                and row.lease_expires_at > now):
             raise StaleLease(f"{shard.kind} shard {shard.index} of run {shard.run_id} is held by {row.holder}")
         if row.status == ShardStatus.failed.value or row.attempts >= max_attempts:
             row.status = ShardStatus.failed.value
@@ -360,9 +372,16 @@ def renew(engine: Engine, shard: Shard, attempt: int, *, lease_s: float, done_to
         return got.first() is not None
 
 
-def complete(engine: Engine, shard: Shard, attempt: int, payloads: Mapping[int, bytes], seconds: float) -> None:
+def complete(engine: Engine, shard: Shard, attempt: int, payloads: Mapping[int, bytes], seconds: float,
+             then: tuple[RunStep, RunStep] | None = None) -> bool:
     """Write the shard's state (layer -> bytes) and mark it done, in one transaction, if and only if
-    ``attempt`` still holds it; otherwise raise StaleLease and write nothing."""
+    ``attempt`` still holds it and the run was not cancelled; otherwise raise StaleLease (or
+    RunCancelled) and write nothing.
+
+    ``then`` = (step, next step): the barrier of a queue-driven run. In the same transaction, under
+    the run row's lock (so two last shards cannot both miss each other), the completion that leaves
+    no shard of its kind unfinished moves the run from ``step`` to the next one and returns True:
+    exactly one completion sends the next step's message."""
     with session_scope(engine) as s:
         got = s.execute(update(RunShard).where(_held(shard, attempt)).values(
             status=ShardStatus.done.value, finished_at=func.now(), seconds=seconds, lease_expires_at=None,
@@ -377,6 +396,19 @@ def complete(engine: Engine, shard: Shard, attempt: int, payloads: Mapping[int, 
             s.execute(insert(ShardState), [
                 {"run_id": shard.run_id, "kind": shard.kind, "index": shard.index, "layer": layer, "payload": p}
                 for layer, p in payloads.items()])
+        # the run row last (locks: shard row, then run row, as everywhere a shard is finished)
+        status, step = s.execute(select(ExtractionRun.status, ExtractionRun.step)
+                                 .where(ExtractionRun.id == shard.run_id).with_for_update()).one()
+        if status == RunStatus.cancelled:
+            raise RunCancelled(f"run {shard.run_id} was cancelled; {shard.kind} shard {shard.index}'s state was dropped")
+        if then is None or status != RunStatus.running or step != then[0].value:
+            return False
+        left = s.scalar(select(func.count()).select_from(RunShard).where(
+            RunShard.run_id == shard.run_id, RunShard.kind == shard.kind, RunShard.status != ShardStatus.done.value))
+        if left:
+            return False
+        _move(s, shard.run_id, then[1])
+        return True
 
 
 def fail_attempt(engine: Engine, shard: Shard, attempt: int, error: BaseException, *, max_attempts: int) -> bool:
@@ -391,6 +423,23 @@ def fail_attempt(engine: Engine, shard: Shard, attempt: int, error: BaseExceptio
         row.error, row.holder, row.lease_expires_at = one_line(error)[:2000], None, None
         row.finished_at = datetime.now(UTC)
         return final
+
+
+def shard_seconds(engine: Engine, run_id: int) -> dict[str, float]:
+    """The corpus pass and ablation times as the sum of their shards' final attempts."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(RunShard.kind, func.coalesce(func.sum(RunShard.seconds), 0.0))
+                            .where(RunShard.run_id == run_id).group_by(RunShard.kind)).all()
+    names = {ShardKind.pass_.value: "corpus_pass", ShardKind.ablation.value: "ablation"}
+    return {names[k]: float(v or 0.0) for k, v in rows}
+
+
+def add_timings(engine: Engine, run_id: int, timings: Mapping[str, float]) -> None:
+    """Merge figures into the run's stored timings (a queue-driven run's steps each add theirs)."""
+    with session_scope(engine) as s:
+        run = s.get(ExtractionRun, run_id, with_for_update=True)
+        if run is not None:
+            run.timings = {**(run.timings or {}), **timings}
 
 
 def states(engine: Engine, run_id: int, kind: ShardKind, layer: int) -> Iterator[tuple[int, bytes]]:
@@ -449,3 +498,201 @@ def drop_superseded(engine: Engine, name: str) -> None:
             return
         s.execute(delete(ExtractionRun).where(ExtractionRun.model_id == model.id,
                                               ExtractionRun.status == RunStatus.superseded))
+
+
+# --- queue-driven runs (part 9) ----------------------------------------------------------------
+#
+# No process drives such a run: each shard and each step (merge, finish) is a task of its own.
+# Liveness is per task: an attempt holds its shard's advisory lock (a step: the run's) on a
+# connection of its own for as long as it runs, so a worker that dies frees it at once, and a
+# redelivered message that finds the lock free takes the work over (the attempt number fences the
+# dead attempt's late writes). Nothing is ever waited for in the broker: ``stranded`` finds the
+# work whose message was lost or whose worker died, from these rows alone.
+
+_KIND_BIT = {ShardKind.pass_.value: 0, ShardKind.ablation.value: 1}
+STEP_OF_KIND = {ShardKind.pass_.value: (RunStep.pass_, RunStep.merge),
+                ShardKind.ablation.value: (RunStep.ablation, RunStep.finish)}
+KIND_OF_STEP = {RunStep.pass_.value: ShardKind.pass_, RunStep.ablation.value: ShardKind.ablation}
+
+
+def shard_lock_key(run_id: int, kind: str, index: int) -> int:
+    """The shard's one-bigint advisory key (pg_locks: classid = run id, objid = the low half,
+    objsubid 1, so it never meets the two-int keys above)."""
+    return (run_id << 32) | (_KIND_BIT[kind] << 31) | index
+
+
+def _try_lock(conn: Connection, sql: str, params: Mapping[str, Any]) -> bool:
+    held = bool(conn.scalar(text(sql), params))
+    conn.commit()
+    return held
+
+
+def lock_shard(conn: Connection, run_id: int, kind: str, index: int) -> bool:
+    """Take the shard's liveness lock on ``conn`` (session level); False when a live attempt has it."""
+    return _try_lock(conn, "SELECT pg_try_advisory_lock(:k)", {"k": shard_lock_key(run_id, kind, index)})
+
+
+def shard(engine: Engine, run_id: int, kind: str, index: int) -> Shard | None:
+    found = [s for s in shards(engine, run_id, ShardKind(kind)) if s.index == index]
+    return found[0] if found else None
+
+
+def _move(s: Session, run_id: int, step: RunStep) -> None:
+    s.execute(update(ExtractionRun).where(ExtractionRun.id == run_id).values(
+        step=step.value, step_holder=None, step_sent_at=None, step_attempts=0))
+
+
+def advance(engine: Engine, run_id: int, frm: RunStep, to: RunStep) -> bool:
+    """Compare-and-set the step of a running run; True when this call moved it."""
+    with session_scope(engine) as s:
+        row = s.execute(select(ExtractionRun.status, ExtractionRun.step).where(ExtractionRun.id == run_id)
+                        .with_for_update()).one_or_none()
+        if row is None or row[0] != RunStatus.running or row[1] != frm.value:
+            return False
+        _move(s, run_id, to)
+        return True
+
+
+def begin_step(conn: Connection, engine: Engine, run_id: int, step: RunStep, holder: str,
+               max_attempts: int) -> str | None:
+    """Start a queue-driven run's ``step`` (merge or finish) on ``conn``: take the run's liveness
+    lock and count the attempt. None when this task should run it (the lock is then held); else
+    why not (a duplicate, a step already past, a stopped run), with the lock not held.
+
+    A step started ``max_attempts`` times whose worker died each time fails the run."""
+    if not _try_lock(conn, "SELECT pg_try_advisory_lock(:c, :r)", {"c": RUN_LOCK_CLASS, "r": run_id}):
+        return "another live worker runs this step"
+    why: str | None = None
+    with session_scope(engine) as s:
+        run = s.get(ExtractionRun, run_id, with_for_update=True)
+        if run is None:
+            why = "the run is gone"
+        elif run.status != RunStatus.running:
+            why = f"the run is {run.status.value}"
+        elif run.step != step.value:
+            why = f"the run is at step {run.step}"
+        elif run.step_attempts >= max_attempts:
+            run.status, run.finished_at = RunStatus.failed, datetime.now(UTC)
+            run.error = (f"gave up: step {step.value} was started {run.step_attempts} times and its worker died "
+                         "each time (killed, out of memory or lost); nothing was published")
+            why = run.error
+        else:
+            run.step_attempts += 1
+            run.step_holder = holder
+    if why is not None:
+        release(conn)
+    return why
+
+
+def step_failed(engine: Engine, run_id: int, step: RunStep, error: BaseException) -> None:
+    """A step raised (not a dead worker): the run fails with its error."""
+    fail(engine, run_id, False, error)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Messages to send for a queue-driven run: shard (kind, index) pairs, or one step."""
+
+    run_id: int
+    shards: tuple[tuple[str, int], ...] = ()
+    step: str | None = None
+
+
+def _held_sql(key_sql: str, twoint: bool = False) -> str:
+    if twoint:
+        match = f"l.objsubid = 2 AND l.classid::bigint = {RUN_LOCK_CLASS} AND l.objid::bigint = {key_sql}"
+    else:
+        match = (f"l.objsubid = 1 AND l.classid::bigint = (({key_sql}) >> 32) "
+                 f"AND l.objid::bigint = (({key_sql}) & 4294967295)")
+    return f"""EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted
+        AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND {match})"""
+
+
+_SHARD_KEY_SQL = "((sh.run_id::bigint << 32) | (CASE sh.kind WHEN 'ablation' THEN 2147483648 ELSE 0 END) | sh.index)"
+
+# Rows another transaction holds (a shard being finished, a run being published) are skipped, not
+# waited for: a sweep never stalls behind live work, and a skipped piece is looked at next time.
+STRANDED_SHARDS_SQL = f"""
+WITH found AS (
+  SELECT sh.run_id, sh.kind, sh.index FROM run_shards sh JOIN extraction_runs r ON r.id = sh.run_id
+  WHERE r.status = 'running' AND r.driver = 'queue'
+    AND sh.kind = (CASE r.step WHEN 'pass' THEN 'pass' WHEN 'ablation' THEN 'ablation' END)
+    AND sh.status IN ('pending', 'running')
+    AND (CAST(:run_id AS integer) IS NULL OR r.id = CAST(:run_id AS integer))
+    AND NOT {_held_sql(_SHARD_KEY_SQL)}
+    AND (sh.status = 'running' OR sh.sent_at IS NULL OR sh.sent_at < now() - make_interval(secs => :again))
+  FOR UPDATE OF sh SKIP LOCKED
+)
+UPDATE run_shards AS u SET sent_at = now(), status = 'pending', holder = NULL, lease_expires_at = NULL
+FROM found WHERE u.run_id = found.run_id AND u.kind = found.kind AND u.index = found.index
+RETURNING u.run_id, u.kind, u.index
+"""
+
+STRANDED_STEPS_SQL = f"""
+WITH found AS (
+  SELECT r.id FROM extraction_runs r
+  WHERE r.status = 'running' AND r.driver = 'queue' AND r.step IN ('merge', 'finish')
+    AND (CAST(:run_id AS integer) IS NULL OR r.id = CAST(:run_id AS integer))
+    AND NOT {_held_sql('r.id', twoint=True)}
+    AND (r.step_holder IS NOT NULL OR r.step_sent_at IS NULL
+         OR r.step_sent_at < now() - make_interval(secs => :again))
+  FOR UPDATE OF r SKIP LOCKED
+)
+UPDATE extraction_runs AS u SET step_sent_at = now(), step_holder = NULL
+FROM found WHERE u.id = found.id
+RETURNING u.id, u.step
+"""
+
+
+def stranded(conn: Connection, again_s: float, run_id: int | None = None) -> list[Dispatch]:
+    """Inside the caller's transaction: mark as sent, and return, the work of queue-driven runs that
+    no live task holds and whose message is lost: a shard or step whose worker died (its lock is
+    free but it was started), one never sent, or one sent longer than ``again_s`` ago and still not
+    taken (a message the broker lost). Several sweepers at once return each piece once (the row
+    updates serialise them); an extra message is harmless, as every task is idempotent."""
+    params = {"again": float(again_s), "run_id": run_id}
+    out: dict[int, Dispatch] = {}
+    for rid, kind, index in conn.execute(text(STRANDED_SHARDS_SQL), params):
+        d = out.get(rid, Dispatch(rid))
+        out[rid] = Dispatch(rid, (*d.shards, (kind, int(index))), d.step)
+    for rid, step in conn.execute(text(STRANDED_STEPS_SQL), params):
+        d = out.get(rid, Dispatch(rid))
+        out[rid] = Dispatch(rid, d.shards, step)
+    return [out[k] for k in sorted(out)]
+
+
+def requeue(engine: Engine, run_id: int) -> int:
+    """``runs resume`` of a queue-driven run: set it running again (failed shards and the step get
+    their attempts back); returns how many shards are done already. The caller then sends what
+    ``stranded`` returns for it."""
+    with session_scope(engine) as s:
+        run = s.get(ExtractionRun, run_id, with_for_update=True)
+        if run is None:
+            raise RunStateError(f"no run {run_id} (see `neuron-catalog runs`)")
+        if run.status not in (*RESUMABLE, RunStatus.running):
+            raise RunStateError(f"run {run_id} is {run.status.value}: only a running, interrupted or failed run resumes")
+        s.execute(update(RunShard).where(RunShard.run_id == run_id, RunShard.status == ShardStatus.failed.value)
+                  .values(status=ShardStatus.pending.value, attempts=0, holder=None, lease_expires_at=None))
+        # every unfinished shard and the step are sent again (a duplicate of a live one does nothing)
+        s.execute(update(RunShard).where(RunShard.run_id == run_id, RunShard.status != ShardStatus.done.value)
+                  .values(sent_at=None))
+        run.status, run.error, run.finished_at = RunStatus.running, None, None
+        run.step_sent_at, run.step_attempts = None, 0
+        return int(s.scalar(select(func.count()).select_from(RunShard).where(
+            RunShard.run_id == run_id, RunShard.status == ShardStatus.done.value)) or 0)
+
+
+def dispatch(engine: Engine, sender: Any, run_id: int | None = None,
+             again_s: float | None = None) -> list[Dispatch]:
+    """Send every piece of queue-driven runs (one run, or all) that is unsent, lost or whose
+    worker died; the messages go out before the commit, so a send that fails leaves them for the
+    next sweep."""
+    again = float(settings.visibility_timeout_s if again_s is None else again_s)
+    with engine.begin() as conn:
+        found = stranded(conn, again, run_id)
+        for d in found:
+            for kind, index in d.shards:
+                sender.shard(d.run_id, kind, index)
+            if d.step is not None:
+                sender.step(d.run_id, d.step)
+    return found

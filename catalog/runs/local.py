@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from catalog.config import settings
 from catalog.corpus import CorpusSource, open_corpus
-from catalog.extract import ablation as abl
 from catalog.extract.params import Progress
 from catalog.extract.windows import choose_bos
 from catalog.loading import LoadedModel, load, resolve
@@ -47,21 +47,27 @@ def _entry(loaded: LoadedModel) -> dict[str, Any]:
             "causal": view.causal}
 
 
-def extract(
-    req: ExtractRequest,
-    *,
-    engine: Engine | None = None,
-    progress: Progress | None = None,
-    on_stage: StageHook | None = None,
-    log: Callable[[str], None] = lambda _m: None,
-    fence: Fence | None = None,
-) -> RunSummary:
-    """Extract a catalog and publish it atomically under ``req.name`` (default: from the model spec).
+@dataclass
+class Prepared:
+    """What registering a run needs: the model loaded, the corpus read once and cut into shards."""
 
-    The schema must be at head (``neuron-catalog db upgrade``; ``serve`` upgrades too): extraction
-    never migrates. ``fence``: see :class:`catalog.runs.schemas.Fence`.
-    """
-    stage = on_stage or (lambda _s: None)
+    name: str
+    loaded: LoadedModel
+    corpus: CorpusSource | None
+    plan: sharded.PassPlan | None
+    entry: dict[str, Any]
+    run: dict[str, Any]  # the run row's columns
+    timings: dict[str, float]
+
+
+def prepare(
+    req: ExtractRequest, engine: Engine, *, progress: Progress | None = None, stage: StageHook = lambda _s: None,
+    log: Callable[[str], None] = lambda _m: None, loader: Callable[[str, str | None], LoadedModel] | None = None,
+) -> Prepared:
+    """Check the request, load the model and plan the pass shards: everything before the run row.
+
+    A bad model path or corpus fails before the model loads; the schema must be at head
+    (``neuron-catalog db upgrade``; ``serve`` upgrades too): extraction never migrates."""
     timings: dict[str, float] = {}
     source_model = resolve(req.model)  # a bad path fails before anything else starts
     name = req.name or source_model.name
@@ -69,12 +75,11 @@ def extract(
     if req.corpus is not None:
         corpus = open_corpus(req.corpus, text_field=req.text_field, max_documents=req.max_documents)
         corpus.validate()
-    engine = engine or get_engine()
     check_connection(engine)
     migrate.require_head(engine.url.render_as_string(hide_password=False), who="extract")
 
     t = time.perf_counter()
-    loaded = load(req.model, device=req.device)
+    loaded = (loader or (lambda m, d: load(m, device=d)))(req.model, req.device)
     timings["load"] = time.perf_counter() - t
     bos = bos_record(loaded, req.params.bos)  # an unknown --bos token fails here, before any row is written
     log(f"loaded {source_model.location} ({loaded.view.family.name}, {loaded.view.n_layers} layers x "
@@ -91,7 +96,6 @@ def extract(
             log(f"corpus: {plan.undecodable} undecodable line(s) skipped and counted")
         log(f"plan: {plan.tokens} tokens of {plan.documents} documents in {len(plan.shards)} shard(s) "
             f"of up to {shard_tokens} tokens")
-    lifecycle.reap_stale_runs(engine)
     run = {
         "parameters": {
             **req.params.__dict__, **bos, "model": req.model, "source_kind": loaded.source.kind,
@@ -108,14 +112,33 @@ def extract(
         "plan": None if plan is None else {**plan.to_json(), "shard_tokens": shard_tokens},
         "timings": timings,
     }
+    return Prepared(name, loaded, corpus, plan, _entry(loaded), run, timings)
+
+
+def extract(
+    req: ExtractRequest,
+    *,
+    engine: Engine | None = None,
+    progress: Progress | None = None,
+    on_stage: StageHook | None = None,
+    log: Callable[[str], None] = lambda _m: None,
+    fence: Fence | None = None,
+) -> RunSummary:
+    """Extract a catalog in this process and publish it atomically under ``req.name`` (default:
+    from the model spec). ``fence``: see :class:`catalog.runs.schemas.Fence`."""
+    stage = on_stage or (lambda _s: None)
+    engine = engine or get_engine()
+    p = prepare(req, engine, progress=progress, stage=stage, log=log)
+    lifecycle.reap_stale_runs(engine)
     liveness = engine.connect()  # holds the run's liveness lock until this function returns
     try:
-        run_id, created = lifecycle.register(liveness, name=name, entry=_entry(loaded), run=run,
-                                             shards=plan.shards if plan else [], fence=fence)
+        run_id, created = lifecycle.register(liveness, name=p.name, entry=p.entry, run=p.run,
+                                             shards=p.plan.shards if p.plan else [], fence=fence)
     except BaseException:
         liveness.close()
         raise
-    return _drive(engine, liveness, run_id, created, name, loaded, req, corpus, progress, stage, log, fence, timings)
+    return _drive(engine, liveness, run_id, created, p.name, p.loaded, req, p.corpus, progress, stage, log, fence,
+                  p.timings)
 
 
 def resume(
@@ -207,17 +230,14 @@ def _drive(
                     None if progress is None else (lambda st, n, _t: progress(st, n, total))), holder, log)
             stage("merge")
             lifecycle.set_progress(engine, run_id, "merging shard states")
-            t = time.perf_counter()
-            state = sharded.merge(engine, run_id, loaded.view.n_layers, progress)
-            triggers = sharded.trigger_corpus(corpus, loaded, req, state, cut)
-            table = abl.prefix_table(triggers, state.top, state.bottom)
-            timings["merge"] = time.perf_counter() - t
+            m = sharded.merged(engine, run_id, loaded, req, corpus, cut, progress)
+            state, triggers, table = m.state, m.triggers, m.table
+            timings["merge"] = m.seconds
             ablated: dict[str, Any] = {}
             ablation_tokens = 0
             if loaded.view.causal:  # an encoder has no prefix ablations
                 lifecycle.set_step(engine, run_id, RunStep.ablation)
-                # as many ablation shards as pass shards: the same parallelism, each a document range
-                sharded.plan_ablation(engine, run_id, table, max(1, -(-len(table) // len(shards))))
+                sharded.plan_ablation(engine, run_id, table, len(shards))
                 ab_shards = lifecycle.shards(engine, run_id, ShardKind.ablation)
                 ab_todo = sharded.pending(ab_shards)
                 reused += len(ab_shards) - len(ab_todo)
@@ -234,7 +254,7 @@ def _drive(
             lifecycle.set_step(engine, run_id, RunStep.finish)
             lifecycle.set_progress(engine, run_id, "labels")
             result = sharded.analysis(loaded, req, triggers, state, table, ablated, ablation_tokens, progress)
-            timings.update(_shard_seconds(engine, run_id))
+            timings.update(lifecycle.shard_seconds(engine, run_id))
             timings.update(result.timings)
             counts.update(result.counts)
             counts["shards"] = len(shards)
@@ -253,27 +273,15 @@ def _drive(
         raise
     try:
         lifecycle.drop_superseded(engine, name)  # published: a failure here leaves the run complete
-        _tidy(engine)
+        tidy(engine)
     finally:
         lifecycle.release(liveness)
     view = loaded.view
     return RunSummary(run_id, name, view.n_layers, view.d_mlp, timings, counts, reused)
 
 
-def _shard_seconds(engine: Engine, run_id: int) -> dict[str, float]:
-    """The corpus pass and ablation times as the sum of their shards' final attempts."""
-    from sqlalchemy import func, select
-
-    from catalog.store.models import RunShard
-
-    with engine.connect() as conn:
-        rows = conn.execute(select(RunShard.kind, func.coalesce(func.sum(RunShard.seconds), 0.0))
-                            .where(RunShard.run_id == run_id).group_by(RunShard.kind)).all()
-    names = {ShardKind.pass_.value: "corpus_pass", ShardKind.ablation.value: "ablation"}
-    return {names[k]: float(v or 0.0) for k, v in rows}
-
-
-def _tidy(engine: Engine) -> None:
+def tidy(engine: Engine) -> None:
+    """After a publish: drop the superseded runs' vector indexes and refresh the planner's statistics."""
     from sqlalchemy import text
 
     drop_orphan_vector_indexes(engine)

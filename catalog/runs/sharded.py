@@ -13,7 +13,7 @@
    redoes this step alone).
 
 Nothing here decides who runs a step or when: catalog/runs/local.py drives them in this process,
-part 9's Celery tasks will hand the same steps to workers.
+catalog/runs/queued.py hands the same steps to Celery workers as tasks.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from catalog.runs.lifecycle import Shard, ShardPlan
 from catalog.runs.schemas import ExtractRequest, StageHook
 from catalog.store import search_index
 from catalog.store.ingest import RunWriter
-from catalog.store.models import ShardKind
+from catalog.store.models import RunStep, ShardKind
 
 logger = logging.getLogger(__name__)
 PLAN_BLOCK = 1024  # documents tokenised per call while planning
@@ -170,8 +170,10 @@ class Lease:
 
 
 def run_pass_shard(engine: Engine, shard: Shard, attempt: int, loaded: LoadedModel, req: ExtractRequest,
-                   source: CorpusSource, cut: dict[int, int] | None, progress: Progress | None = None) -> None:
-    """One attempt at a pass shard: read its documents, run the pass, write its state (fenced)."""
+                   source: CorpusSource, cut: dict[int, int] | None, progress: Progress | None = None,
+                   then: tuple[RunStep, RunStep] | None = None) -> bool:
+    """One attempt at a pass shard: read its documents, run the pass, write its state (fenced).
+    ``then``: see ``lifecycle.complete`` (True: this was the last pass shard of a queue-driven run)."""
     t0 = time.perf_counter()
     with Lease(engine, shard, attempt, settings.shard_lease_s) as lease:
         docs = list(source.documents(shard.doc_start, shard.doc_stop, offset=shard.byte_offset))
@@ -185,7 +187,7 @@ def run_pass_shard(engine: Engine, shard: Shard, attempt: int, loaded: LoadedMod
         state = pass_state(loaded.view, loaded.tokenizer, corpus, req.params, tick)
         payloads = {layer: layer_payload(state, layer) for layer in range(state.n_layers)}
         payloads[-1] = shard_payload(state)
-    lifecycle.complete(engine, shard, attempt, payloads, time.perf_counter() - t0)
+    return lifecycle.complete(engine, shard, attempt, payloads, time.perf_counter() - t0, then)
 
 
 def merge(engine: Engine, run_id: int, n_layers: int, progress: Progress | None = None) -> PassState:
@@ -230,12 +232,34 @@ def trigger_corpus(source: CorpusSource, loaded: LoadedModel, req: ExtractReques
     return _tokenise(docs, loaded, req.params, cut_at=cut)
 
 
-def plan_ablation(engine: Engine, run_id: int, table: abl.PrefixTable, prefixes_per_shard: int) -> None:
-    lifecycle.plan_ablation(engine, run_id, [ShardPlan(a, b, n) for a, b, n in ablation_cuts(table, prefixes_per_shard)])
+@dataclass
+class Merged:
+    """The pass shards merged, with what the ablation and the finish step read from it."""
+
+    state: PassState
+    triggers: TokenisedCorpus  # the documents holding a trigger, windowed as their pass shard read them
+    table: abl.PrefixTable
+    seconds: float
+
+
+def merged(engine: Engine, run_id: int, loaded: LoadedModel, req: ExtractRequest, source: CorpusSource,
+           cut: dict[int, int] | None, progress: Progress | None = None) -> Merged:
+    t = time.perf_counter()
+    state = merge(engine, run_id, loaded.view.n_layers, progress)
+    triggers = trigger_corpus(source, loaded, req, state, cut)
+    table = abl.prefix_table(triggers, state.top, state.bottom)
+    return Merged(state, triggers, table, time.perf_counter() - t)
+
+
+def plan_ablation(engine: Engine, run_id: int, table: abl.PrefixTable, n_pass_shards: int) -> None:
+    """As many ablation shards as pass shards (the same parallelism), each a document range; once."""
+    per_shard = max(1, -(-len(table) // max(1, n_pass_shards)))
+    lifecycle.plan_ablation(engine, run_id, [ShardPlan(a, b, n) for a, b, n in ablation_cuts(table, per_shard)])
 
 
 def run_ablation_shard(engine: Engine, shard: Shard, attempt: int, loaded: LoadedModel, req: ExtractRequest,
-                       corpus: TokenisedCorpus, table: abl.PrefixTable, progress: Progress | None = None) -> None:
+                       corpus: TokenisedCorpus, table: abl.PrefixTable, progress: Progress | None = None,
+                       then: tuple[RunStep, RunStep] | None = None) -> bool:
     """One attempt at an ablation shard: ablate the prefixes of its documents; store, per layer and
     kind, only the coefficients it computed (flat indices into [d_mlp, N] and values)."""
     t0 = time.perf_counter()
@@ -256,7 +280,7 @@ def run_ablation_shard(engine: Engine, shard: Shard, attempt: int, loaded: Loade
                 arrays[f"{kind}_index"] = idx.numpy().astype(np.int32)
                 arrays[f"{kind}_value"] = flat[idx].float().numpy()
             payloads[layer] = pack(arrays)
-    lifecycle.complete(engine, shard, attempt, payloads, time.perf_counter() - t0)
+    return lifecycle.complete(engine, shard, attempt, payloads, time.perf_counter() - t0, then)
 
 
 def ablations(engine: Engine, run_id: int, table: abl.PrefixTable) -> tuple[dict[str, list[torch.Tensor]], int]:
@@ -348,7 +372,7 @@ def finish(
     return timings
 
 
-def with_attempts(engine: Engine, shard: Shard, work: Callable[[int], None], holder: str,
+def with_attempts(engine: Engine, shard: Shard, work: Callable[[int], object], holder: str,
                   log: Callable[[str], None]) -> None:
     """Run ``work(attempt)`` on ``shard`` until one attempt succeeds; each failure is recorded on the
     shard, and the attempt cap ends it (ShardFailed)."""

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from catalog.store.models import CatalogModel, ExtractionRun, RunShard, ShardKind, ShardStatus
@@ -139,3 +142,49 @@ def detail_lines(v: RunView) -> list[str]:
         lines.append("  timings: " + ", ".join(f"{k} {float(t):.1f}s" for k, t in v.timings.items()
                                               if isinstance(t, int | float)))
     return lines
+
+
+FOLLOW_POLL_S = 0.5
+ENDED = ("complete", "superseded", "failed", "cancelled", "interrupted")
+
+
+def follow_run(run_id: int, on_view: Callable[[RunView], None], engine: Engine | None = None,
+               poll_s: float = FOLLOW_POLL_S) -> RunView:
+    """Read the run (with its shards) every ``poll_s`` until it ends, calling ``on_view`` each time;
+    returns its last view."""
+    from catalog.store.database import get_engine
+
+    engine = engine or get_engine()
+    while True:
+        with Session(engine) as s:
+            v = show_run(s, run_id)
+        if v is None:
+            raise LookupError(f"run {run_id} does not exist")
+        on_view(v)
+        if v.status in ENDED:
+            return v
+        time.sleep(poll_s)
+
+
+def holders(v: RunView) -> str:
+    """Which worker holds what, e.g. ``w1:12 pass 3; w2:40 pass 4``."""
+    held = [f"{sh.holder} {sh.kind} {sh.index}" for sh in v.shards if sh.status == ShardStatus.running.value and sh.holder]
+    return "; ".join(held)
+
+
+def bar_figures(v: RunView) -> tuple[str, int, int, str]:
+    """(what, done, total, detail) for a live progress bar: pass tokens, then ablation shards."""
+    kind = ShardKind.ablation.value if v.step in ("ablation",) else ShardKind.pass_.value
+    mine = [sh for sh in v.shards if sh.kind == kind]
+    done = sum(1 for sh in mine if sh.status == ShardStatus.done.value)
+    detail = f"{v.step or '-'}: shards {done}/{len(mine)}"
+    if kind == ShardKind.pass_.value and v.tokens_per_s:
+        detail += f", {v.tokens_per_s:,.0f} tok/s" + (f", ETA {v.eta_s:,.0f}s" if v.eta_s is not None else "")
+    if v.step in ("merge", "finish") or not mine:
+        detail = f"{v.step or '-'}: {v.stage or 'queued'}"
+    who = holders(v)
+    if who:
+        detail += f" [{who}]"
+    if kind == ShardKind.pass_.value:
+        return "corpus pass", v.tokens_done, v.tokens_total, detail
+    return "ablation", done, len(mine), detail

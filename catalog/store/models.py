@@ -112,6 +112,7 @@ class RunStep(enum.StrEnum):
     baselines, projections, ingest, indexes and publish, in one transaction)."""
 
     pass_ = "pass"
+    merge = "merge"  # queue-driven runs: one task merges the pass states and plans the ablation shards
     ablation = "ablation"
     finish = "finish"
     done = "done"
@@ -170,6 +171,11 @@ class ExtractionRun(Base):
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     step: Mapped[str | None] = mapped_column(String(16))
     driver: Mapped[str] = mapped_column(String(16), server_default=text("'local'"))
+    # part 9, queue-driven runs: when the current step's message (merge, finish) was last sent, who
+    # runs that step now and how many times it was started (catalog/runs/queued.py)
+    step_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    step_holder: Mapped[str | None] = mapped_column(Text)
+    step_attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
 
 
 class RunShard(Base):
@@ -204,6 +210,7 @@ class RunShard(Base):
     seconds: Mapped[float | None] = mapped_column(Float)
     state_bytes: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # its message last sent (queue runs)
 
 
 class ShardState(Base):
