@@ -465,8 +465,7 @@ def runs_resume(run_id: Annotated[int, typer.Argument(help="An interrupted (or f
         from workers.tasks import BrokerUnavailable, CelerySender
 
         def requeue() -> tuple[int, int]:
-            kept = lifecycle.requeue(lifecycle.get_engine(), run_id)
-            sent = lifecycle.dispatch(lifecycle.get_engine(), CelerySender(), run_id, again_s=0)
+            kept, sent = lifecycle.requeue(lifecycle.get_engine(), run_id, CelerySender())
             return kept, sum(len(d.shards) + (d.step is not None) for d in sent)
 
         try:

@@ -1,10 +1,12 @@
-"""Distributed extraction end to end: `extract --distributed` through `neuron-catalog worker` processes,
-a real Redis broker and the session's real Postgres.
+"""Distributed extraction end to end (parts 7 and 9): `extract --distributed` spreads one run's shards
+over `neuron-catalog worker` processes, through a real Redis broker and the session's real Postgres.
 
 The tests only ever act as users and operators do: the CLI queues and follows, workers are separate
-process groups, a worker machine dying is ``SIGKILL`` on its whole process group. Where a test needs
-a run to be caught mid-way it holds the catalog name's publish lock (as tests/test_runs.py does), so
-that the run waits, with every row written, at a known point: no timing decides what is tested.
+process groups (or processes in network namespaces of their own: other hosts), a worker machine
+dying is ``SIGKILL`` on its whole process group. Where a test needs a run caught mid-way it holds a
+lock of its own in Postgres: ``shard_states`` in SHARE mode stops every worker inside the commit of
+the shard it just computed (mid-shard), ``run_shards`` stops the planner before it registers the
+run, a row lock keeps one shard from being taken. No timing decides what is tested.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import re
 import signal
 import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,27 +26,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import netns
 import pytest
 import tiny_models
 from cli_runner import CLI, REPO, Result, cli
-from sqlalchemy import create_engine, delete, make_url, pool, select, text
+from sqlalchemy import create_engine, delete, func, make_url, pool, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from tiny_models import D_MLP, N_LAYERS
 
 from catalog.export import export
-from catalog.runs.lifecycle import INTERRUPTED
 from catalog.runs.local import extract
 from catalog.runs.schemas import ExtractRequest
 from catalog.store import migrate
 from catalog.store.database import dispose_engine, session_scope
-from catalog.store.models import CatalogModel, ExtractionRequest, ExtractionRun, RunStatus
+from catalog.store.models import (
+    CatalogModel,
+    ExtractionRequest,
+    ExtractionRun,
+    RunShard,
+    RunStatus,
+    ShardState,
+)
 
 # Generous upper bounds for a stuck process, never assertions about speed.
 LIMIT_S = 180.0
 SWEEP_INTERVAL_S = "2"
 NAME_PREFIX = "test-dist-"
-PUBLISH_WAIT_STAGE = "weights, projections and ingest"  # the run's stage while it waits to publish
 UNREACHABLE_DB = "postgresql://nobody@127.0.0.1:1/x"
 UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"
 
@@ -69,9 +79,11 @@ def broker(redis_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[Any, Path]:
+    """GPT-2s of seeds 0 and 1 (also as "gpt2": seed 0) and a Llama."""
     root = tmp_path_factory.mktemp("dist-models")
-    return {seed: tiny_models.save("gpt2", root / f"gpt2-seed{seed}", seed=seed) for seed in (0, 1)}
+    made: dict[Any, Path] = {seed: tiny_models.save("gpt2", root / f"gpt2-seed{seed}", seed=seed) for seed in (0, 1)}
+    return {**made, "gpt2": made[0], "llama": tiny_models.save("llama", root / "llama", seed=3)}
 
 
 @pytest.fixture(scope="module")
@@ -103,12 +115,18 @@ class Worker:
         return self.log.read_text(errors="replace")
 
 
-def start_worker(log: Path, redis_url: str) -> Worker:
+def start_worker(log: Path, redis_url: str, host: netns.Host | None = None) -> Worker:
+    """A worker process group; ``host``: inside that network namespace, with its URLs (another machine)."""
     env = {**os.environ, "CATALOG_BROKER_URL": redis_url, "CATALOG_SWEEP_INTERVAL_S": SWEEP_INTERVAL_S,
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    argv = [CLI, "worker", "--concurrency", "1", "--loglevel", "INFO"]
     with log.open("wb") as out:
-        proc = subprocess.Popen([CLI, "worker", "--concurrency", "1", "--loglevel", "INFO"], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        if host is None:
+            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        else:
+            proc = host.popen(argv, cwd=REPO, env=host.env(env), stdout=out, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     return Worker(proc, log)
 
 
@@ -210,46 +228,6 @@ def holder_pid(holder: str | None) -> int:
     return int(holder.rsplit(":", 1)[1])
 
 
-class PublishLock:
-    """The advisory lock that publishers of a catalog name take, held in a transaction of the test's own:
-    a run of that name waits for it with all its rows written, before its publishing commit."""
-
-    def __init__(self, engine: Engine, name: str) -> None:
-        self.conn = engine.connect()
-        self.trans = self.conn.begin()
-        self.conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
-
-    def waiters(self) -> int:
-        """Database sessions waiting for a lock: runs stopped by this one (directly, or behind a run
-        that holds rows they must wait for)."""
-        with self.conn.engine.connect() as c:
-            return int(c.scalar(text("SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted")))
-
-    def release(self) -> None:
-        if self.trans.is_active:
-            self.trans.rollback()
-        self.conn.close()
-
-
-@pytest.fixture
-def publish_lock(engine: Engine) -> Iterator[Callable[[str], PublishLock]]:
-    taken: list[PublishLock] = []
-
-    def take(name: str) -> PublishLock:
-        taken.append(PublishLock(engine, name))
-        return taken[-1]
-
-    yield take
-    for lock in taken:
-        lock.release()
-
-
-def publish_line(r: Result, request_id: int, attempt: int) -> int:
-    m = re.search(rf"^request {request_id}: published \(run (\d+), attempt {attempt}\)$", r.stderr, re.MULTILINE)
-    assert m, r.stderr
-    return int(m.group(1))
-
-
 SUMMARY = re.compile(r"^catalog '(?P<name>[^']+)': (?P<layers>\d+) layers x (?P<d>\d+) neurons \(run (?P<run>\d+)\); (?P<t>.*)$")
 
 
@@ -268,11 +246,17 @@ def summary_of(r: Result) -> tuple[re.Match[str], list[str]]:
 # --- tests ---------------------------------------------------------------------------------------
 
 
-def test_distributed_extract_exports_what_an_in_process_extract_does(
-    workers: list[Worker], engine: Engine, models: dict[int, Path], corpus: Path, tmp_path: Path,
+SHARD_OPTIONS = ("--top-n", "4", "--window", "16", "--shard-tokens", "12")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_two_workers_export_what_an_in_process_extract_does(
+    workers: list[Worker], engine: Engine, models: dict[Any, Path], corpus: Path, tmp_path: Path, family: str,
 ) -> None:
-    local, remote = unique("local"), unique("remote")
-    options = ("--model", str(models[0]), "--corpus", str(corpus), "--top-n", "4", "--window", "16")
+    """One run's shards spread over both workers: the same summary and the same export as an
+    in-process extract with the same plan."""
+    local, remote = unique(f"local-{family}"), unique(f"remote-{family}")
+    options = ("--model", str(models[family]), "--corpus", str(corpus), *SHARD_OPTIONS)
     with ThreadPoolExecutor(2) as pool_:
         f_local = pool_.submit(cli, "extract", "--name", local, *options, timeout=LIMIT_S)
         f_remote = pool_.submit(cli, "extract", "--distributed", "--name", remote, *options, timeout=LIMIT_S)
@@ -288,27 +272,32 @@ def test_distributed_extract_exports_what_an_in_process_extract_does(
     assert (m_local["layers"], m_local["d"]) == (m_remote["layers"], m_remote["d"])
     assert t_remote == t_local
 
-    # the request: published once, by one attempt of a worker process, pointing at the current run
+    # the request: planned once by a worker, published by the run's finish step
     req = latest_request(engine, remote)
     assert req is not None
-    run_id = publish_line(r_remote, req.id, 1)
-    assert int(m_remote["run"]) == run_id == req.run_id == current_run_id(engine, remote)
+    run_id = int(m_remote["run"])
+    assert run_id == req.run_id == current_run_id(engine, remote)
     assert (req.status, req.attempts, req.error) == ("published", 1, None)
-    assert req.finished_at is not None and req.started_at is not None
     assert os.getpgid(holder_pid(req.holder)) in {w.pgid for w in workers}  # a worker's task process
-    assert req.request["corpus"] == str(corpus) and req.request["params"]["top_n"] == 4
+    assert f"request {req.id}: planned as run {run_id}; its shards are queued" in r_remote.stderr
+    run = runs_of(engine, remote)[-1]
+    assert (run.driver, run.status, run.step) == ("queue", RunStatus.complete, "done")
+    shards = shards_of(engine, run_id)
+    assert len([s for s in shards if s.kind == "pass"]) == 5  # a document a shard
+    assert all(s.status == "done" and s.attempts == 1 for s in shards)
+    assert {os.getpgid(holder_pid(s.holder)) for s in shards} <= {w.pgid for w in workers}
 
-    # the export is the same file but for the catalog name and the run id in every record
     a = exported(engine, local, tmp_path / "local.jsonl")
     b = exported(engine, remote, tmp_path / "remote.jsonl")
     assert len(a) == len(b) == N_LAYERS * D_MLP
-    assert all(rec["triggers"] for rec in b)  # the corpus pass ran on the worker
-
-    def strip(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{k: v for k, v in rec.items() if k not in ("model", "run_id")} for rec in recs]
-
+    assert all(rec["triggers"] for rec in b)  # the corpus pass ran on the workers
     assert strip(a) == strip(b)
     assert {r["model"] for r in b} == {remote} and {r["run_id"] for r in b} == {run_id}
+
+
+def strip(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Export records without what names the catalog (its name and run id)."""
+    return [{k: v for k, v in rec.items() if k not in ("model", "run_id")} for rec in recs]
 
 
 def test_bad_requests_end_with_one_error_line(
@@ -400,93 +389,329 @@ def test_requests_whose_workers_died_too_often_are_given_up(
     assert (after.status, after.attempts, after.holder, after.run_id) == ("published", 1, "gone-host:2", None)
 
 
-def test_ctrl_c_stops_following_only(
-    workers: list[Worker], engine: Engine, models: dict[int, Path], publish_lock: Callable[[str], PublishLock],
-    tmp_path: Path,
-) -> None:
-    name = unique("ctrl-c")
-    lock = publish_lock(name)  # the run will wait to publish, mid-way, until the test lets it
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    err_path = tmp_path / "stderr.txt"
+class TableLock:
+    """A table lock held in a transaction of the test's own (released by ``release``), to stop runs
+    at a known point: ``shard_states`` in SHARE mode stops every worker that finishes a shard inside
+    its commit (computed, not committed: mid-shard); ``run_shards`` stops a planner's registration."""
+
+    def __init__(self, engine: Engine, table: str, mode: str = "SHARE") -> None:
+        self.conn = engine.connect()
+        self.trans = self.conn.begin()
+        self.conn.execute(text(f"LOCK TABLE {table} IN {mode} MODE"))
+
+    def waiters(self) -> int:
+        with self.conn.engine.connect() as c:
+            return int(c.scalar(text("SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted")))
+
+    def waiting(self, statement: str) -> int:
+        """Sessions waiting for a lock whose statement starts with ``statement``."""
+        with self.conn.engine.connect() as c:
+            return int(c.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                     "AND query LIKE :q"), {"q": statement + "%"}))
+
+    def release(self) -> None:
+        if self.trans.is_active:
+            self.trans.rollback()
+        self.conn.close()
+
+
+@pytest.fixture
+def table_lock(engine: Engine) -> Iterator[Callable[..., TableLock]]:
+    taken: list[TableLock] = []
+
+    def take(table: str, mode: str = "SHARE") -> TableLock:
+        taken.append(TableLock(engine, table, mode))
+        return taken[-1]
+
+    yield take
+    for lock in taken:
+        lock.release()
+
+
+def shards_of(engine: Engine, run_id: int) -> list[RunShard]:
+    with Session(engine, expire_on_commit=False) as s:
+        return list(s.scalars(select(RunShard).where(RunShard.run_id == run_id)
+                              .order_by(RunShard.kind.desc(), RunShard.index)))
+
+
+def run_row(engine: Engine, run_id: int) -> ExtractionRun:
+    with Session(engine, expire_on_commit=False) as s:
+        run = s.get(ExtractionRun, run_id)
+        assert run is not None
+        return run
+
+
+def queued_run(engine: Engine, name: str) -> ExtractionRun | None:
+    found = [x for x in runs_of(engine, name) if x.driver == "queue"]
+    return found[-1] if found else None
+
+
+def broker_of_its_own(redis_url: str, db: int) -> str:
+    """Another database of the test's Redis: a broker that the module's workers do not read."""
+    return redis_url.rsplit("/", 1)[0] + f"/{db}"
+
+
+def submit(name: str, model: Path, corpus: Path, tmp_path: Path,
+           env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], Path]:
+    """`extract --distributed` in the background; returns the process and its stderr file."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    err_path = tmp_path / f"{name}.stderr"
     with err_path.open("w") as err_file:
-        proc = subprocess.Popen([CLI, "extract", "--distributed", "--model", str(models[0]), "--name", name],
+        proc = subprocess.Popen([CLI, "extract", "--distributed", "--model", str(model), "--name", name,
+                                 "--corpus", str(corpus), *SHARD_OPTIONS],
                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=err_file, text=True)
+    return proc, err_path
+
+
+def finish(proc: subprocess.Popen[str], err_path: Path) -> Result:
     try:
-        req = wait_for(lambda: (q := latest_request(engine, name)) is not None and q.status == "running"
-                       and run_stage(engine, q.run_id) == PUBLISH_WAIT_STAGE and lock.waiters() == 1 and q,
-                       "the request's run to wait for the publish lock", workers)
-        following = f"request {req.id}: running on {req.holder} (attempt 1), stage: {PUBLISH_WAIT_STAGE}"
-        wait_for(lambda: following in err_path.read_text().splitlines(), "the CLI to show the run's stage", workers)
-        proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=LIMIT_S)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    err = err_path.read_text()
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and out == ""
-    assert err.splitlines()[-1] == (f"stopped following; the extraction goes on as request {req.id}, run {req.run_id} "
-                                    "(see `neuron-catalog runs`)"), err
-    assert request_row(engine, req.id).status == "running"  # the worker goes on ...
-    lock.release()
-    done = wait_for(lambda: request_row(engine, req.id).status == "published" and request_row(engine, req.id),
-                    "the request to be published", workers)
-    assert done.run_id == req.run_id == current_run_id(engine, name) and done.attempts == 1  # ... to the end
-    r = cli("runs")
-    assert r.returncode == 0, r.stderr
-    assert any(line.split()[:3] == ["request", str(req.id), name] and "published" in line
-               for line in r.stdout.splitlines()), r.stdout
+    return Result(proc.returncode, out, err_path.read_text())
 
 
-def test_worker_killed_mid_run_is_taken_over_and_published_once(
-    workers: list[Worker], engine: Engine, models: dict[int, Path], publish_lock: Callable[[str], PublishLock],
+def test_ctrl_c_stops_following_only(
+    workers: list[Worker], engine: Engine, models: dict[Any, Path], corpus: Path,
+    table_lock: Callable[..., TableLock], tmp_path: Path,
 ) -> None:
-    """SIGKILL the whole process group of the worker running a request, as a machine dying: the other
-    worker's sweeper re-sends it, the other worker runs it as attempt 2, and it is published exactly
-    once; until then the previous catalog stays current."""
-    name = unique("killed")
-    previous = extract(ExtractRequest(model=str(models[0]), name=name), engine=engine).run_id
-    lock = publish_lock(name)
-    r = cli("extract", "--distributed", "--no-wait", "--model", str(models[1]), "--name", name, timeout=LIMIT_S)
+    name = unique("ctrl-c")
+    lock = table_lock("shard_states")  # the run's shards will wait to commit until the test lets them
+    proc, err_path = submit(name, models[0], corpus, tmp_path)
+    try:
+        run = wait_for(lambda: (x := queued_run(engine, name)) is not None and lock.waiters() == 2 and x,
+                       "both workers to wait inside a shard's commit", workers)
+        wait_for(lambda: f"run {run.id} corpus pass" in err_path.read_text(), "the CLI's progress bar", workers)
+        proc.send_signal(signal.SIGINT)
+        result = finish(proc, err_path)
+    finally:
+        lock.release()
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (f"stopped following; run {run.id} goes on on the workers "
+                                              f"(`neuron-catalog runs show {run.id}`)"), result.stderr
+    done = wait_for(lambda: run_row(engine, run.id).status == RunStatus.complete, "the run to be published", workers)
+    assert done and current_run_id(engine, name) == run.id  # ... the workers went on to the end
+    req = latest_request(engine, name)
+    assert req is not None and (req.status, req.run_id) == ("published", run.id)
+
+
+def test_a_worker_killed_mid_shard_costs_that_shard_once_more(
+    workers: list[Worker], engine: Engine, models: dict[Any, Path], corpus: Path,
+    table_lock: Callable[..., TableLock], tmp_path: Path,
+) -> None:
+    """SIGKILL the whole process group of a worker in the middle of a shard (its state computed, its
+    commit not done), as a machine dying: the other worker's sweeper re-sends that shard, it is done
+    once more (attempt 2) and no other shard is; the run publishes the in-process catalog."""
+    name, reference = unique("killed"), unique("killed-ref")
+    r = cli("extract", "--name", reference, "--model", str(models[1]), "--corpus", str(corpus), *SHARD_OPTIONS,
+            timeout=LIMIT_S)
     assert r.returncode == 0, r.stderr
-    request_id = int(r.stdout.strip())
-    assert r.stderr.strip() == f"request {request_id} queued; follow it with `neuron-catalog runs`"
+    previous = extract(ExtractRequest(model=str(models[0]), name=name), engine=engine).run_id
+    lock = table_lock("shard_states")
+    proc, err_path = submit(name, models[1], corpus, tmp_path)
+    try:
+        run = wait_for(lambda: (x := queued_run(engine, name)) is not None and lock.waiters() == 2 and x,
+                       "both workers to wait inside a shard's commit", workers)
+        running = [s for s in shards_of(engine, run.id) if s.status == "running"]
+        assert len(running) == 2 and len({s.holder for s in running}) == 2  # one shard on each worker
+        victim_shard = running[0]
+        victim = next(w for w in workers if w.pgid == os.getpgid(holder_pid(victim_shard.holder)))
+        survivor = next(w for w in workers if w is not victim)
+        os.killpg(victim.pgid, signal.SIGKILL)
+        victim.proc.wait(timeout=LIMIT_S)
+        assert current_run_id(engine, name) == previous
+    finally:
+        lock.release()
+    result = finish(proc, err_path)
+    assert result.returncode == 0, f"{result.stderr}\n{logs([survivor])}"
+    run_id = int(summary_of(result)[0]["run"])
+    assert run_id == run.id == current_run_id(engine, name)
+    shards = shards_of(engine, run_id)
+    again = [(s.kind, s.index) for s in shards if s.attempts != 1]
+    assert again == [(victim_shard.kind, victim_shard.index)], [(s.kind, s.index, s.attempts) for s in shards]
+    assert next(s for s in shards if s.index == victim_shard.index and s.kind == "pass").attempts == 2
+    assert all(s.status == "done" for s in shards)
+    assert [x.id for x in runs_of(engine, name) if x.status == RunStatus.complete] == [run_id]  # exactly once
+    assert "re-sent the stranded pieces of queued runs" in survivor.text()
+    assert strip(exported(engine, name, tmp_path / "a.jsonl")) == strip(exported(engine, reference, tmp_path / "b.jsonl"))
 
-    # attempt 1: every row written, waiting to publish
-    first = wait_for(lambda: (q := request_row(engine, request_id)).status == "running"
-                     and run_stage(engine, q.run_id) == PUBLISH_WAIT_STAGE and lock.waiters() == 1 and q,
-                     "attempt 1 to wait for the publish lock", workers)
-    assert first.attempts == 1
-    victim = next(w for w in workers if w.pgid == os.getpgid(holder_pid(first.holder)))
-    survivor = next(w for w in workers if w is not victim)
-    os.killpg(victim.pgid, signal.SIGKILL)
-    victim.proc.wait(timeout=LIMIT_S)
-    assert survivor.proc.poll() is None
-    assert current_run_id(engine, name) == previous  # the outage: the old catalog is the current one
 
-    # attempt 2, on the survivor, waits too: behind attempt 1's orphaned database session, which still
-    # holds its uncommitted rows while it waits for the publish lock
-    second = wait_for(lambda: (q := request_row(engine, request_id)).attempts == 2
-                      and run_stage(engine, q.run_id) == PUBLISH_WAIT_STAGE and lock.waiters() == 2 and q,
-                      "the sweeper to re-send the request and attempt 2 to wait for the publish lock", [survivor])
-    assert second.status == "running" and second.holder != first.holder and second.run_id != first.run_id
-    assert os.getpgid(holder_pid(second.holder)) == survivor.pgid
-    assert second.resent_at is None  # cleared when attempt 2 took it
-    assert "re-sent request(s)" in survivor.text() and str(request_id) in survivor.text()
+def test_with_every_worker_killed_runs_resume_finishes_without_recomputing(
+    redis_url: str, migrated_db: str, engine: Engine, models: dict[Any, Path], corpus: Path, tmp_path: Path,
+) -> None:
+    """Both workers of this test die once all pass shards but the last are done (that one is held by
+    a row lock of the test's, so no timing decides it); `runs resume` with new workers re-queues the
+    rest and publishes the in-process catalog; the finished shards are not computed again. The
+    test's workers have a broker of their own (the module's workers never see its messages)."""
+    name, reference = unique("resumed"), unique("resumed-ref")
+    redis_url = broker_of_its_own(redis_url, 1)
+    r = cli("extract", "--name", reference, "--model", str(models["llama"]), "--corpus", str(corpus), *SHARD_OPTIONS,
+            timeout=LIMIT_S)
+    assert r.returncode == 0, r.stderr
+    first = [start_worker(tmp_path / f"first{i}.log", redis_url) for i in range(2)]
+    second: list[Worker] = []
+    holder = engine.connect()
+    trans = holder.begin()
+    try:
+        for w in first:
+            wait_for(lambda: " ready." in w.text(), "a worker to start", first)  # noqa: B023
+        # wait (in the database, 5 ms a look) for the last shard's message to be sent, then lock its row:
+        # the worker that takes it waits in its claim (four shards before it come first, in order)
+        grab = threading.Thread(target=lambda: holder.execute(text(f"""
+            DO $$ BEGIN LOOP
+              PERFORM 1 FROM run_shards sh JOIN extraction_runs x ON x.id = sh.run_id
+                JOIN catalog_models m ON m.id = x.model_id
+              WHERE m.name = '{name}' AND sh.kind = 'pass' AND sh.index = 4 AND sh.sent_at IS NOT NULL
+                AND sh.status = 'pending'
+              FOR UPDATE OF sh;
+              EXIT WHEN FOUND; PERFORM pg_sleep(0.005); END LOOP; END $$""")))
+        grab.start()
+        proc, err_path = submit(name, models["llama"], corpus, tmp_path, {"CATALOG_BROKER_URL": redis_url})
+        grab.join(timeout=LIMIT_S)
+        assert not grab.is_alive()
+        run = wait_for(lambda: (x := queued_run(engine, name)) is not None
+                       and [s.status for s in shards_of(engine, x.id)] == ["done"] * 4 + ["pending"] and x,
+                       "the first four pass shards to be done", first)
+        before = {s.index: (s.finished_at, s.attempts) for s in shards_of(engine, run.id)}
+        for w in first:
+            os.killpg(w.pgid, signal.SIGKILL)
+            w.proc.wait(timeout=LIMIT_S)
+        proc.send_signal(signal.SIGINT)
+        finish(proc, err_path)
+        trans.rollback()
+        holder.close()
+        assert run_row(engine, run.id).status == RunStatus.running  # a queue-driven run waits for workers
+        second = [start_worker(tmp_path / f"second{i}.log", redis_url) for i in range(2)]
+        r = cli("runs", "resume", str(run.id), env={"CATALOG_BROKER_URL": redis_url}, timeout=LIMIT_S)
+        last = next(s for s in shards_of(engine, run.id) if s.kind == "pass" and s.index == 4)
+        last_group = os.getpgid(holder_pid(last.holder)) if last.status == "done" else None  # while it lives
+    finally:
+        if trans.is_active:
+            trans.rollback()
+        holder.close()
+        for w in first + second:
+            stop_worker(w)
+    assert r.returncode == 0, f"{r.stderr}\n{logs(second)}"
+    assert f"run {run.id}: kept 4 finished shard(s); re-queued 1 piece(s)" in r.stderr
+    assert int(summary_of(r)[0]["run"]) == run.id == current_run_id(engine, name)
+    shards = {s.index: s for s in shards_of(engine, run.id) if s.kind == "pass"}
+    assert {i: (s.finished_at, s.attempts) for i, s in shards.items() if i < 4} == {
+        i: v for i, v in before.items() if i < 4}  # not recomputed
+    assert shards[4].attempts == 1 and shards[4].status == "done"
+    assert last_group in {w.pgid for w in second}
+    assert strip(exported(engine, name, tmp_path / "a.jsonl")) == strip(exported(engine, reference, tmp_path / "b.jsonl"))
+
+
+def test_a_shard_that_always_fails_fails_the_run_after_the_attempt_cap(
+    workers: list[Worker], engine: Engine, models: dict[Any, Path], corpus: Path,
+    table_lock: Callable[..., TableLock], tmp_path: Path,
+) -> None:
+    """The corpus changes between planning and the shards (as a worker host with another file would
+    see it): every attempt fails; after CATALOG_SHARD_MAX_ATTEMPTS (3) the run fails with the error in
+    one line, and the previous catalog stays current and served."""
+    name = unique("always-fails")
+    mine = tmp_path / "corpus.txt"
+    mine.write_text(corpus.read_text())
+    previous = extract(ExtractRequest(model=str(models[0]), name=name), engine=engine).run_id
+    before = exported(engine, name, tmp_path / "before.jsonl")
+    lock = table_lock("run_shards")  # the planner stops at registering the run, its corpus read
+    proc, err_path = submit(name, models[1], mine, tmp_path)
+    try:
+        wait_for(lambda: lock.waiting("INSERT INTO run_shards") == 1, "the planner to wait to register the run",
+                 workers)
+        with mine.open("a") as f:
+            f.write("a line the plan never saw .\n")
+    finally:
+        lock.release()
+    result = finish(proc, err_path)
+    assert result.returncode == 1, f"{result.stderr}\n{logs(workers)}"
+    errors = error_lines(result)
+    assert len(errors) == 1 and result.stderr.splitlines()[-1] == errors[0], result.stderr
+    run = queued_run(engine, name)
+    assert run is not None and run.status == RunStatus.failed and run.error is not None
+    assert errors[0] == f"error: run {run.id} failed: {run.error}"
+    assert re.fullmatch(r"ShardFailed: pass shard \d failed 3 time\(s\): CorpusError: the corpus .* is not the file "
+                        rf"run {run.id} was planned on \(sha256 differs\): give every worker the same file", run.error)
+    failed = [s for s in shards_of(engine, run.id) if s.status == "failed"]
+    assert len(failed) >= 1 and all(s.attempts == 3 for s in failed)
     assert current_run_id(engine, name) == previous
+    assert exported(engine, name, tmp_path / "after.jsonl") == before
+    req = latest_request(engine, name)
+    assert req is not None and (req.status, req.error) == ("failed", run.error)
 
-    lock.release()  # attempt 1's session gets the lock first, finds its client gone and rolls back
-    done = wait_for(lambda: request_row(engine, request_id).status == "published" and request_row(engine, request_id),
-                    "the request to be published", [survivor])
-    assert (done.attempts, done.holder, done.run_id, done.error) == (2, second.holder, second.run_id, None)
-    assert current_run_id(engine, name) == second.run_id
-    runs = {x.id: x for x in runs_of(engine, name)}
-    assert [x.id for x in runs.values() if x.status == RunStatus.complete] == [second.run_id]  # exactly once
-    # the killed attempt's run is reaped resumable (part 8); the request went on as a new run
-    assert first.run_id in runs and runs[first.run_id].status == RunStatus.interrupted
-    assert runs[first.run_id].error == INTERRUPTED
-    assert previous not in runs  # superseded by the one publish, and deleted
+
+def test_a_cancelled_run_is_never_published(
+    workers: list[Worker], engine: Engine, models: dict[Any, Path], corpus: Path,
+    table_lock: Callable[..., TableLock], tmp_path: Path,
+) -> None:
+    """`runs cancel` while both workers are inside a shard's commit: neither commits, the queued
+    shards are revoked or dropped, the request ends cancelled and the catalog stays as it was."""
+    name = unique("cancelled")
+    previous = extract(ExtractRequest(model=str(models[0]), name=name), engine=engine).run_id
+    lock = table_lock("shard_states")
+    proc, err_path = submit(name, models[1], corpus, tmp_path)
+    with ThreadPoolExecutor(1) as pool_:
+        try:
+            run = wait_for(lambda: (x := queued_run(engine, name)) is not None and lock.waiters() == 2 and x,
+                           "both workers to wait inside a shard's commit", workers)
+            cancelling = pool_.submit(cli, "runs", "cancel", str(run.id), timeout=LIMIT_S)
+            wait_for(lambda: run_row(engine, run.id).status == RunStatus.cancelled, "the run to be cancelled",
+                     workers)
+        finally:
+            lock.release()
+        r = cancelling.result()
+    assert r.returncode == 0, r.stderr
+    assert re.fullmatch(rf"run {run.id} cancelled \(it was running\); revoked its \d+ unfinished shard message\(s\)",
+                        r.stdout.strip()), r.stdout
+    result = finish(proc, err_path)
+    assert result.returncode == 1 and error_lines(result) == [f"error: run {run.id} cancelled: cancelled"], result.stderr
+    wait_for(lambda: sum(t.count(f"dropped: run {run.id} was cancelled") for t in map(Worker.text, workers)) >= 2,
+             "both workers to drop their shard", workers)
+    time.sleep(2 * float(SWEEP_INTERVAL_S))  # a sweep or two: nothing is sent again
+    assert run_row(engine, run.id).status == RunStatus.cancelled and current_run_id(engine, name) == previous
+    with engine.connect() as c:
+        assert c.scalar(select(func.count()).select_from(ShardState).where(ShardState.run_id == run.id)) == 0
+    req = latest_request(engine, name)
+    assert req is not None and req.status == "cancelled"
+
+
+@pytest.mark.netns
+def test_workers_on_other_hosts(
+    redis_url: str, database_url: str, migrated_db: str, engine: Engine, models: dict[Any, Path], corpus: Path,
+    tmp_path: Path,
+) -> None:
+    """Two workers, each in a network namespace of its own (tests/netns.py): each reaches Postgres and
+    Redis only over its veth, as a worker on another machine; the run equals the in-process one. They
+    have a broker of their own, so the module's workers take no part."""
+    reason = netns.netns_available()
+    if reason is not None:
+        pytest.skip(f"this machine does not allow network namespaces: {reason}")
+    name, reference = unique("hosts"), unique("hosts-ref")
+    r = cli("extract", "--name", reference, "--model", str(models[0]), "--corpus", str(corpus), *SHARD_OPTIONS,
+            timeout=LIMIT_S)
+    assert r.returncode == 0, r.stderr
+    redis_url = broker_of_its_own(redis_url, 2)
+    with netns.hosts(2, {"database": database_url, "broker": redis_url}) as hosts:
+        remote = [start_worker(tmp_path / f"{h.name}.log", redis_url, host=h) for h in hosts]
+        try:
+            for w in remote:
+                wait_for(lambda: " ready." in w.text() or w.proc.poll() is not None, "a worker to start", remote)  # noqa: B023
+                assert w.proc.poll() is None, logs(remote)
+            r = cli("extract", "--distributed", "--name", name, "--model", str(models[0]), "--corpus", str(corpus),
+                    *SHARD_OPTIONS, env={"CATALOG_BROKER_URL": redis_url}, timeout=LIMIT_S)
+        finally:
+            for w in remote:
+                stop_worker(w)
+    assert r.returncode == 0, f"{r.stderr}\n{logs(remote)}"
+    run_id = int(summary_of(r)[0]["run"])
+    holders = {s.holder.split(":")[0] for s in shards_of(engine, run_id) if s.holder}
+    assert holders <= {h.name for h in hosts} and holders, holders  # the shards ran on the other hosts
+    req = latest_request(engine, name)
+    assert req is not None and req.holder is not None and req.holder.split(":")[0] in {h.name for h in hosts}
+    assert strip(exported(engine, name, tmp_path / "a.jsonl")) == strip(exported(engine, reference, tmp_path / "b.jsonl"))
 
 
 # --- the claim and the fence, in process ---------------------------------------------------------
@@ -552,10 +777,11 @@ def test_an_attempt_that_lost_its_claim_cannot_publish(engine: Engine, models: d
 
 def test_a_delivery_while_a_live_worker_holds_the_request_does_nothing(engine: Engine) -> None:
     from catalog.requests import Outcome, run_request
+    from workers.tasks import CelerySender
 
     req = ExtractRequest(model="never-run", name=unique("held"))
     with held_request(engine, req, status="running", attempts=1, holder="alive:1") as request_id:
-        assert run_request(request_id) is Outcome.held
+        assert run_request(request_id, sender=CelerySender()) is Outcome.held
         row = request_row(engine, request_id)
         assert (row.status, row.attempts, row.holder) == ("running", 1, "alive:1")
 

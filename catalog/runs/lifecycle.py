@@ -661,11 +661,12 @@ def stranded(conn: Connection, again_s: float, run_id: int | None = None) -> lis
     return [out[k] for k in sorted(out)]
 
 
-def requeue(engine: Engine, run_id: int) -> int:
+def requeue(engine: Engine, run_id: int, sender: Any) -> tuple[int, list[Dispatch]]:
     """``runs resume`` of a queue-driven run: set it running again (failed shards and the step get
-    their attempts back); returns how many shards are done already. The caller then sends what
-    ``stranded`` returns for it."""
-    with session_scope(engine) as s:
+    their attempts back) and send every unfinished piece that no live task holds, in one
+    transaction (no sweeper sees it half done). Returns how many shards are done already and what
+    was sent."""
+    with engine.begin() as conn, Session(bind=conn) as s:
         run = s.get(ExtractionRun, run_id, with_for_update=True)
         if run is None:
             raise RunStateError(f"no run {run_id} (see `neuron-catalog runs`)")
@@ -673,26 +674,31 @@ def requeue(engine: Engine, run_id: int) -> int:
             raise RunStateError(f"run {run_id} is {run.status.value}: only a running, interrupted or failed run resumes")
         s.execute(update(RunShard).where(RunShard.run_id == run_id, RunShard.status == ShardStatus.failed.value)
                   .values(status=ShardStatus.pending.value, attempts=0, holder=None, lease_expires_at=None))
-        # every unfinished shard and the step are sent again (a duplicate of a live one does nothing)
+        # every unfinished shard and the step go out again (a duplicate of a live one does nothing)
         s.execute(update(RunShard).where(RunShard.run_id == run_id, RunShard.status != ShardStatus.done.value)
                   .values(sent_at=None))
         run.status, run.error, run.finished_at = RunStatus.running, None, None
         run.step_sent_at, run.step_attempts = None, 0
-        return int(s.scalar(select(func.count()).select_from(RunShard).where(
+        kept = int(s.scalar(select(func.count()).select_from(RunShard).where(
             RunShard.run_id == run_id, RunShard.status == ShardStatus.done.value)) or 0)
+        s.flush()
+        return kept, _send(conn, sender, 0.0, run_id)
 
 
-def dispatch(engine: Engine, sender: Any, run_id: int | None = None,
-             again_s: float | None = None) -> list[Dispatch]:
+def dispatch(engine: Engine, sender: Any, run_id: int | None = None, again_s: float | None = None) -> list[Dispatch]:
     """Send every piece of queue-driven runs (one run, or all) that is unsent, lost or whose
     worker died; the messages go out before the commit, so a send that fails leaves them for the
     next sweep."""
     again = float(settings.visibility_timeout_s if again_s is None else again_s)
     with engine.begin() as conn:
-        found = stranded(conn, again, run_id)
-        for d in found:
-            for kind, index in d.shards:
-                sender.shard(d.run_id, kind, index)
-            if d.step is not None:
-                sender.step(d.run_id, d.step)
+        return _send(conn, sender, again, run_id)
+
+
+def _send(conn: Connection, sender: Any, again_s: float, run_id: int | None) -> list[Dispatch]:
+    found = stranded(conn, again_s, run_id)
+    for d in found:
+        for kind, index in d.shards:
+            sender.shard(d.run_id, kind, index)
+        if d.step is not None:
+            sender.step(d.run_id, d.step)
     return found

@@ -174,14 +174,15 @@ def holders(v: RunView) -> str:
 
 def bar_figures(v: RunView) -> tuple[str, int, int, str]:
     """(what, done, total, detail) for a live progress bar: pass tokens, then ablation shards."""
-    kind = ShardKind.ablation.value if v.step in ("ablation",) else ShardKind.pass_.value
+    if v.step in ("merge", "finish", "done"):
+        who = holders(v)
+        return v.step or "-", 0, 0, f"{v.stage or 'queued'}" + (f" [{who}]" if who else "")
+    kind = ShardKind.ablation.value if v.step == "ablation" else ShardKind.pass_.value
     mine = [sh for sh in v.shards if sh.kind == kind]
     done = sum(1 for sh in mine if sh.status == ShardStatus.done.value)
     detail = f"{v.step or '-'}: shards {done}/{len(mine)}"
     if kind == ShardKind.pass_.value and v.tokens_per_s:
         detail += f", {v.tokens_per_s:,.0f} tok/s" + (f", ETA {v.eta_s:,.0f}s" if v.eta_s is not None else "")
-    if v.step in ("merge", "finish") or not mine:
-        detail = f"{v.step or '-'}: {v.stage or 'queued'}"
     who = holders(v)
     if who:
         detail += f" [{who}]"
