@@ -158,22 +158,34 @@ def wait_for(condition: Callable[[], Any], what: str, workers: list[Worker]) -> 
 
 
 @pytest.fixture(scope="module")
-def workers(redis_url: str, migrated_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Worker]]:
-    """Two `neuron-catalog worker` process groups (each: Celery's main process and one child), with a
-    2 s sweep interval; a test may kill one."""
-    root = tmp_path_factory.mktemp("dist-workers")
-    started = [start_worker(root / f"worker{i}.log", redis_url) for i in range(2)]
+def worker_pool() -> Iterator[list[Worker]]:
+    """The module's `neuron-catalog worker` process groups (each: Celery's main process and one
+    child, with a 2 s sweep interval), stopped at the end; a test may kill one."""
+    started: list[Worker] = []
     try:
-        def up_or_gone(w: Worker) -> bool:
-            return " ready." in w.text() or w.proc.poll() is not None
-
-        for w in started:
-            wait_for(lambda: up_or_gone(w), "a worker to start", started)  # noqa: B023  (called at once)
-            assert w.proc.poll() is None, logs(started)
         yield started
     finally:
         for w in started:
             stop_worker(w)
+
+
+@pytest.fixture
+def workers(worker_pool: list[Worker], redis_url: str, migrated_db: str,
+            tmp_path_factory: pytest.TempPathFactory) -> list[Worker]:
+    """Two live workers: the module's, with any that an earlier test killed replaced."""
+    live = [w for w in worker_pool if w.proc.poll() is None]
+    while len(live) < 2:
+        w = start_worker(tmp_path_factory.mktemp("dist-worker") / "worker.log", redis_url)
+        worker_pool.append(w)
+        live.append(w)
+
+    def up_or_gone(w: Worker) -> bool:
+        return " ready." in w.text() or w.proc.poll() is not None
+
+    for w in live:
+        wait_for(lambda: up_or_gone(w), "a worker to start", live)  # noqa: B023  (called at once)
+        assert w.proc.poll() is None, logs(live)
+    return live
 
 
 # --- helpers -------------------------------------------------------------------------------------

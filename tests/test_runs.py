@@ -108,9 +108,10 @@ def snapshot(engine: Engine, name: str) -> Snapshot:
                 select(Neuron.layer, Neuron.neuron, Neuron.key_norm, Neuron.value_norm, Neuron.bias, Neuron.alignment,
                        Neuron.key_vector).where(Neuron.run_id == rid).order_by(Neuron.layer, Neuron.neuron))],
             value_tokens=[tuple(r) for r in s.execute(
-                select(ValueToken.layer, ValueToken.neuron, ValueToken.kind, ValueToken.rank, ValueToken.token_id,
-                       ValueToken.logit).where(ValueToken.run_id == rid)
-                .order_by(ValueToken.layer, ValueToken.neuron, ValueToken.kind, ValueToken.rank))],
+                select(ValueToken.layer, ValueToken.neuron, ValueToken.convention, ValueToken.kind, ValueToken.rank,
+                       ValueToken.token_id, ValueToken.logit).where(ValueToken.run_id == rid)
+                # the whole primary key: raw and folded rows share (layer, neuron, kind, rank)
+                .order_by(ValueToken.layer, ValueToken.neuron, ValueToken.convention, ValueToken.kind, ValueToken.rank))],
             layers=[tuple(r) for r in s.execute(
                 select(Layer.layer, Layer.mean_bias, Layer.mean_alignment, Layer.key_cosine_mean, Layer.histograms)
                 .where(Layer.run_id == rid).order_by(Layer.layer))],
