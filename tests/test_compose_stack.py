@@ -4,11 +4,14 @@
 compose; the test only talks to the stack the way a user would: through compose commands, the
 published API port, `docker kill`, and psql inside the db container. Steps (issue 16):
 1. build, `up -d --scale worker=2`, every service healthy;
-2. a tiny seeded model extracted through the workers (`extract --distributed` in a container) is
-   served on the published port, and its export equals an in-process extraction on the host;
+2. a tiny seeded model extracted through the workers (`extract --distributed --shard-tokens`, in a
+   container: several pass shards) is served on the published port, and its export equals an
+   in-process extraction on the host with the same options;
 3. an annotator made by the CLI in a container signs in to the UI and saves an annotation;
-4. the worker holding an extraction is `docker kill`ed: the run is re-queued and published once,
-   with the old catalog served in between;
+4. the same extraction sharded over both worker containers (both caught mid-shard at once), one of
+   them `docker kill`ed in the middle of a shard: the survivor re-runs that shard (attempt 2, every
+   other shard one attempt), the run is published once with the old catalog served until then, and
+   its export equals the in-process one;
 5. the database stopped and started, `restart`ed, and the stack `down` and `up` without -v: 503
    with a clear message while it is down, recovery by itself, catalog and annotation kept;
 6. a worker against a schema newer than its code refuses in one line, non-zero;
@@ -26,8 +29,10 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +41,15 @@ import pytest
 import tiny_models
 
 from catalog.runs.lifecycle import WAITING_TO_WRITE, WRITE_LOCK_CLASS
+from catalog.store.migrate import head
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_SH = REPO / "scripts" / "compose.sh"
 # Upper bounds for a stuck stack, never assertions about speed.
 HEALTHY_LIMIT_S = 300.0
 RUN_LIMIT_S = 300.0
+# Corpus tokens per pass shard: the tiny model's corpus (about 2,800 tokens) makes 5 or more shards.
+SHARD_TOKENS = 500
 SERVICES = ("db", "redis", "api", "worker")
 
 pytestmark = pytest.mark.compose
@@ -132,6 +140,19 @@ class Stack:
                 return m["current_run"]["id"] if m["current_run"] else None
         return None
 
+    def shards(self, run_id: int) -> list[Shard]:
+        rows = self.psql("SELECT kind, index, status, attempts, coalesce(holder, '') FROM run_shards "
+                         f"WHERE run_id = {int(run_id)} ORDER BY kind DESC, index")
+        return [Shard(k, int(i), st, int(a), h.split(":")[0])
+                for k, i, st, a, h in (line.split("|") for line in rows.splitlines() if line)]
+
+    def export(self, model: str) -> list[dict[str, Any]]:
+        """The catalog's export, made by the CLI in a worker container (run_id cleared: it differs
+        between two databases, and is the only per-run field of an export)."""
+        out = self.compose("run", "--rm", "--no-deps", "-T", "worker", "sh", "-c",
+                           f"neuron-catalog export --model {model} --out /tmp/e.jsonl >&2 && cat /tmp/e.jsonl")
+        return [{**json.loads(line), "run_id": None} for line in out.stdout.splitlines() if line.strip()]
+
     def request_row(self, request_id: str) -> tuple[str, str, int, str]:
         """(status, holder, attempts, the run's stage) of an extraction request."""
         row = self.psql("SELECT q.status, coalesce(q.holder, ''), q.attempts, coalesce(r.progress->>'stage', '') "
@@ -139,6 +160,58 @@ class Stack:
                         f"WHERE q.id = {int(request_id)}")
         status, holder, attempts, stage = row.split("|")
         return status, holder, int(attempts), stage
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A run_shards row as the test sees it; host: its holder's hostname (a container's)."""
+
+    kind: str
+    index: int
+    status: str
+    attempts: int
+    host: str
+
+
+class Psql:
+    """A long-lived psql session in the db container, fed statements from the test (for locks that
+    must outlive one statement)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.proc = subprocess.Popen(["docker", "exec", "-i", stack.db_container(), "psql", "-U", "catalog", "-d",
+                                      "catalog", "-Atq", "-v", "ON_ERROR_STOP=1"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        self._n = 0
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self.lines.append("<eof>")
+            self._cond.notify_all()
+
+    def run(self, *statements: str, timeout: float = 60) -> None:
+        """Send ``statements`` and wait until psql has run them all."""
+        assert self.proc.stdin is not None
+        self._n += 1
+        marker = f"done-{self._n}"
+        self.proc.stdin.write("\n".join([*statements, f"SELECT '{marker}';"]) + "\n")
+        self.proc.stdin.flush()
+        with self._cond:
+            ok = self._cond.wait_for(lambda: marker in self.lines or "<eof>" in self.lines, timeout)
+            assert ok and marker in self.lines, f"psql {statements}: {self.lines}"
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\\q\n")
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 def _engine_or_skip(stack: Stack) -> None:
@@ -163,7 +236,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 def _host_export(tmp: Path, model: Path, corpus: Path) -> list[dict[str, Any]]:
     """The same extraction in a host process, on the test's own Postgres (the reference)."""
     nc = Path(sys.executable).with_name("neuron-catalog")
-    subprocess.run([str(nc), "extract", "--model", str(model), "--name", "tiny", "--corpus", str(corpus)],
+    subprocess.run([str(nc), "extract", "--model", str(model), "--name", "tiny", "--corpus", str(corpus),
+                    "--shard-tokens", str(SHARD_TOKENS)],
                    check=True, capture_output=True, text=True, timeout=RUN_LIMIT_S, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     out = tmp / "host.jsonl"
     subprocess.run([str(nc), "export", "--model", "tiny", "--out", str(out)], check=True, capture_output=True, timeout=120)
@@ -212,17 +286,16 @@ def test_compose_stack(stack: Stack, migrated_db: str, tmp_path: Path) -> None:
     t = time.monotonic()
     run = stack.compose("run", "--rm", "--no-deps", "worker", "neuron-catalog", "extract", "--distributed",
                         "--model", "/data/inputs/tiny", "--name", "tiny", "--corpus", "/data/inputs/corpus.txt",
-                        timeout=RUN_LIMIT_S)
+                        "--shard-tokens", str(SHARD_TOKENS), timeout=RUN_LIMIT_S)
     timings["extract_through_worker"] = time.monotonic() - t
     assert "catalog 'tiny'" in run.stdout, run.stdout + run.stderr
     first_run = stack.current_run("tiny")
     assert first_run is not None
     page = stack.get("/api/v1/models/tiny/neurons", params={"layer": 0, "limit": 5})
     assert page.status_code == 200 and page.json()["items"], page.text
-    exported = stack.compose("run", "--rm", "--no-deps", "-T", "worker", "sh", "-c",
-                             "neuron-catalog export --model tiny --out /tmp/e.jsonl >&2 && cat /tmp/e.jsonl")
-    # run_id is the only per-run field of an export; it differs between two databases.
-    in_stack = [{**json.loads(line), "run_id": None} for line in exported.stdout.splitlines() if line.strip()]
+    n_pass = [s for s in stack.shards(first_run) if s.kind == "pass"]
+    assert len(n_pass) >= 4 and all(s.status == "done" for s in n_pass), n_pass
+    in_stack = stack.export("tiny")
     t = time.monotonic()
     on_host = _host_export(tmp_path, inputs / "tiny", inputs / "corpus.txt")
     timings["extract_in_host_process"] = time.monotonic() - t
@@ -242,40 +315,66 @@ def test_compose_stack(stack: Stack, migrated_db: str, tmp_path: Path) -> None:
                           headers={"Authorization": f"Bearer {token}", "Origin": origin})
     assert saved.status_code == 201, saved.text
 
-    # 4. Kill the worker holding a run: re-queued, published once; the old catalog served meanwhile.
-    # A psql session holds the extractions' write lock (catalog/runs/lifecycle.py WRITE_LOCK_CLASS), so the
-    # run waits mid-way, after its corpus pass, at a known point: no race with its finishing.
-    blocker = subprocess.Popen(["docker", "exec", "-i", stack.db_container(), "psql", "-U", "catalog", "-d", "catalog",
-                                "-At"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert blocker.stdin is not None and blocker.stdout is not None
-    blocker.stdin.write(f"SELECT pg_advisory_lock({WRITE_LOCK_CLASS}, 0);\nSELECT 'held';\n")
-    blocker.stdin.flush()
-    assert blocker.stdout.readline().strip() == "" and blocker.stdout.readline().strip() == "held"
+    # 4. A sharded run over both workers; one is `docker kill`ed in the middle of a shard: the survivor
+    # re-runs that shard (attempt 2), the run is published once, equal to the in-process catalog, with
+    # the old catalog served until then. A psql session holds shard_states in SHARE mode, so every
+    # shard that has computed its state waits inside lifecycle.complete (its row updated, its state
+    # not written, its liveness lock held): both workers are caught mid-shard at once, by construction.
+    # The session also holds the extractions' write lock (lifecycle.WRITE_LOCK_CLASS), so the run's
+    # finish step then waits just before publishing, at a known point, with every shard done.
+    workers = {c["Config"]["Hostname"]: c["Id"] for c in stack.containers("worker")
+               if c["State"]["Running"] and c["Config"]["Labels"].get("com.docker.compose.oneoff") != "True"}
+    assert len(workers) == 2, f"two worker containers, not {sorted(workers)}"
+    t = time.monotonic()
+    blocker = Psql(stack)
+    blocker.run(f"SELECT pg_advisory_lock({WRITE_LOCK_CLASS}, 0);", "BEGIN;", "LOCK TABLE shard_states IN SHARE MODE;")
     queued = stack.compose("run", "--rm", "--no-deps", "-T", "worker", "neuron-catalog", "extract", "--distributed",
                            "--no-wait", "--model", "/data/inputs/tiny", "--name", "tiny",
-                           "--corpus", "/data/inputs/corpus.txt")
+                           "--corpus", "/data/inputs/corpus.txt", "--shard-tokens", str(SHARD_TOKENS))
     request_id = queued.stdout.strip().splitlines()[-1].strip()
-    status, holder, attempts, _ = _wait_request(stack, request_id, lambda st, h, a, sg: sg == WAITING_TO_WRITE)
-    assert (status, attempts) == ("running", 1) and holder
-    host = holder.split(":")[0]
-    killed = [c["Id"] for c in stack.containers("worker") if c["Config"]["Hostname"] == host]
-    assert killed, f"no worker container has hostname {host}"
-    subprocess.run(["docker", "kill", killed[0]], check=True, capture_output=True)
-    # The survivor's sweeper finds the dead holder and re-queues the run; attempt 2 waits likewise.
-    _wait_request(stack, request_id, lambda st, h, a, sg: a == 2 and sg == WAITING_TO_WRITE)
+    run_id = _wait_run_id(stack, request_id)
+
+    def both_mid_shard() -> list[Shard] | None:
+        waiting = int(stack.psql("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'shard_states'::regclass"))
+        running = [s for s in stack.shards(run_id) if s.kind == "pass" and s.status == "running"]
+        return running if waiting == 2 and len(running) == 2 and len({s.host for s in running}) == 2 else None
+
+    running = _wait_for(stack, both_mid_shard, "both workers waiting mid-shard")
+    shards = stack.shards(run_id)
+    assert len([s for s in shards if s.kind == "pass"]) >= 4, f"too few pass shards: {shards}"
+    assert not [s for s in shards if s.status == "done"], f"no shard can finish while shard_states is locked: {shards}"
+    assert {s.host for s in running} == set(workers), f"holders {running} are not the two workers {sorted(workers)}"
+    assert all(s.attempts == 1 for s in running)
+    killed = running[0]
+    timings["sharded_run_to_both_mid_shard"] = time.monotonic() - t
+    t = time.monotonic()
+    subprocess.run(["docker", "kill", workers[killed.host]], check=True, capture_output=True)
+    _wait_for(stack, lambda: not any(c["State"]["Running"] for c in stack.containers("worker")
+                                     if c["Id"] == workers[killed.host]), "the killed worker to stop")
     assert stack.current_run("tiny") == first_run, "the old catalog must stay current until the new one is published"
-    blocker.stdin.write("SELECT pg_advisory_unlock_all();\n\\q\n")
-    blocker.stdin.close()
-    blocker.wait(timeout=60)
-    status, holder, attempts, _ = _wait_request(stack, request_id, lambda st, h, a, sg: st not in ("queued", "running"))
+    blocker.run("ROLLBACK;")  # the table lock goes; the write lock (session level) stays
+    # The survivor finishes its shard and the rest; its sweeper finds the killed shard `running` with
+    # its lock free and sends it again; the run merges, ablates, and waits to write.
+    _wait_request(stack, request_id, lambda st, h, a, sg: sg == WAITING_TO_WRITE)
+    timings["kill_to_waiting_to_write"] = time.monotonic() - t
+    survivor = next(h for h in workers if h != killed.host)
+    shards = stack.shards(run_id)
+    assert all(s.status == "done" for s in shards), shards
+    again = [s for s in shards if (s.kind, s.index) == (killed.kind, killed.index)]
+    assert [(s.attempts, s.host) for s in again] == [(2, survivor)], f"the killed shard, re-run: {again}"
+    assert all(s.attempts == 1 for s in shards if s not in again), f"only the killed shard runs twice: {shards}"
+    assert stack.current_run("tiny") == first_run, "the old catalog must stay current until the new one is published"
+    blocker.run("SELECT pg_advisory_unlock_all();")
+    blocker.close()
+    status, _, attempts, _ = _wait_request(stack, request_id, lambda st, h, a, sg: st not in ("queued", "running"))
     assert status == "published", stack.psql(f"SELECT error FROM extraction_requests WHERE id = {int(request_id)}")
-    assert attempts == 2, f"{attempts} attempts: the killed one and its re-delivery"
-    assert holder.split(":")[0] != host
+    assert attempts == 1, f"the request was planned {attempts} times, not once"
     second_run = stack.current_run("tiny")
-    assert second_run not in (None, first_run)
-    published = stack.psql("SELECT count(*) FROM extraction_runs r JOIN catalog_models m ON m.id = r.model_id "
-                           "WHERE m.name = 'tiny' AND r.status = 'complete'")
-    assert published == "1", f"{published} complete runs of 'tiny'"
+    assert second_run == run_id and second_run != first_run
+    complete = stack.psql("SELECT count(*) FROM extraction_runs r JOIN catalog_models m ON m.id = r.model_id "
+                          "WHERE m.name = 'tiny' AND r.status = 'complete'")
+    assert complete == "1", f"{complete} complete runs of 'tiny'"
+    assert stack.export("tiny") == on_host, "the catalog of the run with a killed worker differs from the in-process one"
     neurons = stack.get("/api/v1/models/tiny/neurons", params={"layer": 0, "limit": 1}).json()["total"]
 
     # 5. The database goes away and comes back; the stack is taken down and up without -v.
@@ -309,7 +408,7 @@ def test_compose_stack(stack: Stack, migrated_db: str, tmp_path: Path) -> None:
                             "neuron-catalog", "worker", check=False, timeout=120)
     assert refused.returncode != 0
     lines = [x for x in refused.stderr.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1 and "newer" in lines[0], refused.stderr[-2000:]
+    assert len(lines) == 1 and "newer" in lines[0] and f"(head {head()})" in lines[0], refused.stderr[-2000:]
     assert "Traceback" not in refused.stderr + refused.stdout
     assert stack.psql("SELECT version_num FROM alembic_version", database="future") == "9999_from_the_future"
 
@@ -333,6 +432,26 @@ def _wait_request(stack: Stack, request_id: str, done: Any) -> tuple[str, str, i
             return row
         assert row[0] in ("queued", "running"), f"request {request_id} ended early: {row}"
         assert time.monotonic() < deadline, f"request {request_id} stuck at {row}"
+        time.sleep(0.3)
+
+
+def _wait_run_id(stack: Stack, request_id: str) -> int:
+    """The run a request's worker planned (registered with its pass shards)."""
+    found = _wait_for(stack, lambda: stack.psql(f"SELECT run_id FROM extraction_requests WHERE id = {int(request_id)} "
+                                                "AND run_id IS NOT NULL") or None, f"request {request_id} planned")
+    return int(found)
+
+
+def _wait_for(stack: Stack, probe: Callable[[], Any], what: str) -> Any:
+    """Poll ``probe`` until it returns something truthy; on a stuck stack, fail with the workers' logs."""
+    deadline = time.monotonic() + RUN_LIMIT_S
+    while True:
+        found = probe()
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            logs = stack.compose("logs", "--tail", "60", "worker", check=False).stdout
+            pytest.fail(f"waited {RUN_LIMIT_S:.0f}s for {what}\n{logs[-6000:]}")
         time.sleep(0.3)
 
 
