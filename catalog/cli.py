@@ -195,7 +195,7 @@ def _extract_distributed(req: Any, *, wait: bool) -> None:
     except lost as exc:
         _fail(f"lost the database while following request {request_id} (the extraction goes on): "
               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-    if final.run_id is not None and final.status not in ("failed", "cancelled"):
+    if final.run_id is not None:  # planned: the run says how it ends (its request follows it)
         _follow_run(final.run_id)
         return
     _fail(f"request {request_id} {final.status}: {final.error}" if final.error else f"request {request_id} {final.status}")

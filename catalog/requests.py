@@ -39,14 +39,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import create_engine, func, insert, pool, select, text, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.orm import Session
 
 from catalog.config import settings
 from catalog.runs.lifecycle import holder_name
 from catalog.store import migrate
-from catalog.store.database import CONNECT_TIMEOUT_S, get_engine, normalize_url
+from catalog.store.database import get_engine, private_engine, worker_engine
 from catalog.store.models import (
     REQUEST_DONE,
     CatalogModel,
@@ -102,52 +102,6 @@ def one_line(exc: BaseException) -> str:
     if name in _USER_ERRORS and first:
         return first[:2000]
     return (f"{name}: {first}" if first else name)[:2000]
-
-
-# --- connections -------------------------------------------------------------------------------
-
-
-def server_keepalive_options() -> str:
-    """libpq ``options`` setting the server's keepalives for a session (it notices a vanished client)."""
-    return (f"-c tcp_keepalives_idle={settings.keepalives_idle_s} "
-            f"-c tcp_keepalives_interval={settings.keepalives_interval_s} "
-            f"-c tcp_keepalives_count={settings.keepalives_count}")
-
-
-def _liveness_connect_args() -> dict[str, Any]:
-    # Both ends: the server drops the session (and its locks) of a worker machine that vanished,
-    # and the worker notices a database that did. Unix-socket connections ignore both.
-    return {
-        "connect_timeout": CONNECT_TIMEOUT_S,
-        "keepalives": 1, "keepalives_idle": settings.keepalives_idle_s,
-        "keepalives_interval": settings.keepalives_interval_s, "keepalives_count": settings.keepalives_count,
-        "options": server_keepalive_options(),
-    }
-
-
-_private: dict[str, Engine] = {}
-_private_lock = threading.Lock()
-
-
-def private_engine(url: str) -> Engine:
-    """An engine without a pool (each connection is closed for real), with keepalives at both ends.
-
-    For the liveness lock (closing the connection releases it, whatever happened) and for a worker's
-    main process (the sweeper): a prefork worker forks its children from that process, and they must
-    not inherit pooled connections.
-    """
-    url = normalize_url(url)
-    with _private_lock:
-        engine = _private.get(url)
-        if engine is None:
-            engine = _private[url] = create_engine(url, poolclass=pool.NullPool, connect_args=_liveness_connect_args())
-        return engine
-
-
-def worker_engine(url: str) -> Engine:
-    """The pooled engine a worker's extraction runs on: the server's keepalives on every session, so
-    that the run's own liveness lock is freed too when the worker machine vanishes."""
-    return get_engine(url, options=server_keepalive_options())
 
 
 # --- the client side ---------------------------------------------------------------------------

@@ -58,7 +58,8 @@ def run_extraction_request(request_id: int) -> str:
 def run_shard(run_id: int, kind: str, index: int) -> str:
     """One shard of a queue-driven run (catalog/runs/queued.py). A delivery while a live attempt
     holds the shard is a duplicate: ``Ignore`` acks it and does nothing."""
-    outcome = queued.run_shard(int(run_id), str(kind), int(index), sender=CelerySender(), log=logger.info)
+    outcome = queued.run_shard(int(run_id), str(kind), int(index), sender=CelerySender(), log=logger.info,
+                               ended=requests.settle)
     logger.info("run %s %s shard %s: %s", run_id, kind, index, outcome)
     if outcome == "held":
         raise Ignore()
@@ -68,7 +69,8 @@ def run_shard(run_id: int, kind: str, index: int) -> str:
 @app.task(name=RUN_STEP, ignore_result=True)
 def run_step(run_id: int, step: str) -> str:
     """The merge or finish step of a queue-driven run (catalog/runs/queued.py)."""
-    outcome = queued.run_step(int(run_id), str(step), sender=CelerySender(), log=logger.info)
+    outcome = queued.run_step(int(run_id), str(step), sender=CelerySender(), log=logger.info,
+                              ended=requests.settle, fence=requests.RunRequestFence())
     logger.info("run %s step %s: %s", run_id, step, outcome)
     return outcome
 

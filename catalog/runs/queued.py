@@ -38,7 +38,6 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from catalog import requests
 from catalog.config import settings
 from catalog.corpus import CorpusError, CorpusSource, open_corpus
 from catalog.loading import LoadedModel, load
@@ -46,6 +45,7 @@ from catalog.runs import lifecycle, sharded
 from catalog.runs.lifecycle import dispatch
 from catalog.runs.local import prepare, tidy
 from catalog.runs.schemas import ExtractRequest, Fence, Sender
+from catalog.store.database import private_engine, worker_engine
 from catalog.store.models import ExtractionRun, RunStatus, RunStep, ShardKind
 
 logger = logging.getLogger(__name__)
@@ -153,9 +153,18 @@ def plan(req: ExtractRequest, engine: Engine, fence: Fence | None, sender: Sende
     return run_id
 
 
-def _fail_run(engine: Engine, run_id: int, error: BaseException | str) -> None:
+# What else ends with a run: the request that planned it (catalog/requests.py ``settle``), passed in
+# by the task layer so that runs never import requests (requests imports this module to plan).
+Ended = Callable[[Engine, int], None]
+
+
+def _ended(_engine: Engine, _run_id: int) -> None:
+    return None
+
+
+def _fail_run(engine: Engine, run_id: int, error: BaseException | str, ended: Ended) -> None:
     lifecycle.fail(engine, run_id, False, error)
-    requests.settle(engine, run_id)
+    ended(engine, run_id)
 
 
 def _die_for_device(exc: BaseException) -> None:
@@ -164,13 +173,13 @@ def _die_for_device(exc: BaseException) -> None:
 
 
 def run_shard(run_id: int, kind: str, index: int, *, sender: Sender, url: str | None = None,
-              log: Callable[[str], None] = logger.info) -> str:
+              log: Callable[[str], None] = logger.info, ended: Ended = _ended) -> str:
     """One delivery of a shard's message; returns what it did ("held": a live attempt has it)."""
     from catalog.store.database import database_url
 
     url = url or database_url()
-    engine = requests.worker_engine(url)
-    liveness = requests.private_engine(url).connect()
+    engine = worker_engine(url)
+    liveness = private_engine(url).connect()
     then = lifecycle.STEP_OF_KIND[kind]
     outcome, retry, last, fatal = "", False, False, None
     try:
@@ -188,7 +197,7 @@ def run_shard(run_id: int, kind: str, index: int, *, sender: Sender, url: str | 
             attempt = lifecycle.claim(engine, shard, lifecycle.holder_name(), lease_s=settings.shard_lease_s,
                                       max_attempts=settings.shard_max_attempts, locked=True)
         except lifecycle.ShardFailed as exc:
-            _fail_run(engine, run_id, exc)
+            _fail_run(engine, run_id, exc, ended)
             return f"failed: {exc}"
         log(f"run {run_id}: {kind} shard {index}, attempt {attempt}")
         try:
@@ -209,7 +218,7 @@ def run_shard(run_id: int, kind: str, index: int, *, sender: Sender, url: str | 
                            lifecycle.one_line(exc))
             if final:
                 _fail_run(engine, run_id, lifecycle.ShardFailed(
-                    f"{kind} shard {index} failed {attempt} time(s): {lifecycle.one_line(exc)}"))
+                    f"{kind} shard {index} failed {attempt} time(s): {lifecycle.one_line(exc)}"), ended)
             if fatal_device_error(exc):
                 fatal = exc
             elif final:
@@ -231,19 +240,20 @@ def run_shard(run_id: int, kind: str, index: int, *, sender: Sender, url: str | 
 
 
 def run_step(run_id: int, step: str, *, sender: Sender, url: str | None = None,
-             log: Callable[[str], None] = logger.info) -> str:
-    """One delivery of a run's merge or finish message; returns what it did."""
+             log: Callable[[str], None] = logger.info, ended: Ended = _ended, fence: Fence | None = None) -> str:
+    """One delivery of a run's merge or finish message; returns what it did. ``fence``: checked in the
+    publishing transaction (the request's, catalog/requests.py)."""
     from catalog.store.database import database_url
 
     url = url or database_url()
-    engine = requests.worker_engine(url)
-    liveness = requests.private_engine(url).connect()
+    engine = worker_engine(url)
+    liveness = private_engine(url).connect()
     which = RunStep(step)
     why = lifecycle.begin_step(liveness, engine, run_id, which, lifecycle.holder_name(),
                                settings.shard_max_attempts)
     if why is not None:
         if why.startswith("gave up"):
-            requests.settle(engine, run_id)
+            ended(engine, run_id)
         return f"nothing to do: {why}"
     fatal: BaseException | None = None
     try:
@@ -253,14 +263,14 @@ def run_step(run_id: int, step: str, *, sender: Sender, url: str | None = None,
         if which is RunStep.merge:
             outcome = _merge_step(engine, run_id, run, loaded)
         else:
-            outcome = _finish_step(engine, liveness, run_id, run, loaded, log)
+            outcome = _finish_step(engine, liveness, run_id, run, loaded, log, fence)
     except lifecycle.RunStateError as exc:
         return f"stopped: {exc}"
     except Exception as exc:
         if fatal_device_error(exc):
             fatal = exc
         else:
-            _fail_run(engine, run_id, exc)
+            _fail_run(engine, run_id, exc, ended)
             raise  # a bug or a database failure: the worker's log gets the traceback
     finally:
         lifecycle.release(liveness)
@@ -287,7 +297,7 @@ def _merge_step(engine: Engine, run_id: int, run: RunRow, loaded: LoadedModel) -
 
 
 def _finish_step(engine: Engine, liveness: Any, run_id: int, run: RunRow, loaded: LoadedModel,
-                 log: Callable[[str], None]) -> str:
+                 log: Callable[[str], None], fence: Fence | None) -> str:
     """Labels, baselines, projections, ingest, indexes and publish: one transaction, as in-process."""
     from catalog.store.models import CatalogModel
 
@@ -313,7 +323,7 @@ def _finish_step(engine: Engine, liveness: Any, run_id: int, run: RunRow, loaded
             ExtractionRun, ExtractionRun.model_id == CatalogModel.id).where(ExtractionRun.id == run_id)).one()
     earlier = {**(earlier or {}), **timings}
     sharded.finish(engine, run_id, name, loaded, run.req, result, None, lambda _s: None, counts, earlier,
-                   requests.RunRequestFence())
+                   fence)
     _merged.pop(run_id, None)
     _corpora.pop(run_id, None)
     lifecycle.drop_superseded(engine, name)

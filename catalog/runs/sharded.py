@@ -252,7 +252,8 @@ def merged(engine: Engine, run_id: int, loaded: LoadedModel, req: ExtractRequest
 
 
 def plan_ablation(engine: Engine, run_id: int, table: abl.PrefixTable, n_pass_shards: int) -> None:
-    """As many ablation shards as pass shards (the same parallelism), each a document range; once."""
+    """About as many ablation shards as pass shards (the same parallelism; cut at whole documents,
+    so one or two more), each a document range; planned once."""
     per_shard = max(1, -(-len(table) // max(1, n_pass_shards)))
     lifecycle.plan_ablation(engine, run_id, [ShardPlan(a, b, n) for a, b, n in ablation_cuts(table, per_shard)])
 

@@ -19,7 +19,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool, PoolProxiedConnection
 
 from catalog.config import settings
 
@@ -199,3 +199,56 @@ def stop_embedded() -> None:
         if _embedded_server is not None:
             _embedded_server.cleanup()
         _embedded_server, _embedded_url = None, None
+
+
+# --- workers: sessions that notice a vanished peer (catalog/requests.py, catalog/runs/queued.py) ---
+
+
+def _user_timeout_ms() -> int:
+    # Keepalives probe only an idle connection; data left unacknowledged (a reply to a machine that
+    # vanished mid-statement) would otherwise be retransmitted for about 15 minutes.
+    return 1000 * (settings.keepalives_idle_s + settings.keepalives_interval_s * settings.keepalives_count)
+
+
+def server_keepalive_options() -> str:
+    """libpq ``options`` setting the server's keepalives for a session (it notices a vanished client)."""
+    return (f"-c tcp_keepalives_idle={settings.keepalives_idle_s} "
+            f"-c tcp_keepalives_interval={settings.keepalives_interval_s} "
+            f"-c tcp_keepalives_count={settings.keepalives_count} -c tcp_user_timeout={_user_timeout_ms()}")
+
+
+def _liveness_connect_args() -> dict[str, Any]:
+    # Both ends: the server drops the session (and its locks) of a worker machine that vanished,
+    # and the worker notices a database that did. Unix-socket connections ignore both.
+    return {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "keepalives": 1, "keepalives_idle": settings.keepalives_idle_s,
+        "keepalives_interval": settings.keepalives_interval_s, "keepalives_count": settings.keepalives_count,
+        "tcp_user_timeout": _user_timeout_ms(),
+        "options": server_keepalive_options(),
+    }
+
+
+_private: dict[str, Engine] = {}
+_private_lock = threading.Lock()
+
+
+def private_engine(url: str) -> Engine:
+    """An engine without a pool (each connection is closed for real), with keepalives at both ends.
+
+    For the liveness lock (closing the connection releases it, whatever happened) and for a worker's
+    main process (the sweeper): a prefork worker forks its children from that process, and they must
+    not inherit pooled connections.
+    """
+    url = normalize_url(url)
+    with _private_lock:
+        engine = _private.get(url)
+        if engine is None:
+            engine = _private[url] = create_engine(url, poolclass=NullPool, connect_args=_liveness_connect_args())
+        return engine
+
+
+def worker_engine(url: str) -> Engine:
+    """The pooled engine a worker's extraction runs on: the server's keepalives on every session, so
+    that the run's own liveness lock is freed too when the worker machine vanishes."""
+    return get_engine(url, options=server_keepalive_options())
