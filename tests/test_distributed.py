@@ -298,6 +298,11 @@ def test_two_workers_export_what_an_in_process_extract_does(
     assert len([s for s in shards if s.kind == "pass"]) == 5  # a document a shard
     assert all(s.status == "done" and s.attempts == 1 for s in shards)
     assert {os.getpgid(holder_pid(s.holder)) for s in shards} <= {w.pgid for w in workers}
+    shown = cli("runs", "show", str(run_id))
+    assert shown.returncode == 0, shown.stderr
+    for s in shards:  # `runs show`: each shard with its status, attempts and the worker that did it
+        assert any(line.split()[:2] == [s.kind, str(s.index)] and "done" in line and "attempts 1" in line
+                   and line.endswith(f"by {s.holder}") for line in shown.stdout.splitlines()), shown.stdout
 
     a = exported(engine, local, tmp_path / "local.jsonl")
     b = exported(engine, remote, tmp_path / "remote.jsonl")

@@ -137,6 +137,7 @@ def detail_lines(v: RunView) -> list[str]:
             f"attempts {sh.attempts}" + (f"  {sh.seconds:.1f}s" if sh.seconds is not None else "")
             + (f"  state {sh.state_bytes / 1e6:.2f} MB" if sh.state_bytes else "")
             + (f"  held by {sh.holder}" if sh.status == ShardStatus.running.value and sh.holder else "")
+            + (f"  by {sh.holder}" if sh.status == ShardStatus.done.value and sh.holder else "")
             + (f"  error: {sh.error}" if sh.error else ""))
     if v.timings:
         lines.append("  timings: " + ", ".join(f"{k} {float(t):.1f}s" for k, t in v.timings.items()
