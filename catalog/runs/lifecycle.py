@@ -227,8 +227,9 @@ def fail(engine: Engine, run_id: int, created_entry: bool, error: BaseException 
     message = error if isinstance(error, str) else one_line(error)
     with session_scope(engine) as s:
         run = s.get(ExtractionRun, run_id, with_for_update=True)
-        if run is None or run.status in (RunStatus.cancelled, RunStatus.complete, RunStatus.superseded):
-            return
+        if run is None or run.status in (RunStatus.cancelled, RunStatus.complete, RunStatus.superseded,
+                                         RunStatus.failed):
+            return  # a failed run keeps its first error (two shards of a queue run may fail at once)
         run.status = RunStatus.failed
         run.error = message[:2000]
         run.finished_at = datetime.now(UTC)
@@ -429,7 +430,8 @@ def shard_seconds(engine: Engine, run_id: int) -> dict[str, float]:
     """The corpus pass and ablation times as the sum of their shards' final attempts."""
     with engine.connect() as conn:
         rows = conn.execute(select(RunShard.kind, func.coalesce(func.sum(RunShard.seconds), 0.0))
-                            .where(RunShard.run_id == run_id).group_by(RunShard.kind)).all()
+                            .where(RunShard.run_id == run_id).group_by(RunShard.kind)
+                            .order_by(RunShard.kind.desc())).all()  # the pass, then the ablation: stage order
     names = {ShardKind.pass_.value: "corpus_pass", ShardKind.ablation.value: "ablation"}
     return {names[k]: float(v or 0.0) for k, v in rows}
 
