@@ -14,11 +14,15 @@ Measured in this one run, in this order:
    its peak RSS from wait4;
 2. ``dist1`` / ``dist2``: ``neuron-catalog extract --distributed --shard-tokens S`` with 1 and
    2 workers (``neuron-catalog worker --concurrency 1``, each its own process group). The workers
-   are started and Celery-ready (their "ready." line) before the clock starts, then sit idle for
-   ``--idle-s`` seconds (the broker and database traffic of idle workers, reported as a baseline);
+   are started and Celery-ready (their "ready." line) before the clock starts (after the run they
+   sit idle for ``--idle-s`` seconds: the idle workers' broker and database traffic, a baseline);
    they have not loaded the model: the request's task loads it on one worker, the first shard on
    the other, as the in-process run loads it inside its timed span. The clock runs from the
-   submitting ``extract --distributed`` process's start to its exit (after publish);
+   submitting ``extract --distributed`` process's start to its exit (after publish); each
+   configuration has its own Redis database (no message of one reaches another's workers);
+   ``dist2t1`` (not in the default list): 2 workers started with OMP_NUM_THREADS=1, one torch thread
+   each, so that two workers do not oversubscribe a 2-core machine (each default worker runs as many
+   torch threads as there are cores);
 3. ``kill``: 2 workers again; before submitting, a session of this script holds ``LOCK TABLE
    shard_states IN SHARE MODE``, so the first worker that finishes a pass shard blocks inside its
    completing transaction (lifecycle.complete: its DELETE of the shard's old state waits on the
@@ -36,7 +40,8 @@ Measured in this one run, in this order:
 5. traffic: redis INFO stats deltas (commands, net input/output bytes) and pg_stat_database deltas
    of the run's database (commits, rows inserted/updated/deleted, blocks read/hit) over the timed
    span, per message (1 request + pass shards + merge + ablation shards + finish) and per shard,
-   raw and less the idle baseline; run_shards.state_bytes per shard;
+   raw and less the idle baseline; run_shards.state_bytes per shard (the span of a queued run ends
+   when its finish task ends, after the submitting process has exited);
 6. where the time goes: extraction_runs.timings and each run_shards row (seconds, holder, start,
    finish, attempts) of every run, and a timeline of each queued run from those rows.
 """
@@ -44,6 +49,7 @@ Measured in this one run, in this order:
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
@@ -90,7 +96,8 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _STARTED.append(proc)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
     deadline = time.monotonic() + 60
@@ -147,6 +154,19 @@ def vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
+_STARTED: list[Any] = []  # every process this script started, ended at exit whatever happened
+
+
+@atexit.register
+def _end_started() -> None:
+    for proc in _STARTED:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 class Worker:
     """``neuron-catalog worker --concurrency 1`` in a process group of its own, logging to a file."""
 
@@ -158,6 +178,7 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "catalog.cli", "worker", "--concurrency", "1",
                                       "--loglevel", "INFO"], cwd=REPO, env=env, start_new_session=True,
                                      stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        _STARTED.append(self.proc)
         self.hwm: dict[str, float] = {}
 
     def wait_ready(self, timeout: float = 300) -> float:
@@ -196,9 +217,11 @@ class Worker:
     def stop(self) -> None:
         if self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)  # Celery's warm shutdown: the idle worker exits at once
+        # Celery's warm shutdown, to the main process only (a SIGTERM to the pool child would end it
+        # mid-task, and the message would go back to the queue)
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(timeout=60)
+            self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
@@ -290,14 +313,14 @@ def timeline(rec: dict[str, Any], t0: float, t_end: float, tasks: list[dict[str,
     out["published (finished_at)"] = run["finished_at"] - t0
     out["its last output (summary)"] = last_output - t0
     out["submitting process exited"] = t_end - t0
-    fin = [t for t in tasks if t["task"] == "run_step" and t["id"].endswith("-finish") and "done" in t]
+    fin = [t for t in tasks if t["task"] == "run_step" and t["id"].endswith("-finish") and "published" in t.get("outcome", "")]
     if fin:
         out["finish task done (after drop_superseded, tidy: VACUUM ANALYZE)"] = max(t["done"] for t in fin) - t0
     return out
 
 
 TASK_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/[\w-]+\] Task ([\w.]+)\[([^\]]+)\] "
-                       r"(received|succeeded in ([\d.]+)s)")
+                       r"(received|succeeded in ([\d.]+)s: (.*))")
 
 
 def celery_tasks(logs: list[Path]) -> list[dict[str, Any]]:
@@ -313,8 +336,20 @@ def celery_tasks(logs: list[Path]) -> list[dict[str, Any]]:
             if m[4] == "received":
                 d["received"] = ts
             else:
-                d["done"], d["seconds"] = ts, float(m[5])
+                d["done"], d["seconds"], d["outcome"] = ts, float(m[5]), m[6]
     return sorted(out.values(), key=lambda d: d.get("received", 0.0))
+
+
+def wait_finish(tmp: Path, key: str, timeout: float = 900) -> float:
+    """Epoch at which a worker logged the end of the run's finish task (the one that published)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = [t["done"] for t in celery_tasks(sorted(tmp.glob(f"worker-{key}-*.log")))
+                if t["task"] == "run_step" and t["id"].endswith("-finish") and "published" in t.get("outcome", "")]
+        if done:
+            return max(done)
+        time.sleep(0.5)
+    sys.exit(f"{key}: no finish task ended within {timeout} s")
 
 
 def per_worker_seconds(rec: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -336,7 +371,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=6000, help="--max-tokens of every extraction")
     ap.add_argument("--shard-tokens", type=int, default=1000)
     ap.add_argument("--sweep-s", type=float, default=2.0, help="CATALOG_SWEEP_INTERVAL_S of every worker")
-    ap.add_argument("--idle-s", type=float, default=10.0, help="idle window before each queued run (baseline)")
+    ap.add_argument("--idle-s", type=float, default=20.0, help="idle window after each queued run (baseline)")
     ap.add_argument("--only", default="inproc,dist1,dist2,kill", help="configurations to run, in order")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here too")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory (logs)")
@@ -385,24 +420,21 @@ def main() -> None:
                     str(args.tokens), "--shard-tokens", str(args.shard_tokens)]
     results: dict[str, dict[str, Any]] = {}
 
-    for key in args.only.split(","):
+    for i, key in enumerate(args.only.split(",")):
         db = f"bench9_{key}"
         url = create_database(admin, db)
         upgrade(url)
-        env = {**base_env, "CATALOG_DATABASE_URL": url}
+        # a Redis database of its own: no message of one configuration can reach the next one's workers
+        env = {**base_env, "CATALOG_DATABASE_URL": url, "CATALOG_BROKER_URL": f"{broker.rsplit('/', 1)[0]}/{i + 1}"}
         res: dict[str, Any] = {"db": db}
         workers: list[Worker] = []
         print(f"\n== {key}", flush=True)
         if key != "inproc":
             n = 1 if key == "dist1" else 2
-            workers = [Worker(f"{key}-{i}", env, tmp) for i in range(n)]
+            wenv = {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if key == "dist2t1" else env
+            workers = [Worker(f"{key}-{j}", wenv, tmp) for j in range(n)]
             res["worker_ready_s"] = [round(w.wait_ready(), 1) for w in workers]
-            print(f"  {n} worker(s) ready after {res['worker_ready_s']} s; idle {args.idle_s:.0f} s", flush=True)
-            r0, p0 = redis_stats(broker), pg_stats(admin_engine, db)
-            time.sleep(args.idle_s)
-            r1, p1 = redis_stats(broker), pg_stats(admin_engine, db)
-            res["idle_per_s"] = {k: (r1[k] - r0[k]) / args.idle_s for k in REDIS_FIELDS} | {
-                k: (p1[k] - p0[k]) / args.idle_s for k in PG_FIELDS}
+            print(f"  {n} worker(s) ready after {res['worker_ready_s']} s", flush=True)
         cmd = [sys.executable, "-m", "catalog.cli", "extract", *extract_args]
         if key != "inproc":
             cmd.insert(4, "--distributed")
@@ -427,14 +459,34 @@ def main() -> None:
                 print(f"--- {w.log}\n" + w.log.read_text(errors="replace")[-4000:])
             sys.exit(f"{key}: extract exited {rc}")
         res["wall"], res["client_maxrss_mb"] = wall, maxrss
-        res["r_delta"] = {k: v - r_before[k] for k, v in redis_stats(broker).items()}
-        res["workers_hwm_mb"] = {w.label: dict(w.read_hwm()) for w in workers}
-        if key == "kill":
-            res["workers_hwm_mb"][res["kill"]["killed_label"]] = res["kill"]["killed_hwm_mb"]
-        for w in workers:
-            w.stop()
-        time.sleep(1.5)  # backends that exited have flushed their statistics
-        res["p_delta"] = {k: v - p_before[k] for k, v in pg_stats(admin_engine, db).items()}
+        if workers:
+            # The submitting process exits at publish; the finish task goes on (drop superseded runs,
+            # VACUUM ANALYZE). Its end closes the traffic span; then the idle workers' own traffic
+            # (sweeps every CATALOG_SWEEP_INTERVAL_S, Celery's polling) over --idle-s is the baseline.
+            res["finish_done"] = wait_finish(tmp, key)
+            span = res["finish_done"] - t0
+            time.sleep(11)  # an idle backend flushes its statistics within 10 s (PGSTAT_IDLE_INTERVAL)
+            r1, p1 = redis_stats(broker), pg_stats(admin_engine, db)
+            time.sleep(args.idle_s)
+            r2, p2 = redis_stats(broker), pg_stats(admin_engine, db)
+            res["idle_per_s"] = {k: (r2[k] - r1[k]) / args.idle_s for k in REDIS_FIELDS} | {
+                k: (p2[k] - p1[k]) / args.idle_s for k in PG_FIELDS}
+            # the span's figures less the idle traffic of the seconds measured past its end
+            past = time.time() - res["finish_done"]
+            res["r_delta"] = {k: r2[k] - r_before[k] - res["idle_per_s"][k] * past for k in REDIS_FIELDS}
+            res["p_delta"] = {k: p2[k] - p_before[k] - res["idle_per_s"][k] * past for k in PG_FIELDS}
+            res["span"] = span
+            res["workers_hwm_mb"] = {w.label: dict(w.read_hwm()) for w in workers}
+            if key == "kill":
+                res["workers_hwm_mb"][res["kill"]["killed_label"]] = res["kill"]["killed_hwm_mb"]
+            for w in workers:
+                w.stop()
+        else:
+            time.sleep(1.5)  # the client's backends exited and flushed their statistics
+            res["p_delta"] = {k: v - p_before[k] for k, v in pg_stats(admin_engine, db).items()}
+            res["r_delta"] = {k: 0 for k in REDIS_FIELDS}
+            res["span"] = wall
+            res["workers_hwm_mb"] = {}
         res["record"] = run_record(url)
         res["tasks"] = celery_tasks(sorted(tmp.glob(f"worker-{key}-*.log")))
         res["timeline"] = timeline(res["record"], t0, t_end, res["tasks"], ext.last_output)
@@ -528,13 +580,17 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, load: t
     n_pass, n_abl = len(shards_of(first, "pass")), len(shards_of(first, "ablation"))
     print(f"| pass shards / ablation shards | {n_pass} / {n_abl} |")
     for k, label in (("inproc", "in-process `extract --shard-tokens`"), ("dist1", "distributed, 1 worker"),
-                     ("dist2", "distributed, 2 workers"), ("kill", "distributed, 2 workers, one SIGKILLed mid-run")):
+                     ("dist2", "distributed, 2 workers"),
+                     ("dist2t1", "distributed, 2 workers of 1 torch thread each (OMP_NUM_THREADS=1)"),
+                     ("kill", "distributed, 2 workers, one SIGKILLed mid-run")):
         if k in results:
             print(f"| {label}, s | {wall(k):.1f} |")
     if "dist1" in results and "inproc" in results:
         print(f"| **distributed 1 worker / in-process** (target <= 1.10) | **{wall('dist1') / wall('inproc'):.3f}** |")
     if "dist2" in results and "dist1" in results:
         print(f"| **2 workers / 1 worker** | **{wall('dist2') / wall('dist1'):.3f}** |")
+    if "dist2t1" in results and "dist1" in results:
+        print(f"| **2 workers of 1 thread / 1 worker** | **{wall('dist2t1') / wall('dist1'):.3f}** |")
     if "kill" in results and "dist2" in results:
         k = results["kill"]["kill"]
         rec = results["kill"]["record"]
@@ -551,7 +607,7 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, load: t
         print(f"| ... replacement worker start -> Celery ready (started right after the kill) | {ready:.1f} |")
     if "inproc" in results:
         print(f"| peak RSS, in-process extract | {results['inproc']['client_maxrss_mb']:.0f} MB |")
-    for k in ("dist1", "dist2", "kill"):
+    for k in ("dist1", "dist2", "dist2t1", "kill"):
         if k in results:
             w = "; ".join(f"{lbl}: " + ", ".join(f"{r} {v:.0f}" for r, v in h.items())
                           for lbl, h in results[k]["workers_hwm_mb"].items())
@@ -563,23 +619,28 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, load: t
         extra = sum(max(0, s["attempts"] - 1) for s in sh)
         r, p = res["r_delta"], res["p_delta"]
         idle = res.get("idle_per_s", {})
+        span = res["span"]
         if k != "inproc":
-            net = {f: r[f] - idle.get(f, 0) * res["wall"] for f in REDIS_FIELDS}
+            net = {f: r[f] - idle.get(f, 0) * span for f in REDIS_FIELDS}
             print(f"| redis, {k}: commands / in bytes / out bytes per message ({msgs} messages"
-                  f"{f', {extra} re-run' if extra else ''}) | {r['total_commands_processed'] / msgs:,.0f} / "
+                  f"{f', {extra} re-run' if extra else ''}; submit to the finish task's end, {span:.0f} s) | "
+                  f"{r['total_commands_processed'] / msgs:,.0f} / "
                   f"{r['total_net_input_bytes'] / msgs:,.0f} / {r['total_net_output_bytes'] / msgs:,.0f} "
-                  f"(less idle baseline: {net['total_commands_processed'] / msgs:,.0f} / "
+                  f"(less the idle rate x {span:.0f} s: {net['total_commands_processed'] / msgs:,.0f} / "
                   f"{net['total_net_input_bytes'] / msgs:,.0f} / {net['total_net_output_bytes'] / msgs:,.0f}) |")
-            print(f"| redis, {k}: idle baseline per s (commands / in / out bytes) | "
+            print(f"| redis, {k}: idle workers, per s (commands / in / out bytes) | "
                   f"{idle['total_commands_processed']:.1f} / {idle['total_net_input_bytes']:,.0f} / "
                   f"{idle['total_net_output_bytes']:,.0f} |")
-        nsh = len(sh)
+        fields = [f for f in PG_FIELDS if f != "xact_rollback"]
         print(f"| postgres, {k}: commits / rows inserted / updated / deleted / blocks read / hit, whole run | "
-              + " / ".join(f"{p[f]:,}" for f in PG_FIELDS if f != "xact_rollback") + " |")
+              + " / ".join(f"{p[f]:,.0f}" for f in fields) + " |")
         if k != "inproc":
-            print(f"| postgres, {k}: per shard ({nsh}), less the idle baseline | " + " / ".join(
-                f"{(p[f] - idle.get(f, 0) * res['wall']) / nsh:,.0f}" for f in PG_FIELDS if f != "xact_rollback")
-                + f" (idle: {idle.get('xact_commit', 0):.1f} commits/s) |")
+            print(f"| postgres, {k}: idle workers, per s (same figures) | "
+                  + " / ".join(f"{idle.get(f, 0):,.1f}" for f in fields) + " |")
+            if "inproc" in results:
+                base = results["inproc"]["p_delta"]
+                print(f"| postgres, {k}: beyond the in-process run, per message ({msgs}) | " + " / ".join(
+                    f"{(p[f] - base[f]) / msgs:,.1f}" for f in fields) + " |")
         sb = [s["state_bytes"] for s in sh if s["state_bytes"]]
         sbp = [s["state_bytes"] for s in sh if s["state_bytes"] and s["kind"] == "pass"]
         sba = [s["state_bytes"] for s in sh if s["state_bytes"] and s["kind"] == "ablation"]
