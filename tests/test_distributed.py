@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import netns
 import pytest
@@ -191,11 +191,19 @@ def workers(worker_pool: list[Worker], redis_url: str, migrated_db: str,
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def request_row(engine: Engine, request_id: int) -> ExtractionRequest:
+T = TypeVar("T")
+
+
+def row_of(engine: Engine, model: type[T], key: int) -> T:
+    """One row as it is now (a fresh session each time)."""
     with Session(engine, expire_on_commit=False) as s:
-        row = s.get(ExtractionRequest, request_id)
+        row = s.get(model, key)
         assert row is not None
         return row
+
+
+def request_row(engine: Engine, request_id: int) -> ExtractionRequest:
+    return row_of(engine, ExtractionRequest, request_id)
 
 
 def latest_request(engine: Engine, name: str) -> ExtractionRequest | None:
@@ -452,10 +460,7 @@ def shards_of(engine: Engine, run_id: int) -> list[RunShard]:
 
 
 def run_row(engine: Engine, run_id: int) -> ExtractionRun:
-    with Session(engine, expire_on_commit=False) as s:
-        run = s.get(ExtractionRun, run_id)
-        assert run is not None
-        return run
+    return row_of(engine, ExtractionRun, run_id)
 
 
 def queued_run(engine: Engine, name: str) -> ExtractionRun | None:

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import tiny_models
+import test_shards
 import torch
 from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Engine
-from test_shards import PARAMS, export_of, lines
+from test_shards import PARAMS, export_of
 
 from catalog.runs import lifecycle, queued
 from catalog.runs.local import extract
@@ -27,6 +27,10 @@ from catalog.store.database import database_url, session_scope
 from catalog.store.models import CatalogModel, ExtractionRun, RunShard, RunStatus, ShardKind, ShardState
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# the shard tests' module fixtures: the same corpus and tiny models (GPT-2, Llama, BERT)
+corpus_file = test_shards.corpus_file
+models = test_shards.models
 
 SHARD_TOKENS = 97
 
@@ -61,22 +65,6 @@ def drain(sender: Recorder, rng: random.Random, twice: bool = True) -> list[tupl
         for msg in batch:
             log.append((msg, deliver(msg, sender)))
     return log
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    p = tmp_path_factory.mktemp("queued-corpus") / "corpus.txt"
-    p.write_text("\n".join(lines(120, 11)) + "\n", encoding="utf-8")
-    return p
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from test_encoder import save_bert
-
-    root = tmp_path_factory.mktemp("queued-models")
-    return {**{f: tiny_models.save(f, root / f, seed=5) for f in ("gpt2", "llama")},
-            "bert": save_bert("BertForMaskedLM", root / "bert", seed=2)}
 
 
 @pytest.fixture(autouse=True)

@@ -302,14 +302,15 @@ class Shard:
     byte_offset: int | None = None
 
 
-def shards(engine: Engine, run_id: int, kind: ShardKind) -> list[Shard]:
-    """The run's shards of ``kind`` in index order."""
+def shards(engine: Engine, run_id: int, kind: ShardKind, index: int | None = None) -> list[Shard]:
+    """The run's shards of ``kind`` in index order (``index``: that one only)."""
+    where = [RunShard.run_id == run_id, RunShard.kind == kind.value]
+    if index is not None:
+        where.append(RunShard.index == index)
     with engine.connect() as conn:
         rows = conn.execute(select(RunShard.run_id, RunShard.kind, RunShard.index, RunShard.doc_start,
                                    RunShard.doc_stop, RunShard.tokens, RunShard.status, RunShard.attempts,
-                                   RunShard.byte_offset)
-                            .where(RunShard.run_id == run_id, RunShard.kind == kind.value)
-                            .order_by(RunShard.index)).all()
+                                   RunShard.byte_offset).where(*where).order_by(RunShard.index)).all()
     return [Shard(*r) for r in rows]
 
 
@@ -535,7 +536,7 @@ def lock_shard(conn: Connection, run_id: int, kind: str, index: int) -> bool:
 
 
 def shard(engine: Engine, run_id: int, kind: str, index: int) -> Shard | None:
-    found = [s for s in shards(engine, run_id, ShardKind(kind)) if s.index == index]
+    found = shards(engine, run_id, ShardKind(kind), index)
     return found[0] if found else None
 
 
