@@ -9,10 +9,12 @@ ROOT=$(pwd)
 # Debian packages: WordNet's plain data files are the offline demo corpus (see
 # catalog/demo_corpus.py); redis-server is the Celery broker the worker tests start themselves;
 # docker-compose (when no Compose is present) lets tests/test_compose.py check docker-compose.yml
-# (`config` needs no running Docker engine).
+# (`config` needs no running Docker engine); iproute2's `ip` makes the network namespaces that
+# tests/test_distributed.py runs workers in as other hosts (tests/netns.py).
 APT=()
 [ -d /usr/share/wordnet ] || APT+=(wordnet-base)
 command -v redis-server >/dev/null || APT+=(redis-server)
+command -v ip >/dev/null || APT+=(iproute2)
 { docker-compose version || docker compose version; } >/dev/null 2>&1 || APT+=(docker-compose)
 if [ ${#APT[@]} -gt 0 ]; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
