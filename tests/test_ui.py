@@ -96,7 +96,9 @@ def card_key(url: str) -> tuple[int, int]:
 def test_sign_in_by_keyboard(page: Any, token: str, server: str) -> None:
     page.goto("/signin")
     shot(page, "signin")
-    page.keyboard.type(token)  # the token field has focus
+    # the token field has focus (autofocus is applied after load: wait for it, or the first keys are lost)
+    page.wait_for_function("document.activeElement && document.activeElement.id === 'token'")
+    page.keyboard.type(token)
     page.keyboard.press("Enter")
     page.wait_for_url(f"{server}/")
     assert f"ada-{TAG}" in page.locator("header").inner_text()

@@ -98,6 +98,7 @@ def context(browser: Any, server: str, users: dict[str, str]) -> Iterator[Any]:
     pg = ctx.new_page()
     pg.set_default_timeout(20_000)
     pg.goto("/signin")
+    pg.wait_for_function("document.activeElement && document.activeElement.id === 'token'")  # autofocus lands after load
     pg.keyboard.type(users["ada"])
     with pg.expect_navigation():
         pg.keyboard.press("Enter")
