@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     # when (neurons x vocabulary) is at most this, and otherwise this many candidates (nearest values
     # by cosine, at least 2x the neurons still wanted) are.
     rank_exact_max_logits: int = 20_000_000
+    # Similar neurons (part 10): each run stores per neuron and space the first this-many of the exact
+    # order (catalog/extract/neighbours.py); a request the list cannot answer (k beyond it, or a layer
+    # range holding fewer than k of it) scores every vector in range instead.
+    similar_list_size: int = Field(default=50, ge=1, le=500)
     rank_candidates: int = 200
     # A search query running longer than this is cancelled (503) rather than holding a connection.
     statement_timeout_ms: int = 10_000

@@ -35,6 +35,7 @@ from catalog.config import settings
 from catalog.corpus import Document
 from catalog.extract.corpus_pass import corpus_pass
 from catalog.extract.windows import tokenise
+from catalog.read import vectors
 from catalog.runs.local import extract
 from catalog.runs.schemas import ExtractRequest, default_parameters
 from catalog.store.database import session_scope
@@ -872,8 +873,13 @@ def test_token_ranking(api: httpx.Client, cats: dict[str, Cat], label: str, meth
                 assert it["value_norm"] == pytest.approx(np.linalg.norm(cat.values[key]), rel=1e-5)
 
 
+@pytest.mark.parametrize("path", ["list", "scan"])
 @pytest.mark.parametrize("label", ["gpt2", "llama", "spaced"])
-def test_similar_neurons(api: httpx.Client, cats: dict[str, Cat], label: str, method: str) -> None:
+def test_similar_neurons(api: httpx.Client, cats: dict[str, Cat], label: str, path: str,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exact either way: from the run's stored list, or (no list, as for a run from before part 10) a scan."""
+    if path == "scan":
+        monkeypatch.setattr(vectors, "_from_list", lambda *a, **kw: None)
     cat = cats[label]
     for space, vecs in (("key", cat.keys), ("value", cat.values)):
         unit = vecs / np.linalg.norm(vecs, axis=2, keepdims=True)
@@ -885,17 +891,16 @@ def test_similar_neurons(api: httpx.Client, cats: dict[str, Cat], label: str, me
             params: dict[str, Any] = {"space": space, "k": k} | ({"layer_min": lo} if lo is not None else {}) | \
                 ({"layer_max": hi} if hi is not None else {})
             body = ok(api.get(f"/models/{cat.name}/neurons/{layer}/{neuron}/similar", params=params))
-            assert body["method"] == method and body["space"] == space
+            assert body["method"] == "exact" and body["space"] == space
             assert (layer, neuron) not in keys_of(body["items"])
-            _check_ranking(body["items"], scores, k, method, "cosine")
+            _check_ranking(body["items"], scores, k, "exact", "cosine")
 
 
 def test_hnsw_scores_equal_exact_scores(api: httpx.Client, cats: dict[str, Cat], monkeypatch: pytest.MonkeyPatch) -> None:
     """vectors.py promises: index candidates are re-scored with the full-precision vectors, so scores are exact."""
     cat = cats["gpt2"]
-    queries: list[tuple[str, dict[str, Any], str]] = [(f"/models/{cat.name}/neurons/0/3/similar", {"space": "key", "k": 10}, "cosine"),
-               (f"/models/{cat.name}/neurons/1/5/similar", {"space": "value", "k": 10}, "cosine"),
-               (f"/models/{cat.name}/tokens/cat/neurons", {"k": 10}, "logit")]
+    queries: list[tuple[str, dict[str, Any], str]] = [(f"/models/{cat.name}/tokens/cat/neurons", {"k": 10}, "logit"),
+               (f"/models/{cat.name}/tokens/cat/neurons", {"k": 10, "order": "cosine"}, "cosine")]
     exact = [ok(api.get(path, params=params)) for path, params, _ in queries]
     monkeypatch.setattr(settings, "exact_vector_scan_max", 0)
     hnsw = [ok(api.get(path, params=params)) for path, params, _ in queries]

@@ -229,7 +229,8 @@ class SimilarNeuron(BaseModel):
 
 class SimilarPage(Page[SimilarNeuron]):
     space: Literal["key", "value"]
-    method: Literal["exact", "hnsw"]
+    method: Literal["exact"] = Field(description="Always exact (since part 10): the run's stored exact list when "
+                                     "it holds the answer, else every vector in range scored.")
 
 
 class ProbeRequest(BaseModel):

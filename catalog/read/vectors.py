@@ -320,14 +320,23 @@ def _array(v: Any) -> np.ndarray:
 
 def similar(session: Session, name: str, layer: int, neuron: int, *, space: str = "value", k: int = 20,
             layer_min: int | None = None, layer_max: int | None = None) -> SimilarPage:
-    """The k neurons whose key (or value) vector has the highest cosine with this neuron's."""
+    """The k neurons whose key (or value) vector has the highest cosine with this neuron's, exactly: from
+    the run's stored list when it holds the answer, else by scoring every vector in range."""
     entry, run = require_run(session, name)
     if space not in ("key", "value"):
         raise InvalidParameter("space: must be key or value")
     if not 1 <= k <= MAX_K:
         raise InvalidParameter(f"k: must be 1-{MAX_K}")
     lo, hi = _layer_range(entry, layer_min, layer_max)
-    rid, dim = int(run.id), int(entry.d_model)
+    rid = int(run.id)
+    listed = session.execute(text(
+        "SELECT ids, cosines FROM similar_lists WHERE run_id = :r AND space = :s AND layer = :l AND neuron = :n"),
+        {"r": rid, "s": space, "l": layer, "n": neuron}).first()
+    if listed is not None:
+        items = _from_list(listed[0], listed[1], int(entry.d_mlp), lo, hi, k)
+        if items is not None:
+            return SimilarPage(items=items, space=space, method="exact")  # type: ignore[arg-type]
+    # No list (a run from before part 10), or the answer lies beyond it: score every vector in range.
     column = f"{space}_vector"
     v = session.execute(
         text(f"SELECT {column} FROM neurons WHERE run_id = :r AND layer = :l AND neuron = :n"),
@@ -336,22 +345,25 @@ def similar(session: Session, name: str, layer: int, neuron: int, *, space: str 
     if v is None:
         raise NotFound(f"catalog {name!r} has no neuron {layer}/{neuron} "
                        f"(layers 0-{entry.n_layers - 1}, neurons 0-{entry.d_mlp - 1})")
-    params: dict[str, Any] = {"v": _vec(v), "lo": lo, "hi": hi, "k": k + 1, "l": layer, "n": neuron}
-    use_index = _use_index(entry, lo, hi)
-    if use_index:
-        _ann_settings(session, k + 1, filtered=(lo, hi) != (0, entry.n_layers - 1))
-        sql = (f"WITH c AS (SELECT layer, neuron, {column} AS vec FROM neurons "
-               f"WHERE run_id = {rid} AND layer BETWEEN :lo AND :hi "
-               f"ORDER BY {vector_expression(column, dim)} <=> CAST(CAST(:v AS vector) AS halfvec({dim})) LIMIT :k) "
-               f"SELECT layer, neuron, 1 - (vec <=> CAST(:v AS vector)) AS cosine FROM c")
-    else:
-        sql = (f"SELECT layer, neuron, 1 - ({column} <=> CAST(:v AS vector)) AS cosine FROM neurons "
-               f"WHERE run_id = {rid} AND layer BETWEEN :lo AND :hi "
-               f"ORDER BY {column} <=> CAST(:v AS vector), layer, neuron LIMIT :k")
-    rows = [r for r in session.execute(text(sql), params).tuples() if (r[0], r[1]) != (layer, neuron)]
-    rows.sort(key=lambda r: (-r[2], r[0], r[1]))
-    items = [SimilarNeuron(layer=a, neuron=b, cosine=c) for a, b, c in rows[:k]]
-    return SimilarPage(items=items, space=space, method="hnsw" if use_index else "exact")  # type: ignore[arg-type]
+    sql = (f"SELECT layer, neuron, 1 - ({column} <=> CAST(:v AS vector)) AS cosine FROM neurons "
+           f"WHERE run_id = {rid} AND layer BETWEEN :lo AND :hi AND NOT (layer = :l AND neuron = :n) "
+           f"ORDER BY {column} <=> CAST(:v AS vector), layer, neuron LIMIT :k")
+    rows = session.execute(text(sql), {"v": _vec(v), "lo": lo, "hi": hi, "k": k, "l": layer, "n": neuron}).tuples()
+    items = [SimilarNeuron(layer=a, neuron=b, cosine=c) for a, b, c in rows]
+    return SimilarPage(items=items, space=space, method="exact")  # type: ignore[arg-type]
+
+
+def _from_list(ids: list[int], cosines: list[float], d_mlp: int, lo: int, hi: int, k: int) -> list[SimilarNeuron] | None:
+    """The first k of a stored exact list (flat ids) that lie in layers lo..hi, or None when it holds
+    fewer than k of them. The list is a head of the exact order, so any k it holds are the k best."""
+    items = []
+    for flat, cos in zip(ids, cosines, strict=True):
+        a, b = divmod(int(flat), d_mlp)
+        if lo <= a <= hi:
+            items.append(SimilarNeuron(layer=a, neuron=b, cosine=float(cos)))
+            if len(items) == k:
+                return items
+    return None
 
 
 def _vec(v: Any) -> str:

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from catalog.config import settings
 from catalog.corpus import CorpusError, CorpusSource, Document, LineStats, check_read
 from catalog.extract import ablation as abl
+from catalog.extract import neighbours
 from catalog.extract.columns import layer_columns, prefix_columns
 from catalog.extract.params import Parameters, Progress
 from catalog.extract.pipeline import (
@@ -332,14 +333,27 @@ def finish(
         writer.tokens(texts, view.unembedding().detach().float().cpu().numpy())
         if result is not None:
             writer.prefixes(prefix_columns(result))
+        vectors: dict[str, list[torch.Tensor]] = {space: [] for space in neighbours.SPACES}
         for rec in layer_records(view, req.params, result, None):
             stage(f"layer {rec.layer}")
             for k, v in rec.seconds.items():
                 by_stage[k] = by_stage.get(k, 0.0) + v
             writer.layer(**layer_columns(rec))
+            vectors["key"].append(rec.keys)
+            vectors["value"].append(rec.values)
             if progress is not None:
                 progress("weights, projections and ingest", 1, view.n_layers)
         timings.update(by_stage)
+        stage("similar lists")
+        for space, parts in vectors.items():
+            t1 = time.perf_counter()
+            lists = neighbours.similar_lists(
+                torch.cat(parts).to(view.unembedding().device), keep=settings.similar_list_size)
+            timings[f"similar_{space}"] = time.perf_counter() - t1
+            writer.similar_lists(space, view.d_mlp, lists.ids, lists.scores, lists.length)
+            if progress is not None:
+                progress("similar-neuron lists", 1, len(vectors))
+        del vectors
         stage("vector indexes")
         n_indexes = len(search_index.VECTOR_INDEXES)
         timings.update(writer.vector_indexes(

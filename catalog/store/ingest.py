@@ -155,6 +155,17 @@ class RunWriter:
                 )
             self.search_seconds += time.perf_counter() - t0
 
+    def similar_lists(self, space: str, d_mlp: int, ids: np.ndarray, cosines: np.ndarray, length: np.ndarray) -> None:
+        """Every neuron's similar-neuron list in one space: row r (flat id layer * d_mlp + neuron) holds
+        ``ids[r, :length[r]]`` (flat ids) and their cosines."""
+        rid = self.run_id
+        self._copy_rows(
+            "similar_lists", ("run_id", "space", "layer", "neuron", "ids", "cosines"),
+            ("int4", "text", "int2", "int4", "int4[]", "float8[]"),
+            ((rid, space, r // d_mlp, r % d_mlp, ids[r, :n].tolist(), cosines[r, :n].tolist())
+             for r, n in enumerate(length.tolist())),
+        )
+
     def vector_indexes(self, dim: int, on_index: Callable[[], None] | None = None) -> dict[str, float]:
         """The run's HNSW indexes, once every layer is in; seconds per index (``on_index``: after each)."""
         with self.conn.cursor() as cur:

@@ -444,6 +444,25 @@ class NeuronSearch(Base):
     next_tokens: Mapped[list[int]] = mapped_column(ARRAY(Integer))
 
 
+class SimilarList(Base):
+    """A neuron's exact similar-neuron list in one space (key or value): the other neurons of the run
+    with the highest cosine, best first, ties by (layer, neuron) (catalog/extract/neighbours.py).
+
+    ``ids`` are flat ids ``layer * d_mlp + neuron``; the list is the head of the exact order that
+    float32 rounding cannot have displaced, so its length may fall short of the run's list size. One
+    row per neuron with arrays: a row per pair would be 50x the rows for nothing a search needs.
+    """
+
+    __tablename__ = "similar_lists"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("extraction_runs.id", ondelete="CASCADE"), primary_key=True)
+    space: Mapped[str] = mapped_column(String(5), primary_key=True)  # 'key' | 'value'
+    layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ids: Mapped[list[int]] = mapped_column(ARRAY(Integer), nullable=False)
+    cosines: Mapped[list[float]] = mapped_column(ARRAY(Float), nullable=False)
+
+
 # --- annotations (part 4) ------------------------------------------------------------------------
 
 

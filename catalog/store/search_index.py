@@ -1,8 +1,8 @@
 """Search structures derived from a run's rows, built inside the run's publishing transaction.
 
 - ``neuron_search`` rows: per neuron, the lexemes and tokens of its positive trigger prefixes.
-- Per-run HNSW indexes over the neuron vectors (pgvector): key and value cosine (similar neurons)
-  and value inner product (token ranking, v_i . e_token). The vector columns have no fixed
+- Per-run HNSW indexes over the value vectors (pgvector) for token ranking: cosine and inner product
+  (v_i . e_token). (Similar neurons read exact lists, ``similar_lists``, since part 10.) The vector columns have no fixed
   dimension (one table holds every model), so each index is a partial expression index on
   ``run_id = N`` with a cast to ``halfvec(d_model)``: half precision halves the index (a 1,600-dim
   element is 3.2 kB instead of 6.4 kB) and lifts the 2,000-dimension limit of ``vector`` to
@@ -28,9 +28,9 @@ HNSW_EF_CONSTRUCTION = 64
 BUILD_MAINTENANCE_WORK_MEM = "2GB"
 MAX_HNSW_DIM = 4000
 
-# (name part, column, operator class): the indexes every run gets.
+# (name part, column, operator class): the indexes every run gets. Similar neurons read exact lists
+# (similar_lists) since part 10; these two serve token ranking (value_cos its cosine order).
 VECTOR_INDEXES: tuple[tuple[str, str, str], ...] = (
-    ("key_cos", "key_vector", "halfvec_cosine_ops"),
     ("value_cos", "value_vector", "halfvec_cosine_ops"),
     ("value_ip", "value_vector", "halfvec_ip_ops"),
 )
