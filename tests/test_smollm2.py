@@ -259,3 +259,32 @@ def test_agreement_ablation_and_label_on_real_neurons(exported: dict[tuple[int, 
                 assert 0 < rec["label_confidence"] <= 1 and not math.isnan(rec["label_confidence"])
                 labels_checked += 1
     assert checked >= 5 and labels_checked >= 1
+
+
+def test_similar_neurons_are_exact_on_sampled_neurons(exported: dict[tuple[int, int], dict], migrated_db: str) -> None:
+    """Part 10's exact lists on the real model: sampled neurons against numpy over every stored vector."""
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session
+
+    from catalog.read import vectors
+    from catalog.read.catalog import require_run
+    from catalog.store.database import get_engine
+
+    with Session(bind=get_engine()) as s:
+        entry, run = require_run(s, NAME)
+        d_mlp, n_layers = int(entry.d_mlp), int(entry.n_layers)
+        for space in ("key", "value"):
+            rows = s.execute(text(f"SELECT {space}_vector FROM neurons WHERE run_id = :r ORDER BY layer, neuron"),
+                             {"r": run.id}).scalars().all()
+            V = np.stack([np.asarray(v.to_numpy(), dtype=np.float64) for v in rows])
+            unit = V / np.linalg.norm(V, axis=1, keepdims=True)
+            rng = np.random.default_rng(7)
+            for flat in rng.choice(len(V), size=3, replace=False):
+                layer, neuron = divmod(int(flat), d_mlp)
+                cos = unit @ unit[flat]
+                for lo, hi, k in ((0, n_layers - 1, 20), (layer, layer, 10), (0, 4, 5)):
+                    cand = [j for j in range(lo * d_mlp, (hi + 1) * d_mlp) if j != flat]
+                    want = sorted(cand, key=lambda j: (-cos[j], j))[:k]
+                    page = vectors.similar(s, NAME, layer, neuron, space=space, k=k, layer_min=lo, layer_max=hi)
+                    assert [it.layer * d_mlp + it.neuron for it in page.items] == want, (space, flat, lo, hi)
+                    np.testing.assert_allclose([it.cosine for it in page.items], cos[want], rtol=0, atol=2e-6)
