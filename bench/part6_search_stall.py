@@ -45,10 +45,8 @@ CONTROLS = ["the", "a person", "xylophone"]
 
 def build(d_model: int, layers: int) -> dict[str, float]:
     from catalog.loading import load
-    from catalog.store.ingest import RunWriter
 
     part3.NAME, part3.D_MODEL, part3.N_LAYERS = NAME, d_model, layers
-    RunWriter.vector_indexes = lambda self, dim: {}  # type: ignore[method-assign]  # no HNSW: not used here
     tok = load("smollm2").tokenizer
     vocab_texts = tok.batch_decode([[i] for i in range(len(tok))], skip_special_tokens=False)
     lines = [ln for ln in (REPO / "data" / "wordnet.txt").read_text().splitlines() if ln.strip()]

@@ -57,23 +57,16 @@ class Settings(BaseSettings):
     label_min_triggers: int = Field(default=5, ge=1)
     label_quantile: float = Field(default=0.5, gt=0, lt=1)
 
-    # Search API (part 3). Token ranking and similar neurons score every vector exactly when the
-    # layers asked for hold at most this many neurons, and go through the HNSW index otherwise.
-    exact_vector_scan_max: int = 20_000
-    # HNSW candidates examined per query (pgvector's hnsw.ef_search, at most 1000; at least 2k is
-    # used): similar neurons (cosine) and token ranking (inner product, the harder index: recall@50
-    # 0.91 at 400, 0.948 at 800, 0.960 at 1000 on the GPT-2-XL-sized benchmark, docs/benchmarks.md).
-    hnsw_ef_search: int = 400
-    hnsw_ef_search_ranking: int = 1000
     # Token ranking with order=rank (README, "Token ranking orders"): ranks up to the stored top tokens
     # come from value_tokens; beyond them every neuron in range is ranked over the whole vocabulary
     # when (neurons x vocabulary) is at most this, and otherwise this many candidates (nearest values
     # by cosine, at least 2x the neurons still wanted) are.
     rank_exact_max_logits: int = 20_000_000
-    # Similar neurons (part 10): each run stores per neuron and space the first this-many of the exact
-    # order (catalog/extract/neighbours.py); a request the list cannot answer (k beyond it, or a layer
-    # range holding fewer than k of it) scores every vector in range instead.
-    similar_list_size: int = Field(default=50, ge=1, le=500)
+    # Exact neighbour lists (part 10): each run stores per neuron and space (similar neurons) and per
+    # token, order and convention (token ranking) the first this-many of the exact order
+    # (catalog/extract/neighbours.py); a request a list cannot answer (k beyond it, or a layer range
+    # holding fewer than k of it) scores every vector in range instead.
+    neighbour_list_size: int = Field(default=50, ge=1, le=500)
     rank_candidates: int = 200
     # A search query running longer than this is cancelled (503) rather than holding a connection.
     statement_timeout_ms: int = 10_000

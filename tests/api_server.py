@@ -60,7 +60,6 @@ def running_server(app: object, *, startup_s: float = 30.0) -> Iterator[str]:
 def drop_catalog(engine: Engine, name: str, *, annotators_like: str | None = None) -> None:
     """Remove a test's catalog entry with its annotations (they outlive runs by design, so an entry
     cannot go while they remain), optionally its annotators, and the entry's HNSW indexes."""
-    from catalog.store.search_index import drop_orphan_vector_indexes
 
     with engine.begin() as c:
         c.execute(text("DELETE FROM annotations WHERE model_id IN (SELECT id FROM catalog_models WHERE name = :n)"),
@@ -68,7 +67,6 @@ def drop_catalog(engine: Engine, name: str, *, annotators_like: str | None = Non
         c.execute(text("DELETE FROM catalog_models WHERE name = :n"), {"n": name})
         if annotators_like is not None:
             c.execute(text("DELETE FROM annotators WHERE name LIKE :p"), {"p": annotators_like})
-    drop_orphan_vector_indexes(engine)
 
 
 def save_gpt2_with_biases(directory: Path, *, seed: int = 0, bias_seed: int = 1) -> Path:

@@ -31,7 +31,6 @@ from sqlalchemy.engine import Engine
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from catalog.config import settings
 from catalog.corpus import Document
 from catalog.extract.corpus_pass import corpus_pass
 from catalog.extract.windows import tokenise
@@ -40,7 +39,6 @@ from catalog.runs.local import extract
 from catalog.runs.schemas import ExtractRequest, default_parameters
 from catalog.store.database import session_scope
 from catalog.store.models import LABELS, NEURON_STATS, CatalogModel
-from catalog.store.search_index import drop_orphan_vector_indexes
 
 TOP_N, WINDOW = 10, 32
 VALUE_TOP, VALUE_BOTTOM = 30, 10
@@ -212,7 +210,6 @@ def cats(engine: Engine, workdir: Path) -> Iterator[dict[str, Cat]]:
     finally:
         with session_scope(engine) as s:
             s.execute(delete(CatalogModel).where(CatalogModel.name.like(f"api-%-{TAG}")))
-        drop_orphan_vector_indexes(engine)
 
 
 
@@ -823,29 +820,23 @@ def test_probe_follows_the_current_run_and_refuses_changed_weights(api: httpx.Cl
 # --- vector queries ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["exact", "hnsw"])
+@pytest.fixture(params=["list", "scan"])
 def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The server runs in this process: the setting applies to it at once."""
-    if request.param == "hnsw":
-        monkeypatch.setattr(settings, "exact_vector_scan_max", 0)
-    else:
-        assert settings.exact_vector_scan_max >= 3 * tiny_models.D_MLP
+    """Where the answer comes from: the run's stored exact lists, or (as for a run from before part 10,
+    or an answer beyond the lists) a scan of every vector in range. The server runs in this process:
+    the patch applies to it at once."""
+    if request.param == "scan":
+        monkeypatch.setattr(vectors, "in_range", lambda *a, **kw: None)
     return str(request.param)
 
 
-def _check_ranking(items: list[dict[str, Any]], scores: dict[Key, float], k: int, method: str, field_: str) -> None:
+def _check_ranking(items: list[dict[str, Any]], scores: dict[Key, float], k: int, field_: str) -> None:
+    """Exactly numpy's first k, ties by (layer, neuron); scores within float32's precision."""
     want = sorted(scores, key=lambda key: (-scores[key], key))[:k]
     got = keys_of(items)
-    assert len(set(got)) == len(got)
-    rel, abs_ = 1e-5, 1e-6  # HNSW candidates are re-scored in full precision, so both paths score exactly
     for it in items:
-        assert it[field_] == pytest.approx(scores[(it["layer"], it["neuron"])], rel=rel, abs=abs_)
-    assert [it[field_] for it in items] == sorted((it[field_] for it in items), reverse=True)
-    if method == "exact":
-        assert got == want
-    else:
-        assert len(got) == min(k, len(scores))
-        assert len(set(got) & set(want)) / len(want) >= 0.9
+        assert it[field_] == pytest.approx(scores[(it["layer"], it["neuron"])], rel=1e-5, abs=1e-6)
+    assert got == want
 
 
 @pytest.mark.parametrize("label", ["gpt2", "llama", "spaced"])
@@ -863,23 +854,18 @@ def test_token_ranking(api: httpx.Client, cats: dict[str, Cat], label: str, meth
                     scores[(l, n)] = per[best_id[(l, n)]]
             params = {"k": k} | ({"layer_min": lo} if lo is not None else {}) | ({"layer_max": hi} if hi is not None else {})
             body = ok(api.get(f"/models/{cat.name}/tokens/{given}/neurons", params=params))
-            assert body["method"] == method
+            assert body["method"] == "exact" and body["complete"] is True
             assert body["resolved_tokens"]["token"]["token_ids"] == sorted(ids)
             assert body["order"] == "logit"
-            _check_ranking(body["items"], scores, k, method, "logit")
+            _check_ranking(body["items"], scores, k, "logit")
             for it in body["items"]:
                 key = (it["layer"], it["neuron"])
                 assert it["token_id"] == best_id[key]
                 assert it["value_norm"] == pytest.approx(np.linalg.norm(cat.values[key]), rel=1e-5)
 
 
-@pytest.mark.parametrize("path", ["list", "scan"])
 @pytest.mark.parametrize("label", ["gpt2", "llama", "spaced"])
-def test_similar_neurons(api: httpx.Client, cats: dict[str, Cat], label: str, path: str,
-                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Exact either way: from the run's stored list, or (no list, as for a run from before part 10) a scan."""
-    if path == "scan":
-        monkeypatch.setattr(vectors, "_from_list", lambda *a, **kw: None)
+def test_similar_neurons(api: httpx.Client, cats: dict[str, Cat], label: str, method: str) -> None:
     cat = cats[label]
     for space, vecs in (("key", cat.keys), ("value", cat.values)):
         unit = vecs / np.linalg.norm(vecs, axis=2, keepdims=True)
@@ -893,22 +879,7 @@ def test_similar_neurons(api: httpx.Client, cats: dict[str, Cat], label: str, pa
             body = ok(api.get(f"/models/{cat.name}/neurons/{layer}/{neuron}/similar", params=params))
             assert body["method"] == "exact" and body["space"] == space
             assert (layer, neuron) not in keys_of(body["items"])
-            _check_ranking(body["items"], scores, k, "exact", "cosine")
-
-
-def test_hnsw_scores_equal_exact_scores(api: httpx.Client, cats: dict[str, Cat], monkeypatch: pytest.MonkeyPatch) -> None:
-    """vectors.py promises: index candidates are re-scored with the full-precision vectors, so scores are exact."""
-    cat = cats["gpt2"]
-    queries: list[tuple[str, dict[str, Any], str]] = [(f"/models/{cat.name}/tokens/cat/neurons", {"k": 10}, "logit"),
-               (f"/models/{cat.name}/tokens/cat/neurons", {"k": 10, "order": "cosine"}, "cosine")]
-    exact = [ok(api.get(path, params=params)) for path, params, _ in queries]
-    monkeypatch.setattr(settings, "exact_vector_scan_max", 0)
-    hnsw = [ok(api.get(path, params=params)) for path, params, _ in queries]
-    for (_, _, field_), e, h in zip(queries, exact, hnsw, strict=True):
-        assert (e["method"], h["method"]) == ("exact", "hnsw")
-        scores = {(it["layer"], it["neuron"]): it[field_] for it in e["items"]}
-        for it in h["items"]:
-            assert it[field_] == pytest.approx(scores[(it["layer"], it["neuron"])], rel=1e-9, abs=1e-12)
+            _check_ranking(body["items"], scores, k, "cosine")
 
 
 # --- probe --------------------------------------------------------------------------------------------
@@ -1060,8 +1031,8 @@ def test_folded_projection_in_search_and_ranking(api: httpx.Client, cats: dict[s
         scores = {(l, n): max(float(cat.values[l, n] @ folded_e[i]) for i in ids)
                   for l in range(cat.n_layers) for n in range(cat.d_mlp)}
         body = ok(api.get(f"/models/{cat.name}/tokens/{given}/neurons", params={"k": 10, "projection": "folded"}))
-        assert body["method"] == method
-        _check_ranking(body["items"], scores, 10, method, "logit")
+        assert body["method"] == "exact"
+        _check_ranking(body["items"], scores, 10, "logit")
     assert differs, "folding changed no search result: the check is vacuous"
     detail_error(api.get(f"/models/{cat.name}/neurons", params={"projection": "tilted"}), 422)
     detail_error(api.get(f"/models/{cat.name}/tokens/cat/neurons", params={"projection": "tilted"}), 422)

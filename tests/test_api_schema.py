@@ -44,7 +44,6 @@ from catalog.runs.local import extract
 from catalog.runs.schemas import ExtractRequest, default_parameters
 from catalog.store.database import get_engine, session_scope
 from catalog.store.models import Annotation, Annotator, CatalogModel
-from catalog.store.search_index import drop_orphan_vector_indexes
 
 NAMES = {"gpt2": "schema-gpt2", "llama": "schema-llama"}
 # The real-name runs write as this annotator (its token in every request); it has annotated layer 1's
@@ -214,7 +213,6 @@ def catalogs(migrated_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             s.execute(delete(Annotation).where(Annotation.model_id.in_(ids)))
             s.execute(delete(Annotator).where(Annotator.name == BOT))
             s.execute(delete(CatalogModel).where(CatalogModel.name.in_(list(NAMES.values()))))
-        drop_orphan_vector_indexes(engine)
 
 
 @pytest.fixture(scope="module")

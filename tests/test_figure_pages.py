@@ -31,7 +31,6 @@ from catalog.runs.local import extract
 from catalog.runs.schemas import ExtractRequest, default_parameters
 from catalog.store.database import session_scope
 from catalog.store.models import HUMAN_LABELS
-from catalog.store.search_index import drop_orphan_vector_indexes
 from catalog.ui import figure_pages, plots
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,7 +105,6 @@ def cats(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
             ids = "SELECT id FROM catalog_models WHERE name LIKE :p"
             s.execute(text(f"DELETE FROM annotations WHERE model_id IN ({ids})"), {"p": f"fig-%-{TAG}"})
             s.execute(text("DELETE FROM catalog_models WHERE name LIKE :p"), {"p": f"fig-%-{TAG}"})
-        drop_orphan_vector_indexes(engine)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ from catalog.runs.local import extract
 from catalog.runs.schemas import ExtractRequest, default_parameters
 from catalog.store.database import session_scope
 from catalog.store.models import CatalogModel
-from catalog.store.search_index import drop_orphan_vector_indexes
 
 NAME = f"bounds-{uuid.uuid4().hex[:6]}"
 CONCURRENCY = 2
@@ -83,7 +82,6 @@ def catalog_rows(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> It
     finally:
         with session_scope(engine) as s:
             s.execute(delete(CatalogModel).where(CatalogModel.name == NAME))
-        drop_orphan_vector_indexes(engine)
 
 
 @pytest.fixture(scope="module")

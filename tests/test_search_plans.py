@@ -14,7 +14,6 @@ import pytest
 import tiny_models
 from sqlalchemy.orm import Session
 
-from catalog.config import settings
 from catalog.read import catalog, search, vectors
 from catalog.read.explain import plans
 from catalog.runs.local import extract
@@ -48,8 +47,8 @@ KINDS: dict[str, Callable[[Session], Any]] = {
     "token": lambda s: search.search(s, NAME, S(token="cat")),
     "trigger token": lambda s: search.search(s, NAME, S(trigger_token="cat")),
     "next token": lambda s: search.search(s, NAME, S(next_token="cat")),
-    "token ranking (hnsw)": lambda s: vectors.token_ranking(s, NAME, "cat", k=5),
-    "token ranking by cosine (hnsw)": lambda s: vectors.token_ranking(s, NAME, "cat", k=5, order="cosine"),
+    "token ranking (list)": lambda s: vectors.token_ranking(s, NAME, "cat", k=5),
+    "token ranking by cosine (list)": lambda s: vectors.token_ranking(s, NAME, "cat", k=5, order="cosine"),
     "token ranking by rank": lambda s: vectors.token_ranking(s, NAME, "cat", k=5, order="rank"),
     "similar (list)": lambda s: vectors.similar(s, NAME, 1, 3, space="key", k=5),
 }
@@ -57,39 +56,36 @@ KINDS: dict[str, Callable[[Session], Any]] = {
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_each_search_kind_has_an_index_plan(tiny_catalog: str, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(settings, "exact_vector_scan_max", 0)  # the HNSW path, not a scan of all vectors
     off = {"enable_seqscan": "off"}
-    if "hnsw" in kind:  # 48 vectors: sorting them all is cheaper than the index, unless sorting is off
-        off["enable_sort"] = "off"
     explained = plans(get_engine(), KINDS[kind], settings=off)
     assert explained, "the call sent no statement worth explaining"
     for statement, plan in explained:
         scans = re.findall(r"Seq Scan on (\w+)", plan)
         assert not scans, f"{kind}: sequential scan of {scans} in\n{statement}\n{plan}"
-    if "hnsw" in kind:
-        assert any("ix_neurons_hnsw_" in plan for _, plan in explained), explained
+    if "(list)" in kind:  # one row of the run's exact lists, by its primary key
+        assert any(re.search(r"Index Scan using pk_(token|similar)_lists", plan) for _, plan in explained), explained
 
 
-def test_vector_indexes_follow_their_run(tiny_catalog: str) -> None:
-    """A re-extraction builds the new run's HNSW indexes and drops the old run's."""
+def test_lists_follow_their_run(tiny_catalog: str) -> None:
+    """A re-extraction writes the new run's exact lists; the old run's go with it."""
     from sqlalchemy import text
 
-    def names() -> set[str]:
+    def runs_with_lists() -> set[int]:
         with get_engine().connect() as conn:
-            return set(conn.scalars(text("SELECT relname FROM pg_class WHERE relname LIKE 'ix_neurons_hnsw_%'")))
+            return set(conn.scalars(text("SELECT run_id FROM token_lists UNION SELECT run_id FROM similar_lists")))
 
     with Session(bind=get_engine()) as s:
         found = catalog.current_run(s, NAME)
         assert found is not None
         old = found[1].id
-    assert {f"ix_neurons_hnsw_{p}_run_{old}" for p in ("value_cos", "value_ip")} <= names()
+    assert old in runs_with_lists()
     model_dir = Path(found[0].source)
     extract(ExtractRequest(model=str(model_dir), name=NAME, params=default_parameters()))
     with Session(bind=get_engine()) as s:
         new_found = catalog.current_run(s, NAME)
         assert new_found is not None
         new = new_found[1].id
-    after = names()
-    assert new != old
-    assert {f"ix_neurons_hnsw_{p}_run_{new}" for p in ("value_cos", "value_ip")} <= after
-    assert not any(n.endswith(f"_run_{old}") for n in after)
+    after = runs_with_lists()
+    assert new != old and new in after and old not in after
+    with get_engine().connect() as conn:  # and no HNSW index is left on the table (revision 0010)
+        assert conn.scalar(text("SELECT count(*) FROM pg_class WHERE relname LIKE 'ix_neurons_hnsw_%'")) == 0

@@ -26,6 +26,7 @@ from sqlalchemy.engine import Engine
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from catalog.config import settings
+from catalog.read import vectors
 from catalog.runs.local import extract
 from catalog.runs.schemas import ExtractRequest, default_parameters
 
@@ -150,7 +151,6 @@ FORMS = ["cat", " cat", "house", "id:1"]
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("projection", ["raw", "folded"])
 def test_each_order_equals_numpy(api: httpx.Client, ref: Ref, order: str, projection: str) -> None:
-    assert settings.exact_vector_scan_max >= ref.n_layers * ref.d_mlp  # the exact path
     assert all(c is not None for c in ref.coef.values())  # a corpus run: every neuron has a coefficient
     seen_beyond = False
     for given in FORMS:
@@ -229,11 +229,10 @@ def test_rank_beyond_the_stored_tokens_from_candidates(api: httpx.Client, ref: R
 
 
 @pytest.mark.parametrize("order", ORDERS)
-def test_hnsw_path(api: httpx.Client, ref: Ref, order: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past exact_vector_scan_max: logit and cosine from their HNSW indexes (scores exact, recall >= 0.9);
-    effect always scans exactly (no index orders by c_i v_i . e); rank takes its candidates from the
-    cosine index."""
-    monkeypatch.setattr(settings, "exact_vector_scan_max", 0)
+def test_the_scan_path_equals_numpy(api: httpx.Client, ref: Ref, order: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the stored lists (a run from before part 10, or an answer beyond them) every order scans,
+    exactly; rank takes its candidates from the cosine scan."""
+    monkeypatch.setattr(vectors, "in_range", lambda *a, **kw: None)
     monkeypatch.setattr(settings, "rank_exact_max_logits", 0)
     ids = ref.ids("cat")
     figs = ref.figures(ids, "raw", range(ref.n_layers))
@@ -245,15 +244,9 @@ def test_hnsw_path(api: httpx.Client, ref: Ref, order: str, monkeypatch: pytest.
     check_items(body["items"], figs, order, STORED_TOP)
     got = [((it["layer"], it["neuron"]), it["token_id"]) for it in body["items"]]
     assert len(got) == k and len(set(got)) == k
-    if order == "effect":
-        assert body["method"] == "exact" and body["complete"] is True and got == want
-    elif order == "rank":
-        # candidates from the cosine index; rank_candidates (200) exceeds this model's 72 neurons, so every
-        # neuron beyond the stored lists was ranked: complete, and numpy's order exactly
-        assert body["method"] == "hnsw" and body["complete"] is True and got == want
-    else:
-        assert body["method"] == "hnsw" and body["complete"] is False
-        assert len({g[0] for g in got} & {w[0] for w in want}) / k >= 0.9
+    # rank: rank_candidates (200) exceeds this model's 72 neurons, so every neuron beyond the stored
+    # top tokens was ranked: complete, and numpy's order exactly
+    assert body["method"] == "exact" and body["complete"] is True and got == want
 
 
 def test_effect_needs_corpus_figures(api: httpx.Client, engine: Engine, tmp_path: Path) -> None:

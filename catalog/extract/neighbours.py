@@ -1,42 +1,53 @@
-"""Exact similar-neuron lists of a run: for every neuron and space (key, value), the other neurons
-with the highest cosine, best first, ties by (layer, neuron), from blocks of the Gram matrix.
+"""Exact neighbour lists of a run, computed once where the products are already at hand.
 
-Candidates are selected in float32, re-scored in float64 from the same float32 vectors the catalog
-stores (what numpy computes from them), and cut to the prefix that float32's rounding cannot have
-displaced: every neuron that is not a candidate scored at most s_c in float32, so at most s_c + delta
-in float64 (s_c the last candidate's float32 score, delta a bound on float32's dot-product error).
-A candidate above s_c + delta in float64 therefore beats every neuron outside the list, and the kept
-prefix is exactly the head of the float64 order. A request whose answer is not inside that prefix
-(a layer range that holds fewer than k of it, or k beyond it) scans instead (catalog/read/vectors.py).
+- Token lists: for every token t, order (``logit`` v_i . e_t, ``cosine``) and projection convention
+  (raw e_t, folded e_t * g), the neurons with the highest score, best first, ties by (layer,
+  neuron). Fed layer by layer with the projection stage's V.E^T (``TokenLists.add``): a layer's
+  products are compared with each token's current c-th best, so only the few that can still enter
+  a list are selected.
+- Similar lists: for every neuron and space (key, value), the other neurons with the highest
+  cosine, from blocks of the Gram matrix (``similar_lists``).
+
+Candidates are selected in float32; a float32 score is within delta of the float64 one (delta a bound
+on float32's dot-product error). Every neuron left out scored at most s_c in float32 (s_c the last
+candidate's), so at most s_c + delta in float64, and a candidate above s_c + 2 delta in float32 beats
+all of them: the list keeps those. Within the list, scores more than 2 delta apart are ordered
+right by float32; runs of closer ones are re-scored in float64 (from the same float32 vectors the
+catalog stores, as numpy computes them) and ordered by that, ties by id. So a stored list is exactly
+the head of numpy's float64 order. A request whose answer is not inside a list (a layer range
+that holds fewer than k of it, or k beyond it) scans instead (catalog/read/vectors.py).
 
 A neuron is named by its flat id ``layer * d_mlp + neuron``, which orders like (layer, neuron).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-# float32 unit roundoff; the bound takes three times Higham's gamma_d for a length-d dot product, which
-# also covers the rounding of the unit vectors' norms.
+# float32 unit roundoff. The bound takes three times Higham's gamma_d for a length-d dot product,
+# which also covers the rounding of the inputs (e * g, 1/|v|, unit vectors) and of a scaled product.
 _U = 2.0 ** -24
 SPACES = ("key", "value")
+TOKEN_ORDERS = ("logit", "cosine")
 
 
 def error_bound(d: int) -> float:
-    """Bound on |float32 cosine - float64 cosine| of two length-d float32 vectors."""
+    """Bound on |float32 score - float64 score| per unit of |a| |b| for two length-d float32 vectors."""
     return 3.0 * (d + 4) * _U
 
 
 @dataclass
 class Lists:
-    """Ranked lists, one per row (a neuron): flat neuron ids and float64 scores, best first.
-    Row r holds ``ids[r, :length[r]]``; the rest is padding (-1, nan)."""
+    """Ranked lists, one per row (a token or a neuron): flat neuron ids and scores, best first, ties by
+    id. Row r holds ``ids[r, :length[r]]``; the rest is padding (-1, nan). A score is float64 where it
+    was re-scored (near-ties) and float32's otherwise: the order is exact, the figure within delta."""
 
-    ids: np.ndarray  # [rows, keep] int32
-    scores: np.ndarray  # [rows, keep] float64
+    ids: np.ndarray  # [rows, width] int32
+    scores: np.ndarray  # [rows, width] float64
     length: np.ndarray  # [rows] int32
 
     def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,30 +55,175 @@ class Lists:
         return self.ids[r, :n], self.scores[r, :n]
 
 
-def _finish(ids: np.ndarray, s32: np.ndarray, s64: np.ndarray, threshold: np.ndarray, keep: int) -> Lists:
-    """Sort each row's candidates by (float64 score desc, id) and keep the trusted head (s64 > threshold)."""
-    order = np.lexsort((ids, -s64), axis=-1)
+def _top(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of each row (unordered): values and column indices. numpy's introselect on a CPU
+    (several times faster than torch.topk there), torch.topk on a GPU."""
+    if x.is_cuda:
+        top = torch.topk(x, k, dim=1, sorted=False)
+        return top.values, top.indices
+    a = x.contiguous().numpy()
+    idx = np.argpartition(a, a.shape[1] - k, axis=1)[:, a.shape[1] - k:]
+    return torch.from_numpy(np.take_along_axis(a, idx, axis=1)), torch.from_numpy(idx)
+
+
+def exact_order(ids: np.ndarray, s32: np.ndarray, last: np.ndarray, delta: np.ndarray, keep: int,
+                dot64: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Lists:
+    """Order each row's candidates exactly and keep the trusted head (see the module docstring).
+
+    ids, s32: [rows, c] candidates and float32 scores; last: [rows] the highest float32 score any
+    non-candidate can have (-inf when there is none); delta: [rows] the float32 error bound;
+    dot64(rows, ids) -> float64 scores of those pairs, called for near-ties only.
+    """
+    rows, c = ids.shape
+    if c == 0:
+        return Lists(ids.astype(np.int32), np.zeros((rows, 0)), np.zeros(rows, np.int32))
+    order = np.lexsort((ids, -s32), axis=1)
     ids = np.take_along_axis(ids, order, axis=1)
-    s64 = np.take_along_axis(s64, order, axis=1)
-    trusted = (s64 > threshold[:, None]).sum(axis=1)  # a prefix: s64 is sorted
-    length = np.minimum(trusted, keep).astype(np.int32)
-    width = min(keep, ids.shape[1])
-    out_ids = np.where(np.arange(width)[None, :] < length[:, None], ids[:, :width], -1).astype(np.int32)
-    out_s = np.where(np.arange(width)[None, :] < length[:, None], s64[:, :width], np.nan)
-    return Lists(out_ids, out_s, length)
+    s32 = np.take_along_axis(s32, order, axis=1)
+    scores = s32.astype(np.float64)
+    close = (s32[:, :-1] - s32[:, 1:]) <= 2 * delta[:, None]  # neighbours float32 may have swapped
+    group = np.concatenate([np.zeros((rows, 1), np.int64), np.cumsum(~close, axis=1)], axis=1)
+    tied = np.zeros((rows, c), dtype=bool)
+    tied[:, :-1] |= close
+    tied[:, 1:] |= close
+    r, j = np.nonzero(tied)
+    if r.size:
+        scores[r, j] = dot64(r, ids[r, j])
+        order = np.lexsort((ids, -scores, group), axis=1)
+        ids = np.take_along_axis(ids, order, axis=1)
+        scores = np.take_along_axis(scores, order, axis=1)
+        s32 = np.take_along_axis(s32, order, axis=1)
+        tied = np.take_along_axis(tied, order, axis=1)
+    # The order above is exact among the candidates; a head of it is the head of the whole order when
+    # each of its entries provably beats every neuron left out (whose float64 score is <= last + delta).
+    low = np.where(tied, scores, s32.astype(np.float64) - delta[:, None])  # a lower bound on float64
+    safe = low > (last.astype(np.float64) + delta)[:, None]
+    length = np.where(safe.all(axis=1), c, np.argmin(safe, axis=1))
+    length = np.minimum(length, keep).astype(np.int32)
+    width = min(keep, c)
+    inside = np.arange(width)[None, :] < length[:, None]
+    return Lists(np.where(inside, ids[:, :width], -1).astype(np.int32), np.where(inside, scores[:, :width], np.nan),
+                 length)
 
 
-def _rows_dot(V: np.ndarray, ids: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    """[rows, c] float64: V[ids[r, j]] . Q[r], in chunks (a batched matrix-vector product)."""
-    Vt = torch.from_numpy(np.ascontiguousarray(V))
-    Qt = torch.from_numpy(np.ascontiguousarray(Q, dtype=np.float64))
-    idt = torch.from_numpy(ids.astype(np.int64))
-    out = torch.empty(ids.shape, dtype=torch.float64)
-    step = max(1, (1 << 24) // max(ids.shape[1] * V.shape[1], 1))
-    for a in range(0, ids.shape[0], step):
-        vecs = Vt[idt[a:a + step]].double()  # [t, c, d]
-        out[a:a + step] = torch.bmm(vecs, Qt[a:a + step, :, None]).squeeze(2)
-    return out.numpy()
+class _Running:
+    """Per token, the best ``c`` (neuron id, float32 score) seen so far, [vocab, c]; a layer's scores
+    are compared with each token's c-th best, and only the ones at or above it are merged in."""
+
+    def __init__(self, vocab: int, c: int, device: torch.device) -> None:
+        self.vocab, self.c = vocab, c
+        self.s = torch.empty((vocab, 0), device=device)
+        self.ids = torch.empty((vocab, 0), dtype=torch.int32, device=device)
+        self.seen = 0
+
+    def add(self, scores: torch.Tensor, first_id: int) -> None:
+        """scores [n, vocab] float32 of neurons first_id..first_id+n-1."""
+        n, c, dev = scores.shape[0], self.c, scores.device
+        self.seen += n
+        ids = torch.arange(first_id, first_id + n, dtype=torch.int32, device=dev)
+        if self.s.shape[1] < c:  # filling up: every neuron so far is a candidate
+            both = torch.cat([self.s, scores.T], dim=1)
+            both_ids = torch.cat([self.ids, ids.expand(self.vocab, n)], dim=1)
+            k = min(c, both.shape[1])
+            vals, idx = _top(both, k)
+            self.s, self.ids = vals.to(dev), torch.gather(both_ids, 1, idx.to(dev))
+            return
+        tau = self.s.min(dim=1).values
+        nid, tok = torch.nonzero(scores >= tau[None, :], as_tuple=True)  # >= keeps ties; NaN never passes
+        if tok.numel() == 0:
+            return
+        counts = torch.bincount(tok, minlength=self.vocab)
+        heavy = counts > c
+        if bool(heavy.any()):  # a token with more than c entrants: its c best from its whole column
+            rows = torch.nonzero(heavy).squeeze(1)
+            vals, idx = _top(scores[:, rows].T, c)
+            self._merge(rows, vals.to(dev), (idx.to(dev) + first_id).to(torch.int32))
+            keep = ~heavy[tok]
+            nid, tok = nid[keep], tok[keep]
+            if tok.numel() == 0:
+                return
+            counts = counts * ~heavy
+        order = torch.argsort(tok, stable=True)  # group by token
+        nid, tok = nid[order], tok[order]
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(tok.numel(), device=dev) - starts[tok]
+        rows = torch.nonzero(counts).squeeze(1)
+        at = torch.full((self.vocab,), -1, dtype=torch.long, device=dev)
+        at[rows] = torch.arange(rows.numel(), device=dev)
+        width = int(counts.max())
+        pad_s = torch.full((rows.numel(), width), -torch.inf, device=dev)
+        pad_i = torch.full((rows.numel(), width), -1, dtype=torch.int32, device=dev)
+        pad_s[at[tok], slot] = scores[nid, tok]
+        pad_i[at[tok], slot] = (nid + first_id).to(torch.int32)
+        self._merge(rows, pad_s, pad_i)
+
+    def _merge(self, rows: torch.Tensor, s: torch.Tensor, ids: torch.Tensor) -> None:
+        both = torch.cat([self.s[rows], s], dim=1)
+        both_ids = torch.cat([self.ids[rows], ids], dim=1)
+        vals, idx = _top(both, self.c)
+        self.s[rows] = vals.to(both.device)
+        self.ids[rows] = torch.gather(both_ids, 1, idx.to(both.device))
+
+    def candidates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids and float32 scores [vocab, c], and the highest score a non-candidate has (its bound:
+        each token's c-th best; -inf when every neuron is a candidate)."""
+        s, ids = self.s.cpu().numpy(), self.ids.cpu().numpy()
+        last = s.min(axis=1) if self.seen > s.shape[1] else np.full(self.vocab, -np.inf, dtype=np.float32)
+        return ids, s, last
+
+
+class TokenLists:
+    """The token lists of one run: ``add`` each layer's products, then ``finish``."""
+
+    def __init__(self, unembedding: torch.Tensor, gain: torch.Tensor | None, d_mlp: int, *,
+                 keep: int = 50, candidates: int = 64) -> None:
+        E = unembedding.detach().float().cpu().numpy()
+        self.E = {"raw": E} if gain is None else {"raw": E, "folded": E * gain.detach().float().cpu().numpy()}
+        self.E64 = {"raw": E.astype(np.float64)}
+        if gain is not None:  # e * g in float64, as the read side folds it
+            self.E64["folded"] = E.astype(np.float64) * gain.detach().float().cpu().numpy().astype(np.float64)
+        self.vocab, self.d = E.shape
+        self.d_mlp, self.keep, self.c = d_mlp, keep, max(candidates, keep)
+        self.values: list[np.ndarray] = []  # per layer, float32 as stored: re-scoring near-ties
+        self.max_norm = 0.0
+        self._running: dict[tuple[str, str], _Running] = {}
+
+    def add(self, layer: int, values: torch.Tensor, logits: torch.Tensor, folded: torch.Tensor | None) -> None:
+        """values [d_mlp, d] float32; logits [d_mlp, vocab] = values . E^T (folded: . (E * g)^T)."""
+        assert layer == len(self.values), "layers in order"
+        v = values.detach().float()
+        self.values.append(v.cpu().numpy())
+        norms = v.norm(dim=1).to(logits.device)
+        if norms.numel():
+            self.max_norm = max(self.max_norm, float(norms.max()))
+        inv = 1.0 / norms.clamp_min(torch.finfo(torch.float32).tiny)
+        for convention in self.E:
+            lg = (logits if convention == "raw" or folded is None else folded).float()
+            for order in TOKEN_ORDERS:
+                run = self._running.setdefault((convention, order), _Running(self.vocab, self.c, lg.device))
+                run.add(lg if order == "logit" else lg * inv[:, None], layer * self.d_mlp)
+
+    def finish(self) -> dict[tuple[str, str], Lists]:
+        """(convention, order) -> Lists over tokens; scores are logits, or cosines."""
+        V = np.concatenate(self.values)  # [N, d] float32
+        inv64 = 1.0 / np.maximum(np.linalg.norm(V.astype(np.float64), axis=1), 1e-300)
+        out = {}
+        for (convention, order), run in self._running.items():
+            E64 = self.E64[convention]
+            e_norm = np.linalg.norm(E64, axis=1)
+            ids, s32, last = run.candidates()
+            # float32 scores are logits, or logit / |v| for the cosine order
+            delta = error_bound(self.d) * (self.max_norm if order == "logit" else 1.0) * e_norm
+
+            def dot64(r: np.ndarray, i: np.ndarray, E64: np.ndarray = E64, order: str = order) -> np.ndarray:
+                s = np.einsum("nd,nd->n", V[i].astype(np.float64), E64[r])
+                return s * inv64[i] if order == "cosine" else s
+
+            lists = exact_order(ids, s32, last, delta, self.keep, dot64)
+            if order == "cosine":  # stored as the cosine itself, comparable across tokens (word forms)
+                lists.scores = lists.scores / np.maximum(e_norm, 1e-300)[:, None]
+            out[(convention, order)] = lists
+        return out
 
 
 def similar_lists(vectors: torch.Tensor, *, keep: int = 50, candidates: int = 64, block: int | None = None) -> Lists:
@@ -81,15 +237,19 @@ def similar_lists(vectors: torch.Tensor, *, keep: int = 50, candidates: int = 64
     unit = V / V.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     ids = np.empty((n, c), dtype=np.int32)
     s32 = np.empty((n, c), dtype=np.float32)
+    last = np.empty(n, dtype=np.float32)
     for a in range(0, n, block):
         b = min(n, a + block)
         sims = unit[a:b] @ unit.T  # [B, N]
         sims[torch.arange(b - a), torch.arange(a, b)] = -torch.inf  # not its own neighbour
-        top = torch.topk(sims, c, dim=1, sorted=True)
-        ids[a:b] = top.indices.cpu().numpy()
-        s32[a:b] = top.values.cpu().numpy()
+        top_s, top_i = _top(sims, c)
+        ids[a:b], s32[a:b] = top_i.cpu().numpy(), top_s.cpu().numpy()
+        # every neuron left out scored at most the worst candidate
+        last[a:b] = s32[a:b].min(axis=1) if c < n - 1 else -np.inf
     V64 = V.cpu().numpy().astype(np.float64)
     U64 = V64 / np.maximum(np.linalg.norm(V64, axis=1, keepdims=True), 1e-300)
-    s64 = _rows_dot(U64, ids, U64)
-    threshold = (s32[:, -1].astype(np.float64) + error_bound(d)) if c < n - 1 else np.full(n, -np.inf)
-    return _finish(ids, s32, s64, threshold, keep)
+
+    def dot64(r: np.ndarray, i: np.ndarray) -> np.ndarray:
+        return np.einsum("nd,nd->n", U64[i], U64[r])
+
+    return exact_order(ids, s32, last, np.full(n, error_bound(d)), keep, dot64)

@@ -21,6 +21,7 @@ from catalog.extract.architectures import MlpView
 from catalog.extract.baselines import Baselines, agreement_figures, negative_trigger_share
 from catalog.extract.corpus_pass import corpus_pass
 from catalog.extract.encoder import agreement_targets, texts_after
+from catalog.extract.neighbours import TokenLists
 from catalog.extract.params import Parameters, Progress
 from catalog.extract.states import PassState, TopState
 from catalog.extract.weights import (
@@ -235,8 +236,9 @@ def _nanmean(x: torch.Tensor) -> float | None:
 
 def layer_records(
     view: MlpView, params: Parameters, analysis: CorpusAnalysis | None = None,
-    progress: Progress | None = None,
+    progress: Progress | None = None, token_lists: TokenLists | None = None,
 ) -> Iterator[LayerRecord]:
+    """Each layer's record; ``token_lists`` (if given) is fed the layer's V.E^T products."""
     unembedding = view.unembedding().detach()
     gain = view.final_norm_gain()
     folded_e = unembedding if gain is None else unembedding * gain.to(unembedding.dtype)
@@ -255,14 +257,17 @@ def layer_records(
             projection_folded = projection if gain is None else _cpu(
                 project_values(folded, params.value_top, params.value_bottom))
             t2 = time.perf_counter()
+            if token_lists is not None:
+                token_lists.add(layer, w.values, logits, None if gain is None else folded)
+            t3 = time.perf_counter()
             record = LayerRecord(
                 layer=layer, stats=stats, weights=n, keys=keys, values=values, ups=ups, projection=projection,
                 projection_folded=projection_folded,
-                seconds={"weight_statistics": t1 - t0, "token_projections": t2 - t1},
+                seconds={"weight_statistics": t1 - t0, "token_projections": t2 - t1, "token_lists": t3 - t2},
             )
             if analysis is not None:
                 _add_corpus_figures(record, logits, folded, analysis, params)
-                record.seconds["corpus_figures"] = time.perf_counter() - t2
+                record.seconds["corpus_figures"] = time.perf_counter() - t3
         if progress is not None:
             progress("weights and projections", 1, view.n_layers)
         yield record

@@ -211,10 +211,10 @@ class TokenRanking(Page[RankedNeuron]):
                                                       "resolved_tokens: {'token': {given, token_ids, tokens}}.")
     order: TokenOrder = Field(description="The order of the items: " + " ".join(
         f"{k}: {v}" for k, v in TOKEN_ORDERS.items()))
-    method: Literal["exact", "hnsw"] = Field(description="exact: every value vector in range was scored; "
-                                              "hnsw: candidates from the HNSW index, re-scored exactly.")
+    method: Literal["exact"] = Field(description="Always exact (since part 10): the token's stored exact list "
+                                     "when it holds the answer, else every value vector in range scored.")
     complete: bool = Field(description="true when the items are provably the first k of the order over the "
-                           "layers asked for. false: hnsw (approximate recall), or order=rank beyond the stored "
+                           "layers asked for. false: order=rank beyond the stored "
                            "top tokens, where only candidates (the nearest values by cosine) had their rank "
                            "computed; their ranks are exact either way.")
     stored_top_tokens: int = Field(description="How many top tokens per neuron the catalog stores: ranks up to "

@@ -1,13 +1,13 @@
 """Vector queries: token ranking (v_i . e_token over every value vector) and similar neurons (cosine).
 
-Both use the run's HNSW indexes (catalog/store/search_index.py) unless the neurons in range are
-few enough to score them all exactly (``settings.exact_vector_scan_max``). Index candidates are
-re-scored with the full-precision vectors, so every returned score is exact; only recall is
-approximate (measured in bench/part3_search.py).
+Both are exact (part 10). Each run stores exact lists (catalog/extract/neighbours.py): per token,
+order and convention the neurons with the highest logit or cosine, and per neuron and space its
+most similar neurons. A request takes the first k of a list that lie in its layers; when the list
+holds fewer (k beyond it, or a narrow layer range), every vector in range is scored instead.
 
-Token ranking has four orders (schemas.TOKEN_ORDERS): logit (value_ip index), cosine (value_cos
-index), effect (coefficient x logit: always an exact scan, no index orders by c_i v_i . e) and rank
-(the stored top tokens first, then candidates ranked over the whole vocabulary; see _by_rank).
+Token ranking has four orders (schemas.TOKEN_ORDERS): logit and cosine (lists, else a scan), effect
+(coefficient x logit: always a scan) and rank (the stored top tokens first, then candidates ranked
+over the whole vocabulary; see _by_rank).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from catalog.read.errors import InvalidParameter, NotFound, Unsupported
 from catalog.read.schemas import TOKEN_ORDERS, RankedNeuron, SimilarNeuron, SimilarPage, TokenRanking
 from catalog.read.tokens import resolve_token
 from catalog.store.models import PROJECTIONS, CatalogModel
-from catalog.store.search_index import MAX_HNSW_DIM, vector_expression
 
 MAX_K = 500
 # The typical coefficient of order=effect (README, "Token ranking orders").
@@ -43,28 +42,13 @@ def _layer_range(entry: CatalogModel, layer_min: int | None, layer_max: int | No
     return lo, hi
 
 
-def _use_index(entry: CatalogModel, lo: int, hi: int) -> bool:
-    return (hi - lo + 1) * entry.d_mlp > settings.exact_vector_scan_max and entry.d_model <= MAX_HNSW_DIM
-
-
-def _ann_settings(session: Session, k: int, filtered: bool, ef_search: int | None = None) -> None:
-    ef = settings.hnsw_ef_search if ef_search is None else ef_search
-    session.execute(text(f"SET LOCAL hnsw.ef_search = {min(1000, max(int(ef), 2 * k))}"))
-    # pgvector's cost estimate grows with ef_search; past ~850 on a GPT-2-XL-sized run the planner
-    # would trade the index for a scan of every vector (exact, but ~1 s). The index path was chosen.
-    session.execute(text("SET LOCAL enable_seqscan = off"))
-    # With a layer filter the index keeps scanning until k rows pass it (pgvector >= 0.8).
-    session.execute(text(f"SET LOCAL hnsw.iterative_scan = {'relaxed_order' if filtered else 'off'}"))
-
-
 def token_ranking(session: Session, name: str, token: str, *, k: int = 50,
                   layer_min: int | None = None, layer_max: int | None = None,
                   projection: str = "raw", order: str = "logit") -> TokenRanking:
     """The k neurons that promote the token most under ``order`` (schemas.TOKEN_ORDERS); a word's
     forms are merged per neuron by the better one.
 
-    ``projection='folded'`` scores v_i . (e_t * g) with g the final norm's gain: the same indexes over
-    value vectors serve both, only the query vector changes.
+    ``projection='folded'`` scores v_i . (e_t * g) with g the final norm's gain (its own lists).
     """
     entry, run = require_run(session, name)
     if not 1 <= k <= MAX_K:
@@ -90,8 +74,7 @@ def token_ranking(session: Session, name: str, token: str, *, k: int = 50,
     queries = {int(t): _array(e) * gain if gain is not None else _array(e) for t, e in rows}
     convention = "folded" if projection == "folded" else "raw"
     stored_top = _stored_top(session, rid, convention, lo)
-    use_index = _use_index(entry, lo, hi)
-    scan = _Scan(session, entry, rid, lo, hi, use_index)
+    scan = _Scan(session, entry, rid, lo, hi, convention)
     ranks: dict[Key, int] = {}
     if order == "rank":
         best, complete, method = _by_rank(scan, queries, k, convention, gain, stored_top, ranks)
@@ -102,11 +85,11 @@ def token_ranking(session: Session, name: str, token: str, *, k: int = 50,
             raise Unsupported(f"order=effect needs corpus figures ({EFFECT_COEFFICIENT}): catalog {name!r} has none "
                               "in these layers (extracted without --corpus, or before part 5); use logit, rank or "
                               "cosine")
-        best = _merge({t: scan.top(q, k, "effect") for t, q in queries.items()}, k)
-        complete, method = True, "exact"  # no index orders by c_i v_i . e: every vector in range is scored
+        best = _merge({t: scan.top(t, q, k, "effect") for t, q in queries.items()}, k)
+        complete, method = True, "exact"  # no list orders by c_i v_i . e: every vector in range is scored
     else:
-        best = _merge({t: scan.top(q, k, order) for t, q in queries.items()}, k)
-        complete, method = not use_index, "hnsw" if use_index else "exact"
+        best = _merge({t: scan.top(t, q, k, order) for t, q in queries.items()}, k)
+        complete, method = True, "exact"
     items = _figures(session, rid, best, queries, convention, ranks)
     return TokenRanking(items=items, resolved_tokens={"token": tok}, order=order,  # type: ignore[arg-type]
                         method=method, complete=complete, stored_top_tokens=stored_top)  # type: ignore[arg-type]
@@ -118,32 +101,32 @@ Placed = dict[Key, tuple[tuple[float, ...], int]]
 
 
 class _Scan:
-    """Scores of the value vectors of one run's layers lo..hi against a query vector, exactly or through
-    the run's HNSW index (candidates re-scored in full precision)."""
+    """Scores of the value vectors of one run's layers lo..hi against a token: from the token's stored
+    exact list when it holds the answer, else by scoring every vector in range."""
 
-    def __init__(self, session: Session, entry: CatalogModel, rid: int, lo: int, hi: int, use_index: bool) -> None:
-        self.session, self.entry, self.rid, self.lo, self.hi, self.use_index = session, entry, rid, lo, hi, use_index
+    def __init__(self, session: Session, entry: CatalogModel, rid: int, lo: int, hi: int, convention: str) -> None:
+        self.session, self.entry, self.rid, self.lo, self.hi = session, entry, rid, lo, hi
+        self.convention = convention
         self.dim = int(entry.d_model)
 
-    def top(self, q: np.ndarray, k: int, order: str) -> list[tuple[int, int, float]]:
-        """(layer, neuron, score) of the k best by logit, cosine or effect, best first."""
-        rid, dim = self.rid, self.dim
+    def top(self, token_id: int, q: np.ndarray, k: int, order: str) -> list[tuple[int, int, float]]:
+        """(layer, neuron, score) of the k best by logit, cosine or effect, best first, ties by (layer, neuron)."""
+        if order in ("logit", "cosine"):
+            row = self.session.execute(text(
+                "SELECT ids, scores FROM token_lists WHERE run_id = :r AND convention = :c AND ranking = :o "
+                "AND token_id = :t"), {"r": self.rid, "c": self.convention, "o": order, "t": token_id}).first()
+            if row is not None:
+                listed = in_range(row[0], row[1], int(self.entry.d_mlp), self.lo, self.hi, k)
+                if listed is not None:
+                    return listed
         score = {"logit": "-(value_vector <#> CAST(:e AS vector))",
                  "cosine": "1 - (value_vector <=> CAST(:e AS vector))",
                  "effect": f"{EFFECT_COEFFICIENT} * -(value_vector <#> CAST(:e AS vector))"}[order]
-        params: dict[str, Any] = {"e": _vec(q), "lo": self.lo, "hi": self.hi, "k": k}
-        where = f"run_id = {rid} AND layer BETWEEN :lo AND :hi"
-        if order != "effect" and self.use_index:
-            op, ef = ("<#>", settings.hnsw_ef_search_ranking) if order == "logit" else ("<=>", settings.hnsw_ef_search)
-            _ann_settings(self.session, k, filtered=(self.lo, self.hi) != (0, self.entry.n_layers - 1), ef_search=ef)
-            sql = (f"WITH c AS (SELECT layer, neuron, value_vector FROM neurons WHERE {where} "
-                   f"ORDER BY {vector_expression('value_vector', dim)} {op} CAST(CAST(:e AS vector) AS halfvec({dim})) "
-                   f"LIMIT :k) SELECT layer, neuron, {score} AS score FROM c")
-        else:
-            if order == "effect":
-                where += f" AND {EFFECT_COEFFICIENT} IS NOT NULL"
-            sql = (f"SELECT layer, neuron, {score} AS score FROM neurons WHERE {where} "
-                   f"ORDER BY score DESC, layer, neuron LIMIT :k")
+        where = f"run_id = {self.rid} AND layer BETWEEN :lo AND :hi"
+        if order == "effect":
+            where += f" AND {EFFECT_COEFFICIENT} IS NOT NULL"
+        sql = f"SELECT layer, neuron, {score} AS score FROM neurons WHERE {where} ORDER BY score DESC, layer, neuron LIMIT :k"
+        params = {"e": _vec(q), "lo": self.lo, "hi": self.hi, "k": k}
         return [(a, b, float(c)) for a, b, c in self.session.execute(text(sql), params).tuples()]
 
     def vectors(self, keys: list[Key] | None) -> tuple[list[Key], np.ndarray]:
@@ -213,9 +196,8 @@ def _by_rank(scan: _Scan, queries: dict[int, np.ndarray], k: int, convention: st
     else:
         m = max(settings.rank_candidates, 2 * wanted)
         pool: set[Key] = set()
-        for q in queries.values():
-            pool.update((a, b) for a, b, _ in scan.top(q, m + len(found), "cosine"))
-        method = "hnsw" if scan.use_index else "exact"
+        for t, q in queries.items():
+            pool.update((a, b) for a, b, _ in scan.top(t, q, m + len(found), "cosine"))
         keys, vecs = scan.vectors(sorted(pool - set(found)))
         complete = len(keys) >= n_range - len(found)  # every other neuron was a candidate
     keep = [i for i, key in enumerate(keys) if key not in found]
@@ -333,8 +315,9 @@ def similar(session: Session, name: str, layer: int, neuron: int, *, space: str 
         "SELECT ids, cosines FROM similar_lists WHERE run_id = :r AND space = :s AND layer = :l AND neuron = :n"),
         {"r": rid, "s": space, "l": layer, "n": neuron}).first()
     if listed is not None:
-        items = _from_list(listed[0], listed[1], int(entry.d_mlp), lo, hi, k)
-        if items is not None:
+        found = in_range(listed[0], listed[1], int(entry.d_mlp), lo, hi, k)
+        if found is not None:
+            items = [SimilarNeuron(layer=a, neuron=b, cosine=c) for a, b, c in found]
             return SimilarPage(items=items, space=space, method="exact")  # type: ignore[arg-type]
     # No list (a run from before part 10), or the answer lies beyond it: score every vector in range.
     column = f"{space}_vector"
@@ -353,16 +336,17 @@ def similar(session: Session, name: str, layer: int, neuron: int, *, space: str 
     return SimilarPage(items=items, space=space, method="exact")  # type: ignore[arg-type]
 
 
-def _from_list(ids: list[int], cosines: list[float], d_mlp: int, lo: int, hi: int, k: int) -> list[SimilarNeuron] | None:
-    """The first k of a stored exact list (flat ids) that lie in layers lo..hi, or None when it holds
-    fewer than k of them. The list is a head of the exact order, so any k it holds are the k best."""
-    items = []
-    for flat, cos in zip(ids, cosines, strict=True):
+def in_range(ids: list[int], scores: list[float], d_mlp: int, lo: int, hi: int,
+             k: int) -> list[tuple[int, int, float]] | None:
+    """The first k (layer, neuron, score) of a stored exact list (flat ids) that lie in layers lo..hi,
+    or None when it holds fewer. The list is a head of the exact order, so any k it holds are the k best."""
+    out = []
+    for flat, score in zip(ids, scores, strict=True):
         a, b = divmod(int(flat), d_mlp)
         if lo <= a <= hi:
-            items.append(SimilarNeuron(layer=a, neuron=b, cosine=float(cos)))
-            if len(items) == k:
-                return items
+            out.append((a, b, float(score)))
+            if len(out) == k:
+                return out
     return None
 
 

@@ -25,7 +25,6 @@ from catalog.runs.schemas import ExtractRequest, Fence, RunSummary, StageHook
 from catalog.store import migrate
 from catalog.store.database import check_connection, get_engine
 from catalog.store.models import RunStep, ShardKind
-from catalog.store.search_index import drop_orphan_vector_indexes
 
 PROJECTION_CONVENTION = "raw_unembedding"
 
@@ -281,10 +280,9 @@ def _drive(
 
 
 def tidy(engine: Engine) -> None:
-    """After a publish: drop the superseded runs' vector indexes and refresh the planner's statistics."""
+    """After a publish: refresh the planner's statistics."""
     from sqlalchemy import text
 
-    drop_orphan_vector_indexes(engine)
     # Fresh statistics for the planner: a pattern search picks its plan (prefix index or neurons in
     # order) by how common the words are in the new rows. VACUUM marks the new triggers' pages
     # all-visible, so the prefix-first plan is an index-only scan at once (pages of older runs are

@@ -52,7 +52,6 @@ from catalog.loading import LoadedModel, tokenizer_sha256, weights_sha256
 from catalog.runs import lifecycle
 from catalog.runs.lifecycle import Shard, ShardPlan
 from catalog.runs.schemas import ExtractRequest, StageHook
-from catalog.store import search_index
 from catalog.store.ingest import RunWriter
 from catalog.store.models import RunStep, ShardKind
 
@@ -313,7 +312,7 @@ def finish(
     result: CorpusAnalysis | None, progress: Progress | None, stage: StageHook, counts: dict[str, Any],
     earlier: dict[str, float], fence: Any = None,
 ) -> dict[str, float]:
-    """Weights, projections, corpus figures, ingest, indexes and publish in one transaction."""
+    """Weights, projections, corpus figures, ingest, neighbour lists and publish in one transaction."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     weights_hash, tok_hash = weights_sha256(loaded.model), tokenizer_sha256(loaded.tokenizer)
@@ -334,7 +333,9 @@ def finish(
         if result is not None:
             writer.prefixes(prefix_columns(result))
         vectors: dict[str, list[torch.Tensor]] = {space: [] for space in neighbours.SPACES}
-        for rec in layer_records(view, req.params, result, None):
+        token_lists = neighbours.TokenLists(view.unembedding(), view.final_norm_gain(), view.d_mlp,
+                                            keep=settings.neighbour_list_size)
+        for rec in layer_records(view, req.params, result, None, token_lists):
             stage(f"layer {rec.layer}")
             for k, v in rec.seconds.items():
                 by_stage[k] = by_stage.get(k, 0.0) + v
@@ -344,20 +345,23 @@ def finish(
             if progress is not None:
                 progress("weights, projections and ingest", 1, view.n_layers)
         timings.update(by_stage)
-        stage("similar lists")
+        stage("neighbour lists")
+        t1 = time.perf_counter()
+        ranked = token_lists.finish()
+        timings["token_lists"] = timings.get("token_lists", 0.0) + time.perf_counter() - t1
+        del token_lists
+        for (convention, ranking), lists in ranked.items():
+            writer.token_lists(convention, ranking, lists.ids, lists.scores, lists.length)
+        del ranked
         for space, parts in vectors.items():
             t1 = time.perf_counter()
             lists = neighbours.similar_lists(
-                torch.cat(parts).to(view.unembedding().device), keep=settings.similar_list_size)
+                torch.cat(parts).to(view.unembedding().device), keep=settings.neighbour_list_size)
             timings[f"similar_{space}"] = time.perf_counter() - t1
             writer.similar_lists(space, view.d_mlp, lists.ids, lists.scores, lists.length)
             if progress is not None:
                 progress("similar-neuron lists", 1, len(vectors))
         del vectors
-        stage("vector indexes")
-        n_indexes = len(search_index.VECTOR_INDEXES)
-        timings.update(writer.vector_indexes(
-            view.d_model, None if progress is None else (lambda: progress("indexes", 1, n_indexes))))
         timings["ingest"] = writer.seconds
         timings["search_terms"] = writer.search_seconds
         counts["rows"] = dict(writer.rows)

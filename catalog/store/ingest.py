@@ -13,7 +13,7 @@ psycopg's row writer. Nothing here commits: the service publishes the run in the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -166,10 +166,17 @@ class RunWriter:
              for r, n in enumerate(length.tolist())),
         )
 
-    def vector_indexes(self, dim: int, on_index: Callable[[], None] | None = None) -> dict[str, float]:
-        """The run's HNSW indexes, once every layer is in; seconds per index (``on_index``: after each)."""
-        with self.conn.cursor() as cur:
-            return search_index.create_vector_indexes(cur, self.run_id, dim, on_index)
+    def token_lists(self, convention: str, ranking: str, ids: np.ndarray, scores: np.ndarray,
+                    length: np.ndarray) -> None:
+        """Every token's ranking list under one order and convention: row t (the token id) holds
+        ``ids[t, :length[t]]`` (flat neuron ids) and their scores."""
+        rid = self.run_id
+        self._copy_rows(
+            "token_lists", ("run_id", "convention", "ranking", "token_id", "ids", "scores"),
+            ("int4", "text", "text", "int4", "int4[]", "float8[]"),
+            ((rid, convention, ranking, t, ids[t, :n].tolist(), scores[t, :n].tolist())
+             for t, n in enumerate(length.tolist())),
+        )
 
     def _layer_row(self, layer: int, row: Mapping[str, Any]) -> None:
         from psycopg.types.json import Jsonb

@@ -463,6 +463,21 @@ class SimilarList(Base):
     cosines: Mapped[list[float]] = mapped_column(ARRAY(Float), nullable=False)
 
 
+class TokenList(Base):
+    """A token's exact ranking list under one order (``logit`` v_i . e_t or ``cosine``) and projection
+    convention: the neurons of the run with the highest score, best first, ties by (layer, neuron)
+    (catalog/extract/neighbours.py). ``ids`` are flat ids ``layer * d_mlp + neuron``."""
+
+    __tablename__ = "token_lists"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("extraction_runs.id", ondelete="CASCADE"), primary_key=True)
+    convention: Mapped[str] = mapped_column(String(6), primary_key=True)  # 'raw' | 'folded'
+    ranking: Mapped[str] = mapped_column(String(6), primary_key=True)  # 'logit' | 'cosine'
+    token_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ids: Mapped[list[int]] = mapped_column(ARRAY(Integer), nullable=False)
+    scores: Mapped[list[float]] = mapped_column(ARRAY(Float), nullable=False)
+
+
 # --- annotations (part 4) ------------------------------------------------------------------------
 
 
