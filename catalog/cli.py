@@ -66,7 +66,7 @@ def _run(fn: Any) -> Any:
 class _Bars:
     """One tqdm bar per stage, created when the stage reports first."""
 
-    UNITS: ClassVar[dict[str, str]] = {"plan": "doc", "merge": "layer", "weights": "layer", "indexes": "index", "ablation": "prefix",
+    UNITS: ClassVar[dict[str, str]] = {"plan": "doc", "merge": "layer", "weights": "layer", "similar": "space", "ablation": "prefix",
                                          "labels": "layer"}
 
     def __init__(self) -> None:

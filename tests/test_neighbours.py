@@ -111,7 +111,8 @@ def test_exact_order_rescores_near_ties_and_cuts_what_it_cannot_vouch_for() -> N
         asked.extend(int(x) for x in i)
         return np.array([truth[int(x)] for x in i])
 
-    out = exact_order(ids, s32, last=np.array([0.6], np.float32), delta=np.array([1e-3]), keep=10, dot64=dot64)
+    out = exact_order(ids, s32, np.full((1, 4), 5e-4), last=np.array([0.6], np.float32), delta_out=np.array([1e-3]),
+                      keep=10, dot64=dot64)
     assert sorted(asked) == [3, 5]  # only the near-tie
     got, scores = out.row(0)
     assert got.tolist() == [7, 5, 3]  # 9 (0.5) is below last + 2 delta: a left-out neuron may beat it

@@ -55,6 +55,15 @@ class Lists:
         return self.ids[r, :n], self.scores[r, :n]
 
 
+def _pair_dots(A: np.ndarray, i: np.ndarray, B: np.ndarray, j: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """float64 A[i[p]] . B[j[p]] for every pair p, a chunk at a time (bounded memory)."""
+    out = np.empty(len(i), dtype=np.float64)
+    for a in range(0, len(i), chunk):
+        out[a:a + chunk] = np.einsum("nd,nd->n", A[i[a:a + chunk]].astype(np.float64),
+                                     B[j[a:a + chunk]].astype(np.float64))
+    return out
+
+
 def _top(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest of each row (unordered): values and column indices. numpy's introselect on a CPU
     (several times faster than torch.topk there), torch.topk on a GPU."""
@@ -66,13 +75,14 @@ def _top(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.take_along_axis(a, idx, axis=1)), torch.from_numpy(idx)
 
 
-def exact_order(ids: np.ndarray, s32: np.ndarray, last: np.ndarray, delta: np.ndarray, keep: int,
-                dot64: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Lists:
+def exact_order(ids: np.ndarray, s32: np.ndarray, delta: np.ndarray, last: np.ndarray, delta_out: np.ndarray,
+                keep: int, dot64: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Lists:
     """Order each row's candidates exactly and keep the trusted head (see the module docstring).
 
-    ids, s32: [rows, c] candidates and float32 scores; last: [rows] the highest float32 score any
-    non-candidate can have (-inf when there is none); delta: [rows] the float32 error bound;
-    dot64(rows, ids) -> float64 scores of those pairs, called for near-ties only.
+    ids, s32, delta: [rows, c] candidates, their float32 scores and the bound on each score's float32
+    error; last: [rows] the highest float32 score any non-candidate can have (-inf when there is none)
+    and delta_out: [rows] the bound on such a score's error; dot64(rows, ids) -> float64 scores of
+    those pairs, called for near-ties only.
     """
     rows, c = ids.shape
     if c == 0:
@@ -80,8 +90,9 @@ def exact_order(ids: np.ndarray, s32: np.ndarray, last: np.ndarray, delta: np.nd
     order = np.lexsort((ids, -s32), axis=1)
     ids = np.take_along_axis(ids, order, axis=1)
     s32 = np.take_along_axis(s32, order, axis=1)
+    delta = np.take_along_axis(np.broadcast_to(delta, ids.shape), order, axis=1)
     scores = s32.astype(np.float64)
-    close = (s32[:, :-1] - s32[:, 1:]) <= 2 * delta[:, None]  # neighbours float32 may have swapped
+    close = (scores[:, :-1] - scores[:, 1:]) <= delta[:, :-1] + delta[:, 1:]  # float32 may have swapped these
     group = np.concatenate([np.zeros((rows, 1), np.int64), np.cumsum(~close, axis=1)], axis=1)
     tied = np.zeros((rows, c), dtype=bool)
     tied[:, :-1] |= close
@@ -93,11 +104,12 @@ def exact_order(ids: np.ndarray, s32: np.ndarray, last: np.ndarray, delta: np.nd
         ids = np.take_along_axis(ids, order, axis=1)
         scores = np.take_along_axis(scores, order, axis=1)
         s32 = np.take_along_axis(s32, order, axis=1)
+        delta = np.take_along_axis(delta, order, axis=1)
         tied = np.take_along_axis(tied, order, axis=1)
     # The order above is exact among the candidates; a head of it is the head of the whole order when
     # each of its entries provably beats every neuron left out (whose float64 score is <= last + delta).
-    low = np.where(tied, scores, s32.astype(np.float64) - delta[:, None])  # a lower bound on float64
-    safe = low > (last.astype(np.float64) + delta)[:, None]
+    low = np.where(tied, scores, s32.astype(np.float64) - delta)  # a lower bound on float64
+    safe = low > (last.astype(np.float64) + delta_out)[:, None]
     length = np.where(safe.all(axis=1), c, np.argmin(safe, axis=1))
     length = np.minimum(length, keep).astype(np.int32)
     width = min(keep, c)
@@ -206,20 +218,25 @@ class TokenLists:
     def finish(self) -> dict[tuple[str, str], Lists]:
         """(convention, order) -> Lists over tokens; scores are logits, or cosines."""
         V = np.concatenate(self.values)  # [N, d] float32
-        inv64 = 1.0 / np.maximum(np.linalg.norm(V.astype(np.float64), axis=1), 1e-300)
+        norms64 = np.linalg.norm(V.astype(np.float64), axis=1)
+        inv64 = 1.0 / np.maximum(norms64, 1e-300)
+        bound = error_bound(self.d)
         out = {}
         for (convention, order), run in self._running.items():
             E64 = self.E64[convention]
             e_norm = np.linalg.norm(E64, axis=1)
             ids, s32, last = run.candidates()
-            # float32 scores are logits, or logit / |v| for the cosine order
-            delta = error_bound(self.d) * (self.max_norm if order == "logit" else 1.0) * e_norm
+            # float32 scores are logits (error <= bound |v| |e|), or logit / |v| (<= bound |e|)
+            if order == "logit":
+                delta, delta_out = bound * norms64[ids] * e_norm[:, None], bound * self.max_norm * e_norm
+            else:
+                delta, delta_out = np.broadcast_to(bound * e_norm[:, None], ids.shape), bound * e_norm
 
             def dot64(r: np.ndarray, i: np.ndarray, E64: np.ndarray = E64, order: str = order) -> np.ndarray:
-                s = np.einsum("nd,nd->n", V[i].astype(np.float64), E64[r])
+                s = _pair_dots(V, i, E64, r)
                 return s * inv64[i] if order == "cosine" else s
 
-            lists = exact_order(ids, s32, last, delta, self.keep, dot64)
+            lists = exact_order(ids, s32, delta, last, delta_out, self.keep, dot64)
             if order == "cosine":  # stored as the cosine itself, comparable across tokens (word forms)
                 lists.scores = lists.scores / np.maximum(e_norm, 1e-300)[:, None]
             out[(convention, order)] = lists
@@ -250,6 +267,7 @@ def similar_lists(vectors: torch.Tensor, *, keep: int = 50, candidates: int = 64
     U64 = V64 / np.maximum(np.linalg.norm(V64, axis=1, keepdims=True), 1e-300)
 
     def dot64(r: np.ndarray, i: np.ndarray) -> np.ndarray:
-        return np.einsum("nd,nd->n", U64[i], U64[r])
+        return _pair_dots(U64, i, U64, r)
 
-    return exact_order(ids, s32, last, np.full(n, error_bound(d)), keep, dot64)
+    bound = np.full(n, error_bound(d))
+    return exact_order(ids, s32, bound[:, None], last, bound, keep, dot64)
