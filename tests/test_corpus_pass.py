@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import tiny_models
 import torch
+from export_check import assert_export_equals_records
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from torch import nn
@@ -32,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from catalog.cli import app
-from catalog.export import records
+from catalog.export import json_floats, json_str, records
 from catalog.extract.ablation import relative_change
 from catalog.extract.pipeline import Parameters
 from catalog.extract.states import TopState
@@ -863,3 +864,22 @@ def test_abs_histogram_quantiles_against_numpy() -> None:
         if exact[3] >= 2.0**14:
             assert got[3] == 2.0**14  # beyond the range: its lower edge, said so in the README
     assert histogram_quantile(torch.zeros((1, hist.shape[1]), dtype=torch.long), 0.5).isnan().all()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_export_writes_the_records(case: Case, migrated_db: str, tmp_path: Path, suffix: str) -> None:
+    """The bulk export (columns per layer) writes exactly records(): gated and not, with and without BOS."""
+    with Session(get_engine(migrated_db)) as s:
+        assert_export_equals_records(s, case.name, tmp_path / f"out{suffix}", vectors=False)
+
+
+def test_export_spells_floats_and_strings_as_json_dumps() -> None:
+    """The JSONL writer formats values itself: extremes the tiny models never store, spelled as json.dumps."""
+    values = [0.0, -0.0, 1.0, -2.5, 0.1, 1e-5, 1e-4, 1e15, 1e16, 1.2345678901234567e17, 5e-324,
+              1.7976931348623157e308, math.nan, math.inf, -math.inf, float(np.float32(0.1))]
+    arr = np.array(values)
+    assert json_floats(arr) == [json.dumps(v) for v in values]
+    assert json_floats(arr, nan="null") == [json.dumps(None if math.isnan(v) else v) for v in values]
+    for s in ["", "plain", 'quote " and \\ backslash', "tab\tnew\nline\r\x00\x1f\x7f", "é中文🙂", "\u2028\u2029"]:
+        assert json_str(s) == json.dumps(s, ensure_ascii=False)
+    assert json_str(None) == "null"
