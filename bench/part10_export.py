@@ -96,7 +96,7 @@ def summary(plan: str) -> str:
 
 def explain(engine: object, name: str, run_id: int, layer: int) -> None:
     """EXPLAIN ANALYZE of each read that joins triggers to prefixes, one line per statement."""
-    from sqlalchemy import Engine, select, text
+    from sqlalchemy import Engine, select
     from sqlalchemy.orm import Session
 
     from catalog.annotations.schemas import AnnotationWrite
@@ -137,13 +137,10 @@ def explain(engine: object, name: str, run_id: int, layer: int) -> None:
             print(f"  {' '.join(statement.split())[:90]}...\n    {summary(plan)}")
     print("\nexport (catalog.read.bulk), layer", layer)
     with engine.connect() as conn:
-        for sql in (bulk._TOKENS_SQL, bulk._TRIGGERS_SQL):
-            plan = "\n".join(r[0] for r in conn.execute(text(
-                "EXPLAIN (ANALYZE, BUFFERS) " + sql.format(run=run_id, layer=layer))).all())
+        params = {"run": run_id, "layer": layer}
+        for sql in (bulk._layer_sql("value_tokens", True), bulk._layer_sql("triggers", True), bulk._PREFIXES_SQL):
+            plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN (ANALYZE, BUFFERS) " + sql, params).all())
             print(f"  {' '.join(sql.split())[:90]}...\n    {summary(plan)}")
-        sql = bulk._PREFIXES_SQL.replace("%(run)s", str(run_id)).replace("%(layer)s", str(layer))
-        plan = "\n".join(r[0] for r in conn.execute(text("EXPLAIN (ANALYZE, BUFFERS) " + sql)).all())
-        print(f"  {' '.join(sql.split())[:90]}...\n    {summary(plan)}")
 
 
 def main() -> None:

@@ -7,9 +7,11 @@ read as columns (:mod:`catalog.read.bulk`) and written from them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy.orm import Session
@@ -21,6 +23,7 @@ from catalog.vocab import ABLATIONS, LABELS, NEURON_FIGURES
 __all__ = ["ExportError", "export", "export_layers", "flat_layer_rows", "parquet_schema", "records"]
 
 FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
+T = TypeVar("T")
 
 
 class ExportError(ValueError):
@@ -39,7 +42,8 @@ def export(session: Session, name: str, out: Path, *, vectors: bool = False) -> 
         raise ExportError(f"cannot export to {out}: the file name must end in .jsonl or .parquet")
     if not out.parent.exists():
         raise ExportError(f"cannot export to {out}: directory {out.parent} does not exist")
-    entry, run, names, layers = run_columns(session, name, vectors=vectors)
+    entry, run, names, columns = run_columns(session, name, vectors=vectors, json=fmt == "jsonl")
+    layers = prefetched(columns)
     tmp = out.with_name(out.name + ".partial")
     count = 0
     try:
@@ -59,8 +63,56 @@ def export(session: Session, name: str, out: Path, *, vectors: bool = False) -> 
                 count = _write_row_groups(writer, (builder.table(cols, vectors=vectors) for cols in layers))
         tmp.replace(out)  # a failed export never leaves a half-written file under the real name
     finally:
+        layers.close()
         tmp.unlink(missing_ok=True)
     return count
+
+
+def prefetched(items: Iterator[T]) -> Generator[T, None, None]:
+    """``items``, each produced one ahead in a thread: Postgres works on the next layer while this one
+    is encoded (two cores: about the time of the slower of the two instead of their sum). The thread
+    alone advances ``items`` (and closes it), so a session behind them is used by one thread at a time."""
+    box: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        box.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    break
+            else:
+                box.put(("end", None))
+        except Exception as exc:  # noqa: BLE001  (handed to the consumer, which raises it)
+            box.put(("error", exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=produce, name="export-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = box.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while worker.is_alive():  # let a producer blocked on a full box finish
+            try:
+                box.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        worker.join()
 
 
 ROW_GROUP = 2048  # records per Parquet row group
@@ -96,12 +148,12 @@ def json_str(s: str | None) -> str:
     return "null" if s is None else _encode_str(s)
 
 
-def json_floats(values: np.ndarray, *, nan: str = "NaN") -> list[str]:
-    """Each float as json.dumps writes it (``float.__repr__``); NaN as ``nan``: "null" where records()
-    cleans the value (``clean``), json.dumps' "NaN" where it does not."""
+def json_floats(values: np.ndarray) -> list[str]:
+    """Each float as json.dumps writes it (``float.__repr__``, slow: the vectors only; the layer's
+    columns come spelled by Postgres, catalog.read.bulk.json_float_sql)."""
     out = list(map(float.__repr__, values.astype(np.float64, copy=False).tolist()))
     for i in np.flatnonzero(~np.isfinite(values)).tolist():
-        out[i] = nan if out[i] == "nan" else _NOT_FINITE[out[i]]
+        out[i] = _NOT_FINITE[out[i]]
     return out
 
 
@@ -132,22 +184,22 @@ class _JsonEncoder:
         tails = [f', "next_token_id": {"null" if n is None else n}, "next_token": '
                  f'{"null" if n is None else json_str(self.names.get(n))}, "text_after": {json_str(a)}'
                  for n, a in zip(cols.prefix_next_token, cols.prefix_text_after, strict=True)]
+        assert cols.activation_json is not None and cols.ablations_json is not None
         t = cols.triggers
         ends = np.full(len(t), "}", dtype=object)
-        positive = np.flatnonzero(t["sign"] > 0)
-        ends[positive] = [f', "without_last": {a}, "without_first": {b}, "without_random": {c}}}' for a, b, c in zip(
-            *(json_floats(t[f"without_{k}"][positive], nan="null") for k in ABLATIONS), strict=True)]
-        prefix = cols.prefix.tolist()
+        ab = cols.ablations_json  # three per positive trigger, in order
+        ends[t["sign"] > 0] = [f', "without_last": {a}, "without_first": {b}, "without_random": {c}}}'
+                               for a, b, c in zip(ab[0::3], ab[1::3], ab[2::3], strict=True)]
         items = [heads[p] + a + tails[p] + e
-                 for p, a, e in zip(prefix, json_floats(t["coefficient"]), ends.tolist(), strict=True)]
+                 for p, a, e in zip(cols.prefix.tolist(), cols.activation_json, ends.tolist(), strict=True)]
         has_next = np.array([n is not None for n in cols.prefix_next_token], dtype=bool)[cols.prefix]
         return items, has_next
 
     def lines(self, cols: LayerColumns, *, vectors: bool) -> list[str]:
         tok, trig = cols.bounds()
         heads = self.token_heads
-        tokens = [heads[i] + x + "}" for i, x in zip(cols.tokens["token_id"].tolist(), json_floats(cols.tokens["logit"]),
-                                                       strict=True)]
+        assert cols.logit_json is not None
+        tokens = [heads[i] + x + "}" for i, x in zip(cols.tokens["token_id"].tolist(), cols.logit_json, strict=True)]
         triggers, has_next = self._triggers(cols)
         # agreement_triggers: the positive triggers with a next token (an encoder's: all of them)
         counted = np.concatenate([[0], np.cumsum(has_next if self.causal else np.ones(len(has_next), bool))])

@@ -26,7 +26,7 @@ import pytest
 import tiny_models
 import torch
 from export_check import assert_export_equals_records
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -37,6 +37,7 @@ from catalog.export import json_floats, json_str, records
 from catalog.extract.ablation import relative_change
 from catalog.extract.pipeline import Parameters
 from catalog.extract.states import TopState
+from catalog.read.bulk import json_float_sql, split_json_floats
 from catalog.read.catalog import current_run
 from catalog.runs.local import extract
 from catalog.runs.schemas import ExtractRequest
@@ -873,13 +874,23 @@ def test_export_writes_the_records(case: Case, migrated_db: str, tmp_path: Path,
         assert_export_equals_records(s, case.name, tmp_path / f"out{suffix}", vectors=False)
 
 
-def test_export_spells_floats_and_strings_as_json_dumps() -> None:
-    """The JSONL writer formats values itself: extremes the tiny models never store, spelled as json.dumps."""
-    values = [0.0, -0.0, 1.0, -2.5, 0.1, 1e-5, 1e-4, 1e15, 1e16, 1.2345678901234567e17, 5e-324,
-              1.7976931348623157e308, math.nan, math.inf, -math.inf, float(np.float32(0.1))]
-    arr = np.array(values)
-    assert json_floats(arr) == [json.dumps(v) for v in values]
-    assert json_floats(arr, nan="null") == [json.dumps(None if math.isnan(v) else v) for v in values]
+def test_export_spells_floats_and_strings_as_json_dumps(migrated_db: str) -> None:
+    """The JSONL writer does not call json.dumps on values: Postgres spells the floats (json_float_sql,
+    exponents from 15 on redone in Python) and strings are escaped once. Extremes the tiny models never
+    store, and random bit patterns, spelled as json.dumps spells them."""
+    rng = np.random.default_rng(7)
+    values = [0.0, -0.0, 1.0, -2.5, 3.0, 100.0, 0.1, 1e-5, 1e-4, 1e14, 1e15, 1.5e15, 9007199254740993.0, 1e16,
+              2.0**60, 1.2345678901234567e17, 5e-324, 1.7976931348623157e308, math.nan, math.inf, -math.inf,
+              float(np.float32(0.1)), *rng.standard_normal(500).tolist(), *(10.0 ** rng.uniform(-320, 300, 500)).tolist(),
+              *np.frombuffer(rng.bytes(8 * 2000), dtype=np.float64).tolist()]
+    plain_sql, cleaned_sql = json_float_sql("x"), json_float_sql("x", nan="'null'")
+    sql = text(f"SELECT string_agg({plain_sql}, ',' ORDER BY o), string_agg({cleaned_sql}, ',' ORDER BY o) "
+               "FROM unnest(CAST(:v AS float8[])) WITH ORDINALITY AS u(x, o)")
+    with get_engine(migrated_db).connect() as conn:
+        plain, cleaned = conn.execute(sql, {"v": values}).one()
+    assert split_json_floats(plain) == [json.dumps(v) for v in values]
+    assert split_json_floats(cleaned) == [json.dumps(None if math.isnan(v) else v) for v in values]
+    assert json_floats(np.array(values)) == [json.dumps(v) for v in values]  # the vectors' spelling
     for s in ["", "plain", 'quote " and \\ backslash', "tab\tnew\nline\r\x00\x1f\x7f", "é中文🙂", "\u2028\u2029"]:
         assert json_str(s) == json.dumps(s, ensure_ascii=False)
     assert json_str(None) == "null"

@@ -20,31 +20,79 @@ from sqlalchemy.orm import Session
 
 from catalog.read.catalog import NEURON_FIELDS, require_run
 from catalog.store.models import CatalogModel, ExtractionRun, Neuron, Token
+from catalog.vocab import ABLATIONS
 
 # Value-token lists by code (the order of ``convention, kind`` in the primary key: folded < raw,
-# bottom < top), so the PK's index order is the code's order and the read needs no sort.
+# bottom < top), so the codes come in the primary key's order.
 TOKEN_LISTS = ("value_bottom_tokens_folded", "value_top_tokens_folded", "value_bottom_tokens", "value_top_tokens")
 
-# Nulls cannot go through a fixed-width numpy row: an ablation's null reads as NaN (records() shows
-# NaN as null too) and a missing next token as -1.
-_TOKENS_SQL = """
-SELECT neuron, CAST((convention = 'raw')::int * 2 + (kind = 'top')::int AS int2), token_id, logit
-FROM value_tokens
-WHERE run_id = {run} AND layer = {layer} AND convention IN ('raw', 'folded') AND kind IN ('top', 'bottom')
-ORDER BY neuron, convention, kind, rank"""
-_TOKENS_DTYPE = [("neuron", "i4"), ("list", "i2"), ("token_id", "i4"), ("logit", "f8")]
 
-# The layer's triggers by the primary key (run, layer, ...): no join. Joined to prefixes, the planner
-# walks every prefix of the run through the (run, document, position) index and keeps the layer's
-# rows afterwards; the prefixes come in their own query (_PREFIXES_SQL).
-_TRIGGERS_SQL = """
-SELECT neuron, sign, document, position, coefficient, coalesce(coefficient_without_last, 'NaN'),
-       coalesce(coefficient_without_first, 'NaN'), coalesce(coefficient_without_random, 'NaN')
-FROM triggers
-WHERE run_id = {run} AND layer = {layer} AND sign IN (1, -1)
-ORDER BY neuron, sign DESC, rank"""
-_TRIGGERS_DTYPE = [("neuron", "i4"), ("sign", "i2"), ("document", "i8"), ("position", "i4"),
-                   ("coefficient", "f8"), ("without_last", "f8"), ("without_first", "f8"), ("without_random", "f8")]
+def json_float_sql(x: str, *, nan: str = "'NaN'") -> str:
+    """SQL text of the float ``x`` as json.dumps writes it, but for |x| >= 1e15 (see :func:`split_json_floats`).
+
+    Postgres' shortest round-trip digits are Python's ``repr``'s; the spelling differs only in an
+    integral value's ".0" (added here) and in exponents from 15 on (Postgres writes 1e+15 where Python
+    writes 1000000000000000.0, and an integral 2**60 with more digits than the shortest), which
+    :func:`split_json_floats` redoes in Python. ``nan``: what NaN and null become ('NaN', as json.dumps
+    writes it, or 'null' where records() cleans NaN to None).
+    """
+    return (f"CASE WHEN {x} IS NULL OR {x} = 'NaN'::float8 THEN {nan} "
+            f"WHEN abs({x}) < 1e15 AND {x} = trunc({x}) THEN {x}::text || '.0' ELSE {x}::text END")
+
+
+def split_json_floats(joined: str | None) -> list[str]:
+    """The comma-joined :func:`json_float_sql` texts of a column as a list, exponents redone by Python."""
+    if not joined:
+        return []
+    out = joined.split(",")
+    if "e+" in joined:  # |x| >= 1e15: rare
+        out = [float(v).__repr__() if "e+" in v else v for v in out]
+    return out
+
+
+# Each layer's rows come as one value per column: a big-endian packed array (the *send functions'
+# binary forms, fixed-width) and, for JSON, the floats already spelled. One value instead of a row
+# per trigger: psycopg costs microseconds per row, and there are 150k triggers in a SmolLM2 layer.
+# Nulls cannot go into a fixed-width row: an ablation's null reads as NaN (records() shows NaN as null
+# too). The layer's triggers are read by the primary key (run, layer, ...), not joined to prefixes:
+# joined, the planner walks every prefix of the run through the (run, document, position) index and
+# keeps the layer's rows afterwards.
+_ORDER = {"value_tokens": "neuron, convention, kind, rank", "triggers": "neuron, sign DESC, rank"}
+_WHERE = {
+    "value_tokens": "run_id = %(run)s AND layer = %(layer)s AND convention IN ('raw', 'folded') AND kind IN ('top', 'bottom')",
+    "triggers": "run_id = %(run)s AND layer = %(layer)s AND sign IN (1, -1)",
+}
+_PACKED = {
+    "value_tokens": ("int4send(neuron) || int2send(CAST((convention = 'raw')::int * 2 + (kind = 'top')::int AS int2)) "
+               "|| int4send(token_id) || float8send(logit)"),
+    "triggers": ("int4send(neuron) || int2send(sign) || int8send(document) || int4send(position) "
+                 "|| float8send(coefficient) || float8send(coalesce(coefficient_without_last, 'NaN')) "
+                 "|| float8send(coalesce(coefficient_without_first, 'NaN')) "
+                 "|| float8send(coalesce(coefficient_without_random, 'NaN'))"),
+}
+_DTYPE = {
+    "value_tokens": [("neuron", "i4"), ("list", "i2"), ("token_id", "i4"), ("logit", "f8")],
+    "triggers": [("neuron", "i4"), ("sign", "i2"), ("document", "i8"), ("position", "i4"), ("coefficient", "f8"),
+                 ("without_last", "f8"), ("without_first", "f8"), ("without_random", "f8")],
+}
+# The floats as JSON text, as (expression, filter): value tokens' logits; triggers' activations, and
+# positive triggers' ablations (three per trigger; records() cleans their NaN to null).
+_JSON: dict[str, list[tuple[str, str | None]]] = {
+    "value_tokens": [(json_float_sql("logit"), None)],
+    "triggers": [(json_float_sql("coefficient"), None),
+                 (" || ',' || ".join(json_float_sql(f"coefficient_without_{k}", nan="'null'") for k in ABLATIONS),
+                  "sign = 1")],
+}
+
+
+def _layer_sql(table: str, json: bool) -> str:
+    order = _ORDER[table]
+    cols = [f"string_agg({_PACKED[table]}, ''::bytea ORDER BY {order})"]
+    if json:
+        cols += [f"string_agg({expr}, ',' ORDER BY {order})" + (f" FILTER (WHERE {only})" if only else "")
+                 for expr, only in _JSON[table]]
+    return f"SELECT {', '.join(cols)} FROM {table} WHERE {_WHERE[table]}"
+
 
 # The distinct prefixes of the layer's triggers, in (document, position) order. MATERIALIZED keeps the
 # planner from folding the keys back into a join driven by every prefix of the run.
@@ -62,14 +110,18 @@ class LayerColumns:
 
     layer: int
     neurons: list[tuple[Any, ...]]  # (neuron, *NEURON_FIELDS[, key_vector, value_vector, up_vector]) by neuron
-    tokens: np.ndarray  # _TOKENS_DTYPE rows by neuron, list code, rank
-    triggers: np.ndarray  # _TRIGGERS_DTYPE rows by neuron, sign (+1 first), rank
+    tokens: np.ndarray  # _DTYPE["value_tokens"] rows by neuron, list code, rank
+    triggers: np.ndarray  # _DTYPE["triggers"] rows by neuron, sign (+1 first), rank
     prefix: np.ndarray  # [len(triggers)] int64: each trigger's row in prefix_*
     prefix_document: list[int]
     prefix_position: list[int]
     prefix_text: list[str]
     prefix_next_token: list[int | None]
     prefix_text_after: list[str | None]
+    # JSON only (split_json_floats): logits; activations; positive triggers' ablations, three per trigger
+    logit_json: list[str] | None = None
+    activation_json: list[str] | None = None
+    ablations_json: list[str] | None = None
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Where each neuron's rows are: value tokens of list code c at ``tok[i, c]:tok[i, c + 1]``
@@ -83,28 +135,10 @@ class LayerColumns:
         return tok, trig
 
 
-def copy_array(cur: Any, sql: str, dtype: list[tuple[str, str]]) -> np.ndarray:
-    """The rows of ``sql`` through a binary COPY as a numpy structured array (native-endian). Every
-    column must be fixed-width and never null: the rows are then one fixed-size record each."""
-    buf = bytearray()
-    with cur.copy(f"COPY ({sql}) TO STDOUT (FORMAT BINARY)") as cp:
-        for chunk in cp:
-            buf += chunk
-    # header: 11-byte signature, int32 flags, int32 extension length (+ extension); trailer: int16 -1
-    start = 19 + int.from_bytes(buf[15:19], "big")
-    wire = np.dtype([("_fields", ">i2"), *((x, y) for name, t in dtype
-                                            for x, y in ((f"_len_{name}", ">i4"), (name, ">" + t)))])
-    body = memoryview(buf)[start : len(buf) - 2]
-    if len(body) % wire.itemsize:
-        raise ValueError("COPY rows are not fixed-width: a column is null or of another type")
-    rows = np.frombuffer(body, wire)
-    for name, t in dtype:
-        if rows.size and (rows[f"_len_{name}"] != np.dtype(t).itemsize).any():
-            raise ValueError(f"COPY column {name} is null or not {t}")
-    out = np.empty(len(rows), dtype)
-    for name, _ in dtype:
-        out[name] = rows[name]
-    return out
+def unpack(packed: bytes | None, dtype: list[tuple[str, str]]) -> np.ndarray:
+    """Big-endian packed rows (int4send || float8send ...) as a native-endian numpy structured array."""
+    rows = np.frombuffer(packed or b"", np.dtype([(name, ">" + t) for name, t in dtype]))
+    return rows.astype(np.dtype(dtype))
 
 
 def vocabulary(session: Session, run_id: int) -> dict[int, str]:
@@ -112,8 +146,10 @@ def vocabulary(session: Session, run_id: int) -> dict[int, str]:
 
 
 def layer_columns(session: Session, entry: CatalogModel, run: ExtractionRun, *,
-                  vectors: bool = False) -> Iterator[LayerColumns]:
-    """Every layer of ``run`` as columns, in layer order (records() order within each)."""
+                  vectors: bool = False, json: bool = False) -> Iterator[LayerColumns]:
+    """Every layer of ``run`` as columns, in layer order (records() order within each); ``json``: with
+    the floats spelled as json.dumps writes them."""
+    tokens_sql, triggers_sql = _layer_sql("value_tokens", json), _layer_sql("triggers", json)
     rid = int(run.id)
     cols = [Neuron.neuron, *(getattr(Neuron, f) for f in NEURON_FIELDS)]
     if vectors:
@@ -126,8 +162,12 @@ def layer_columns(session: Session, entry: CatalogModel, run: ExtractionRun, *,
             neurons = list(session.execute(
                 select(*cols).where(Neuron.run_id == rid, Neuron.layer == layer).order_by(Neuron.neuron)
             ).tuples())
-            tokens = copy_array(cur, _TOKENS_SQL.format(run=rid, layer=layer), _TOKENS_DTYPE)
-            triggers = copy_array(cur, _TRIGGERS_SQL.format(run=rid, layer=layer), _TRIGGERS_DTYPE)
+            cur.execute(tokens_sql, {"run": rid, "layer": layer}, binary=True)
+            packed, *logits = cur.fetchone()
+            tokens = unpack(packed, _DTYPE["value_tokens"])
+            cur.execute(triggers_sql, {"run": rid, "layer": layer}, binary=True)
+            packed, *trigger_floats = cur.fetchone()
+            triggers = unpack(packed, _DTYPE["triggers"])
             cur.execute(_PREFIXES_SQL, {"run": rid, "layer": layer})
             prefixes = cur.fetchall()
             docs = np.array([p[0] for p in prefixes], dtype=np.int64)
@@ -143,13 +183,16 @@ def layer_columns(session: Session, entry: CatalogModel, run: ExtractionRun, *,
                 layer, neurons, tokens, triggers, index,
                 docs.tolist(), positions.tolist(), [p[2] for p in prefixes], [p[3] for p in prefixes],
                 [p[4] for p in prefixes],
+                *((split_json_floats(logits[0]), split_json_floats(trigger_floats[0]),
+                   split_json_floats(trigger_floats[1]))
+                  if json else ()),
             )
     finally:
         cur.close()
 
 
-def run_columns(session: Session, name: str, *, vectors: bool = False
+def run_columns(session: Session, name: str, *, vectors: bool = False, json: bool = False
                 ) -> tuple[CatalogModel, ExtractionRun, dict[int, str], Iterator[LayerColumns]]:
     """``name``'s entry, current run, vocabulary (token id -> text) and its layers as columns."""
     entry, run = require_run(session, name)
-    return entry, run, vocabulary(session, run.id), layer_columns(session, entry, run, vectors=vectors)
+    return entry, run, vocabulary(session, run.id), layer_columns(session, entry, run, vectors=vectors, json=json)
