@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from catalog.cli import app
-from catalog.export import json_floats, json_str, records
+from catalog.export import json_floats, json_str, prefetched, records
 from catalog.extract.ablation import relative_change
 from catalog.extract.pipeline import Parameters
 from catalog.extract.states import TopState
@@ -894,3 +894,26 @@ def test_export_spells_floats_and_strings_as_json_dumps(migrated_db: str) -> Non
     for s in ["", "plain", 'quote " and \\ backslash', "tab\tnew\nline\r\x00\x1f\x7f", "é中文🙂", "\u2028\u2029"]:
         assert json_str(s) == json.dumps(s, ensure_ascii=False)
     assert json_str(None) == "null"
+
+
+def test_prefetched_layers_keep_order_errors_and_clean_up() -> None:
+    """The export reads the next layer in a thread: the items come in order, the reader's error reaches
+    the writer, and a writer that stops early closes the reader (its cursor) in the reader's thread."""
+    closed: list[bool] = []
+
+    def layers(fail_at: int | None = None) -> Iterator[int]:
+        try:
+            for i in range(6):
+                if i == fail_at:
+                    raise RuntimeError(f"layer {i} unreadable")
+                yield i
+        finally:
+            closed.append(True)
+
+    assert list(prefetched(layers())) == list(range(6))
+    with pytest.raises(RuntimeError, match="layer 3 unreadable"):
+        list(prefetched(layers(fail_at=3)))
+    gen = prefetched(layers())
+    assert next(gen) == 0
+    gen.close()
+    assert closed == [True, True, True]

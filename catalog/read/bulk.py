@@ -2,10 +2,11 @@
 
 :func:`catalog.read.catalog.records` builds one dict per neuron from row tuples, which is right for a
 page but costs minutes for a whole catalog (a SmolLM2 layer has 150k triggers and 180k value tokens).
-Here the two big tables come back as binary ``COPY`` payloads read straight into numpy, and each
-layer's trigger prefixes are read once per layer, not once per trigger. The writers in
-:mod:`catalog.export` turn these columns into the very records that ``records`` gives (a test holds
-them equal). Memory is bounded by one layer.
+Here each layer's value tokens and triggers come back as one packed binary value per column, read
+straight into numpy, with the floats that JSON needs already spelled by Postgres; each layer's trigger
+prefixes are read once per layer, not once per trigger. The writers in :mod:`catalog.export` turn
+these columns into the very records that ``records`` gives (tests hold them equal). Memory is bounded
+by a layer.
 """
 
 from __future__ import annotations
