@@ -7,7 +7,8 @@ Builds a SmolLM2 catalog over the first ``--tokens`` tokens of ``data/wordnet.tx
 directory, or under ``--data-dir``; ``--reuse`` takes the catalog ``--name`` already there instead.
 
 Printed, all from this one run (each figure from a warm cache: one untimed COPY pass reads every table first):
-- JSONL and Parquet export: seconds, neurons/s, file size, peak RSS of this process during that export;
+- JSONL and Parquet export: seconds, neurons/s, file size, peak RSS of this process during that export
+  (and its RSS before them);
 - raw ``COPY (SELECT ...) TO STDOUT`` of the same rows (neurons with their figures, value tokens with
   their text, triggers with their prefix and next token), read and thrown away: neurons/s;
 - the exports' time as a ratio to that COPY;
@@ -54,9 +55,10 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def peak_rss_mb() -> float:
+def rss_mb(field: str = "VmHWM") -> float:
+    """This process's peak (VmHWM) or current (VmRSS) resident memory."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -197,15 +199,17 @@ def main() -> None:
     copy_out(engine, run_id)  # warm-up: every table read once, so no figure pays for a cold cache
     copy_s, copy_bytes = copy_out(engine, run_id)
     results: dict[str, tuple[float, int, float]] = {}
+    base_rss = rss_mb("VmRSS")
     for suffix in (".jsonl", ".parquet"):
         out = out_dir / f"export{suffix}"
         reset_peak_rss()
         t0 = time.perf_counter()
         with Session(engine) as s:
             n = export(s, args.name, out)
-        results[suffix] = (time.perf_counter() - t0, out.stat().st_size, peak_rss_mb())
+        results[suffix] = (time.perf_counter() - t0, out.stat().st_size, rss_mb())
         assert n == n_neurons, (n, n_neurons)
 
+    print(f"\nRSS before the exports {base_rss:.0f} MB (the interpreter and its libraries)")
     print(f"\n{'':<34}{'seconds':>9}{'neurons/s':>11}{'x COPY':>8}{'MB':>8}{'peak RSS MB':>13}")
     print(f"{'COPY ... TO STDOUT (same rows)':<34}{copy_s:9.1f}{n_neurons / copy_s:11.0f}{1.0:8.2f}"
           f"{copy_bytes / 1e6:8.0f}")
@@ -223,7 +227,7 @@ def main() -> None:
                 count += 1
         secs = time.perf_counter() - t0
         print(f"{f'previous path, {len(layers)} layer(s), jsonl':<34}{secs:9.1f}{count / secs:11.0f}"
-              f"{secs / count * n_neurons / copy_s:8.2f}{'':>8}{peak_rss_mb():13.0f}")
+              f"{secs / count * n_neurons / copy_s:8.2f}{'':>8}{rss_mb():13.0f}")
     if out_tmp is not None:
         out_tmp.cleanup()
     stop_embedded()
