@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import tiny_models
 import torch
+from export_check import assert_export_equals_records
 from sqlalchemy import delete, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -436,3 +437,10 @@ def test_export_records_equal_the_database(extracted: Extracted, session: Sessio
         logits = [t["logit"] for t in top]
         assert logits == sorted(logits, reverse=True)  # highest first
         assert rec["value_bottom_tokens"][0]["logit"] <= logits[-1]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_export_with_vectors_writes_the_records(extracted: Extracted, tmp_path: Path, suffix: str) -> None:
+    """With --vectors (and up vectors where the model is gated) the files are records() too."""
+    with Session(extracted.engine) as s:
+        assert_export_equals_records(s, extracted.name, tmp_path / f"out{suffix}", vectors=True)

@@ -25,17 +25,19 @@ import numpy as np
 import pytest
 import tiny_models
 import torch
-from sqlalchemy import delete, select
+from export_check import assert_export_equals_records
+from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from catalog.cli import app
-from catalog.export import records
+from catalog.export import json_floats, json_str, prefetched, records
 from catalog.extract.ablation import relative_change
 from catalog.extract.pipeline import Parameters
 from catalog.extract.states import TopState
+from catalog.read.bulk import json_float_sql, split_json_floats
 from catalog.read.catalog import current_run
 from catalog.runs.local import extract
 from catalog.runs.schemas import ExtractRequest
@@ -863,3 +865,55 @@ def test_abs_histogram_quantiles_against_numpy() -> None:
         if exact[3] >= 2.0**14:
             assert got[3] == 2.0**14  # beyond the range: its lower edge, said so in the README
     assert histogram_quantile(torch.zeros((1, hist.shape[1]), dtype=torch.long), 0.5).isnan().all()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_export_writes_the_records(case: Case, migrated_db: str, tmp_path: Path, suffix: str) -> None:
+    """The bulk export (columns per layer) writes exactly records(): gated and not, with and without BOS."""
+    with Session(get_engine(migrated_db)) as s:
+        assert_export_equals_records(s, case.name, tmp_path / f"out{suffix}", vectors=False)
+
+
+def test_export_spells_floats_and_strings_as_json_dumps(migrated_db: str) -> None:
+    """The JSONL writer does not call json.dumps on values: Postgres spells the floats (json_float_sql,
+    exponents from 15 on redone in Python) and strings are escaped once. Extremes the tiny models never
+    store, and random bit patterns, spelled as json.dumps spells them."""
+    rng = np.random.default_rng(7)
+    values = [0.0, -0.0, 1.0, -2.5, 3.0, 100.0, 0.1, 1e-5, 1e-4, 1e14, 1e15, 1.5e15, 9007199254740993.0, 1e16,
+              2.0**60, 1.2345678901234567e17, 5e-324, 1.7976931348623157e308, math.nan, math.inf, -math.inf,
+              float(np.float32(0.1)), *rng.standard_normal(500).tolist(), *(10.0 ** rng.uniform(-320, 300, 500)).tolist(),
+              *np.frombuffer(rng.bytes(8 * 2000), dtype=np.float64).tolist()]
+    plain_sql, cleaned_sql = json_float_sql("x"), json_float_sql("x", nan="'null'")
+    sql = text(f"SELECT string_agg({plain_sql}, ',' ORDER BY o), string_agg({cleaned_sql}, ',' ORDER BY o) "
+               "FROM unnest(CAST(:v AS float8[])) WITH ORDINALITY AS u(x, o)")
+    with get_engine(migrated_db).connect() as conn:
+        plain, cleaned = conn.execute(sql, {"v": values}).one()
+    assert split_json_floats(plain) == [json.dumps(v) for v in values]
+    assert split_json_floats(cleaned) == [json.dumps(None if math.isnan(v) else v) for v in values]
+    assert json_floats(np.array(values)) == [json.dumps(v) for v in values]  # the vectors' spelling
+    for s in ["", "plain", 'quote " and \\ backslash', "tab\tnew\nline\r\x00\x1f\x7f", "é中文🙂", "\u2028\u2029"]:
+        assert json_str(s) == json.dumps(s, ensure_ascii=False)
+    assert json_str(None) == "null"
+
+
+def test_prefetched_layers_keep_order_errors_and_clean_up() -> None:
+    """The export reads the next layer in a thread: the items come in order, the reader's error reaches
+    the writer, and a writer that stops early closes the reader (its cursor) in the reader's thread."""
+    closed: list[bool] = []
+
+    def layers(fail_at: int | None = None) -> Iterator[int]:
+        try:
+            for i in range(6):
+                if i == fail_at:
+                    raise RuntimeError(f"layer {i} unreadable")
+                yield i
+        finally:
+            closed.append(True)
+
+    assert list(prefetched(layers())) == list(range(6))
+    with pytest.raises(RuntimeError, match="layer 3 unreadable"):
+        list(prefetched(layers(fail_at=3)))
+    gen = prefetched(layers())
+    assert next(gen) == 0
+    gen.close()
+    assert closed == [True, True, True]

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import tiny_models
 import torch
+from export_check import assert_export_equals_records
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -586,3 +587,10 @@ def test_real_minilm_from_the_wheel(migrated_db: str, tmp_path: Path) -> None:
     finally:
         with Session(engine) as s, s.begin():
             s.execute(delete(CatalogModel).where(CatalogModel.name == name))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_export_writes_the_records(case: Case, migrated_db: str, tmp_path: Path, suffix: str) -> None:
+    """An encoder's records (text after the trigger, every trigger counted for agreement) export as they are."""
+    with Session(get_engine(migrated_db)) as s:
+        assert_export_equals_records(s, case.name, tmp_path / f"out{suffix}", vectors=True)

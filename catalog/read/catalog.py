@@ -129,16 +129,23 @@ def records(
             .where(ValueToken.run_id == rid, ValueToken.layer == layer, only(ValueToken.neuron))
             .order_by(ValueToken.neuron, ValueToken.convention, ValueToken.kind, ValueToken.rank)
         ).tuples().all()
+        # The layer's triggers first (primary key), then their prefixes. As a plain join the planner
+        # walks every prefix of the run through the triggers' (run, document, position) index and
+        # drops the other layers' rows: 20 s a layer on SmolLM2's demo catalog, against 0.3 s.
+        t = (select(Trigger.neuron, Trigger.sign, Trigger.rank, Trigger.document, Trigger.position,
+                    Trigger.coefficient, Trigger.coefficient_without_last, Trigger.coefficient_without_first,
+                    Trigger.coefficient_without_random)
+             .where(Trigger.run_id == rid, Trigger.layer == layer, only(Trigger.neuron))
+             .cte("layer_triggers").prefix_with("MATERIALIZED"))
         trigger_rows = session.execute(
             select(
-                Trigger.neuron, Trigger.sign, Trigger.document, Trigger.position, Trigger.coefficient,
-                Trigger.coefficient_without_last, Trigger.coefficient_without_first,
-                Trigger.coefficient_without_random, Prefix.text, Prefix.next_token_id, Prefix.text_after,
+                t.c.neuron, t.c.sign, t.c.document, t.c.position, t.c.coefficient, t.c.coefficient_without_last,
+                t.c.coefficient_without_first, t.c.coefficient_without_random,
+                Prefix.text, Prefix.next_token_id, Prefix.text_after,
             )
-            .join(Prefix, (Prefix.run_id == Trigger.run_id) & (Prefix.document == Trigger.document)
-                  & (Prefix.position == Trigger.position))
-            .where(Trigger.run_id == rid, Trigger.layer == layer, only(Trigger.neuron))
-            .order_by(Trigger.neuron, Trigger.sign.desc(), Trigger.rank)
+            .join_from(t, Prefix, (Prefix.run_id == rid) & (Prefix.document == t.c.document)
+                       & (Prefix.position == t.c.position))
+            .order_by(t.c.neuron, t.c.sign.desc(), t.c.rank)
         ).tuples().all()
         names = vocab
         if names is None:

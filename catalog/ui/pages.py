@@ -108,11 +108,15 @@ def signout(request: Request, session: WriteSessionDep, csrf_token: Annotated[st
     return response
 
 
+# One primary-key lookup per trigger (LIMIT 1 keeps the planner from flattening the LATERAL back into
+# a join, which hashes every prefix of the run, a sequential scan growing with the corpus, to find a
+# page's hundred).
 _TRIGGER_TOKENS_SQL = text("""
-SELECT k.document, k.position, t.text
+SELECT k.document, k.position, x.text
 FROM unnest(CAST(:docs AS bigint[]), CAST(:positions AS int[])) AS k(document, position)
-JOIN prefixes p ON p.run_id = :run AND p.document = k.document AND p.position = k.position
-JOIN tokens t ON t.run_id = p.run_id AND t.token_id = p.token_id
+CROSS JOIN LATERAL (
+    SELECT t.text FROM prefixes p JOIN tokens t ON t.run_id = p.run_id AND t.token_id = p.token_id
+    WHERE p.run_id = :run AND p.document = k.document AND p.position = k.position LIMIT 1) x
 """)
 
 
