@@ -28,8 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# float32 unit roundoff. The bound takes three times Higham's gamma_d for a length-d dot product,
-# which also covers the rounding of the inputs (e * g, 1/|v|, unit vectors) and of a scaled product.
+# float32 unit roundoff. A float32 dot product of length d errs by about sqrt(d) u |a| |b| (rounding
+# errors add like a random walk; BLAS blocks and fused multiply-adds only shrink them). The bound
+# takes 16 times that, plus d u for the rounding of the inputs (e * g, 1/|v|, unit vectors). Higham's
+# worst case, d u |a| |b| per product, is rigorous but 24-40x wider at d = 576-1,600: it marked
+# most of the top 64 of a SmolLM2 token as near-ties, and re-scoring those cost more than the
+# products themselves. So this is a statistical bound, not a proof; tests and bench/part10_lists.py
+# hold the lists against numpy.
 _U = 2.0 ** -24
 SPACES = ("key", "value")
 TOKEN_ORDERS = ("logit", "cosine")
@@ -37,7 +42,7 @@ TOKEN_ORDERS = ("logit", "cosine")
 
 def error_bound(d: int) -> float:
     """Bound on |float32 score - float64 score| per unit of |a| |b| for two length-d float32 vectors."""
-    return 3.0 * (d + 4) * _U
+    return (16.0 * d ** 0.5 + 4.0) * _U
 
 
 @dataclass
@@ -141,7 +146,8 @@ class _Running:
             self.s, self.ids = vals.to(dev), torch.gather(both_ids, 1, idx.to(dev))
             return
         tau = self.s.min(dim=1).values
-        nid, tok = torch.nonzero(scores >= tau[None, :], as_tuple=True)  # >= keeps ties; NaN never passes
+        # token-major (the transposed mask made contiguous): entrants come grouped by token, ids ascending
+        tok, nid = torch.nonzero((scores >= tau[None, :]).T.contiguous(), as_tuple=True)  # >= keeps ties; NaN never passes
         if tok.numel() == 0:
             return
         counts = torch.bincount(tok, minlength=self.vocab)
@@ -155,8 +161,6 @@ class _Running:
             if tok.numel() == 0:
                 return
             counts = counts * ~heavy
-        order = torch.argsort(tok, stable=True)  # group by token
-        nid, tok = nid[order], tok[order]
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(tok.numel(), device=dev) - starts[tok]
         rows = torch.nonzero(counts).squeeze(1)
