@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from catalog.extract.baselines import Baselines, derangement
 from catalog.extract.labels import LabelRule, classify
 
 
@@ -32,3 +33,72 @@ def bootstrap_confidence(contrast: torch.Tensor, context: torch.Tensor, labels: 
     same = classify(_median(rc), _median(rx), t_contrast, t_context) == labels.unsqueeze(1)
     conf = same.double().mean(dim=1)
     return torch.where(labels >= 0, conf, torch.full_like(conf, math.nan))
+
+
+def token_ranks(logits: torch.Tensor, token_ids: torch.Tensor, *, chunk: int = 256) -> torch.Tensor:
+    """weights.token_ranks before part 10: a binary search of every logit among its row's targets."""
+    rows = logits.shape[0]
+    valid = token_ids >= 0
+    target = logits.gather(1, token_ids.clamp(min=0))
+    target = torch.where(valid, target, torch.full_like(target, math.inf))
+    targets, order = target.sort(dim=1)
+    n = targets.shape[1]
+    above = torch.empty_like(token_ids)
+    for a in range(0, rows, chunk):
+        b = min(a + chunk, rows)
+        below = torch.searchsorted(targets[a:b].contiguous(), logits[a:b].contiguous(), side="left", out_int32=True)
+        offsets = (torch.arange(b - a, dtype=torch.int32, device=logits.device) * (n + 1)).unsqueeze(1)
+        hist = torch.bincount((below + offsets).view(-1), minlength=(b - a) * (n + 1)).view(b - a, n + 1)
+        above[a:b].scatter_(1, order[a:b], hist.flip(1).cumsum(1).flip(1)[:, 1:])
+    return torch.where(valid, above + 1, torch.zeros_like(above))
+
+
+def _rate(hits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    n = valid.sum(dim=1).double()
+    rate = (hits & valid).sum(dim=1).double() / n.clamp(min=1)
+    return torch.where(n > 0, rate, torch.full_like(rate, math.nan))
+
+
+def _percentiles(logits: torch.Tensor, next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ranks = token_ranks(logits, next_ids).double()
+    pct = (ranks - 1) / max(logits.shape[1] - 1, 1)
+    return ranks, torch.where(next_ids >= 0, pct, torch.full_like(pct, math.nan))
+
+
+def agreement_figures(
+    logits: torch.Tensor, next_ids: torch.Tensor, token_counts: torch.Tensor, *, seed: int, layer: int,
+    folded_logits: torch.Tensor | None = None, negative_next: torch.Tensor | None = None,
+) -> Baselines:
+    """baselines.agreement_figures before part 10: the shuffled baseline ranked on a permuted copy of
+    the logits, in a second pass."""
+    valid = next_ids >= 0
+    top = logits.argmax(dim=1)
+    ranks, pct = _percentiles(logits, next_ids)
+    n = valid.sum(dim=1).double()
+    nan = torch.full_like(n, math.nan)
+    pi = derangement(logits.shape[0], seed, layer)
+    shuffled_logits = logits[pi]
+    _, pct_shuffled = _percentiles(shuffled_logits, next_ids)
+    total = float(token_counts.sum())
+    first = next_ids[:, 0]
+    return Baselines(
+        agreement=_rate(next_ids == top.unsqueeze(1), valid),
+        mean_rank=torch.where(n > 0, (ranks * valid).sum(dim=1) / n.clamp(min=1), nan),
+        rank_percentile=torch.nanquantile(pct, 0.5, dim=1),
+        top1=torch.where(first >= 0, (first == top).double(), torch.full_like(n, math.nan)),
+        shuffled=_rate(next_ids == shuffled_logits.argmax(dim=1).unsqueeze(1), valid),
+        rank_percentile_shuffled=torch.nanquantile(pct_shuffled, 0.5, dim=1),
+        top_token_frequency=token_counts[top].double() / max(total, 1.0),
+        folded=None if folded_logits is None else _rate(next_ids == folded_logits.argmax(dim=1).unsqueeze(1), valid),
+        negative=None if negative_next is None else _rate(
+            negative_next == logits.argmin(dim=1).unsqueeze(1), negative_next >= 0),
+        percentiles=pct[valid],
+        percentiles_shuffled=pct_shuffled[valid],
+    )
+
+
+def nanmedian_all(x: torch.Tensor) -> float | None:
+    """ablation.nanmedian_all (and pipeline._median) before part 10: torch.quantile, a full sort."""
+    v = x.double().reshape(-1)
+    v = v[~v.isnan()]
+    return None if v.numel() == 0 else float(torch.quantile(v, 0.5))
