@@ -4,6 +4,9 @@ implementations are checked against (tests/test_stages.py) and timed against (be
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -102,3 +105,26 @@ def nanmedian_all(x: torch.Tensor) -> float | None:
     v = x.double().reshape(-1)
     v = v[~v.isnan()]
     return None if v.numel() == 0 else float(torch.quantile(v, 0.5))
+
+
+@contextmanager
+def previous() -> Iterator[None]:
+    """The previous implementations patched in where the pipeline looks them up."""
+    from catalog.extract import ablation as abl
+    from catalog.extract import labels as lab
+    from catalog.extract import pipeline as pl
+
+    patches: list[tuple[Any, str, Any]] = [
+        (lab, "bootstrap_confidence", bootstrap_confidence),
+        (pl, "agreement_figures", agreement_figures),
+        (abl, "nanmedian_all", nanmedian_all),
+        (pl, "_median", nanmedian_all),
+    ]
+    saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
+    try:
+        for m, name, f in patches:
+            setattr(m, name, f)
+        yield
+    finally:
+        for m, name, f in saved:
+            setattr(m, name, f)
