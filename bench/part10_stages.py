@@ -29,39 +29,12 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # the previous implementations: tests/stages_reference.py
-
-
-@contextmanager
-def previous() -> Iterator[None]:
-    """The stages' previous implementations patched in where the pipeline looks them up."""
-    import stages_reference as ref
-
-    from catalog.extract import ablation as abl
-    from catalog.extract import labels as lab
-    from catalog.extract import pipeline as pl
-
-    patches: list[tuple[Any, str, Any]] = [
-        (lab, "bootstrap_confidence", ref.bootstrap_confidence),
-        (pl, "agreement_figures", ref.agreement_figures),
-        (abl, "nanmedian_all", ref.nanmedian_all),
-        (pl, "_median", ref.nanmedian_all),
-    ]
-    saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
-    try:
-        for m, name, f in patches:
-            setattr(m, name, f)
-        yield
-    finally:
-        for m, name, f in saved:
-            setattr(m, name, f)
 
 
 def same(a: Any, b: Any) -> bool:
@@ -99,6 +72,8 @@ def main() -> None:
     import transformers
 
     from catalog.corpus import load_corpus
+    from stages_reference import previous
+
     from catalog.extract import ablation as abl
     from catalog.extract import pipeline as pl
     from catalog.extract.corpus_pass import plain_pass

@@ -107,18 +107,44 @@ def nanmedian_all(x: torch.Tensor) -> float | None:
     return None if v.numel() == 0 else float(torch.quantile(v, 0.5))
 
 
+def histogram_quantile(hist: torch.Tensor, q: float) -> torch.Tensor:
+    """states.histogram_quantile before part 10 (FiringStats.summary called it once per quantile)."""
+    from catalog.extract.states import ABS_BINS, bin_edges
+
+    h = hist.double()
+    n = h.sum(dim=1, keepdim=True)
+    cum = h.cumsum(dim=1)
+    target = q * n
+    b = torch.searchsorted(cum.contiguous(), target.contiguous()).clamp(max=h.shape[1] - 1)
+    before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target))
+    inside = h.gather(1, b)
+    frac = torch.where(inside > 0, (target - before) / inside, torch.zeros_like(target)).clamp(0, 1)
+    edges = bin_edges().to(h.device)
+    lo = edges[(b - 1).clamp(0, ABS_BINS)]
+    hi = edges[b.clamp(max=ABS_BINS)]
+    value = lo + frac * (hi - lo)
+    value = torch.where(b == 0, frac * edges[0], torch.where(b == h.shape[1] - 1, edges[-1], value))
+    return torch.where(n > 0, value, torch.full_like(value, math.nan)).squeeze(1)
+
+
+def histogram_quantiles(hist: torch.Tensor, qs: Any) -> list[torch.Tensor]:
+    return [histogram_quantile(hist, q) for q in qs]
+
+
 @contextmanager
 def previous() -> Iterator[None]:
     """The previous implementations patched in where the pipeline looks them up."""
     from catalog.extract import ablation as abl
     from catalog.extract import labels as lab
     from catalog.extract import pipeline as pl
+    from catalog.extract import states
 
     patches: list[tuple[Any, str, Any]] = [
         (lab, "bootstrap_confidence", bootstrap_confidence),
         (pl, "agreement_figures", agreement_figures),
         (abl, "nanmedian_all", nanmedian_all),
         (pl, "_median", nanmedian_all),
+        (states, "histogram_quantiles", histogram_quantiles),
     ]
     saved = [(m, name, getattr(m, name)) for m, name, _ in patches]
     try:

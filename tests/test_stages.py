@@ -129,6 +129,18 @@ def test_nanmedian_all_against_previous(seed: int) -> None:
     assert abl.nanmedian_all(torch.full((3, 2), math.nan)) is None
 
 
+def test_histogram_quantiles_against_previous() -> None:
+    from catalog.extract.states import ABS_BINS, histogram_quantiles
+
+    g = torch.Generator().manual_seed(4)
+    hist = torch.randint(0, 5, (40, ABS_BINS + 2), generator=g) * (torch.rand(40, ABS_BINS + 2, generator=g) < 0.1)
+    hist[0] = 0  # an empty row
+    hist[1, 0], hist[2, -1] = 100, 100  # mass in the underflow and overflow bins
+    qs = [q / 100 for q in (50, 90, 99)] + [0.0, 1.0]
+    for got, q in zip(histogram_quantiles(hist, qs), qs, strict=True):
+        assert same(got, ref.histogram_quantile(hist, q)), q
+
+
 # --- the label rule's bootstrap --------------------------------------------------------------------
 
 
