@@ -70,10 +70,9 @@ def main() -> None:
 
     import torch
     import transformers
-
-    from catalog.corpus import load_corpus
     from stages_reference import previous
 
+    from catalog.corpus import load_corpus
     from catalog.extract import ablation as abl
     from catalog.extract import pipeline as pl
     from catalog.extract.corpus_pass import plain_pass
