@@ -186,6 +186,26 @@ def test_resample_medians_equal_nanquantile() -> None:
     assert same(got, torch.nanquantile(drawn, 0.5, dim=2))
 
 
+def test_threaded_blocks_give_the_same_results() -> None:
+    """With two torch threads the blocks run in worker threads (catalog.extract.blocks): the random
+    draws still come in block order, and every block writes only its own rows."""
+    contrast, context = label_case(9, 300, 20, ties=True)
+    rule = lab.LabelRule(bootstrap=40, seed=2, min_triggers=1)
+    codes = lab.classify(lab._median(contrast), lab._median(context), 0.0, 0.0)
+    g = torch.Generator().manual_seed(3)
+    logits, ids = torch.randn(300, 700, generator=g).round(decimals=1), torch.randint(-1, 700, (300, 12), generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        conf = lab.bootstrap_confidence(contrast, context, codes, 0.0, 0.0, rule, 1, block=7)
+        ranks = token_ranks(logits, ids, chunk=5)
+        assert torch.get_num_threads() == 2  # restored after the blocks
+    finally:
+        torch.set_num_threads(before)
+    assert same(conf, ref.bootstrap_confidence(contrast, context, codes, 0.0, 0.0, rule, 1))
+    assert torch.equal(ranks, ref.token_ranks(logits, ids))
+
+
 # --- the stages end to end on tiny models ----------------------------------------------------------
 
 

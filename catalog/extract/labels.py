@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from catalog.extract.blocks import run_blocks
 from catalog.vocab import SuggestedLabel
 
 
@@ -123,7 +124,7 @@ CODES = (SuggestedLabel.shallow.value, SuggestedLabel.semantic.value, SuggestedL
 
 def bootstrap_confidence(contrast: torch.Tensor, context: torch.Tensor, labels: torch.Tensor,
                          t_contrast: float, t_context: float, rule: LabelRule, layer: int,
-                         *, block: int = 64) -> torch.Tensor:
+                         *, block: int = 32) -> torch.Tensor:
     """Share of resamples (of each neuron's eligible triggers, with replacement) giving the same label.
 
     Resample b of neuron i draws indices floor(u * n_i) from u = the first n_i of row (i, b) of one
@@ -144,13 +145,14 @@ def bootstrap_confidence(contrast: torch.Tensor, context: torch.Tensor, labels: 
     conf = torch.where(labels >= 0, 0.0, math.nan).double()
     count_dtype = torch.int16 if n_max < 2**15 else torch.int32
     slot = torch.arange(n_max)
-    for a in range(0, d, block):
-        b = min(a + block, d)
-        # drawn block by block: the same stream as one [d, bootstrap, n_max] draw
-        u = torch.rand((b - a, rule.bootstrap, n_max), generator=gen, dtype=torch.float64)
-        rows = ((labels[a:b] >= 0) & (n[a:b] > 0)).nonzero().squeeze(1)
+
+    def draw(a: int, b: int) -> torch.Tensor:  # in block order: the same stream as one [d, bootstrap, n_max] draw
+        return torch.rand((b - a, rule.bootstrap, n_max), generator=gen, dtype=torch.float64)
+
+    def resample(a: int, b: int, u: torch.Tensor) -> None:
+        rows = ((labels[a:b] >= 0) & (n[a:b] > 0)).nonzero().squeeze(1)  # a null label has no confidence
         if rows.numel() == 0:
-            continue
+            return
         nb = n[a:b][rows]
         if rows.numel() < b - a:
             u = u[rows]
@@ -163,6 +165,8 @@ def bootstrap_confidence(contrast: torch.Tensor, context: torch.Tensor, labels: 
         medians = [_resample_median(v[a:b][rows], nb, counts) for v in (c, x)]
         same = classify(medians[0], medians[1], t_contrast, t_context) == labels[a:b][rows].unsqueeze(1)
         conf[a + rows] = same.double().mean(dim=1)
+
+    run_blocks(d, block, resample, draw)
     return conf
 
 

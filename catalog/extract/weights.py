@@ -13,6 +13,7 @@ import torch
 
 from catalog import histograms
 from catalog.extract.architectures import LayerWeights
+from catalog.extract.blocks import run_blocks
 
 HISTOGRAM_BINS = histograms.BINS
 
@@ -128,7 +129,7 @@ def project_values(logits: torch.Tensor, top: int = 30, bottom: int = 10) -> Tok
     return TokenProjection(hi.indices, hi.values, lo.indices, lo.values)
 
 
-def token_ranks(logits: torch.Tensor, token_ids: torch.Tensor, *, chunk: int = 8, cells: int = 4096) -> torch.Tensor:
+def token_ranks(logits: torch.Tensor, token_ids: torch.Tensor, *, chunk: int = 32, cells: int = 4096) -> torch.Tensor:
     """1-based rank of token_ids[i, j] in row i of logits (1 = highest); 0 where token_ids < 0.
 
     Rank = 1 + number of tokens with a strictly higher logit. The row's few targets are sorted and
@@ -143,12 +144,14 @@ def token_ranks(logits: torch.Tensor, token_ids: torch.Tensor, *, chunk: int = 8
     target = torch.where(valid, target, torch.full_like(target, math.inf))  # +inf: nothing is above it
     targets, order = target.sort(dim=1)
     above = torch.empty_like(token_ids)
-    for a in range(0, rows, chunk):
-        b = min(a + chunk, rows)
+
+    def count(a: int, b: int, _: None) -> None:
         x, t = logits[a:b].contiguous(), targets[a:b].contiguous()
         # the grid needs finite logits (a finite sum says so); else every logit is searched
         hist = _bucket_counts(x, t, cells) if bool(x.sum().isfinite()) else _searched_bucket_counts(x, t)
         above[a:b].scatter_(1, order[a:b], hist.flip(1).cumsum(1).flip(1)[:, 1:])
+
+    run_blocks(rows, chunk, count, lambda a, b: None, threaded=logits.device.type == "cpu")
     return torch.where(valid, above + 1, torch.zeros_like(above))
 
 
