@@ -199,11 +199,16 @@ def test_threaded_blocks_give_the_same_results() -> None:
     try:
         conf = lab.bootstrap_confidence(contrast, context, codes, 0.0, 0.0, rule, 1, block=7)
         ranks = token_ranks(logits, ids, chunk=5)
+        with torch.inference_mode():  # as layer_records calls them: the workers write inference tensors
+            inference_ranks = token_ranks(logits.clone(), ids.clone(), chunk=5)
+            inference_conf = lab.bootstrap_confidence(contrast.clone(), context.clone(), codes.clone(), 0.0, 0.0,
+                                                      rule, 1, block=7)
         assert torch.get_num_threads() == 2  # restored after the blocks
     finally:
         torch.set_num_threads(before)
     assert same(conf, ref.bootstrap_confidence(contrast, context, codes, 0.0, 0.0, rule, 1))
-    assert torch.equal(ranks, ref.token_ranks(logits, ids))
+    assert torch.equal(ranks, ref.token_ranks(logits, ids)) and torch.equal(inference_ranks, ranks)
+    assert same(inference_conf, conf)
 
 
 # --- the stages end to end on tiny models ----------------------------------------------------------

@@ -44,11 +44,19 @@ def run_blocks(n: int, block: int, work: Callable[[int, int, T], None], prepare:
             b = min(a + block, n)
             work(a, b, prepare(a, b))
         return
+    # grad and inference mode are per thread: the workers take the caller's (an inference tensor
+    # can only be written to in inference mode)
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def in_mode(a: int, b: int, prepared: T) -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            work(a, b, prepared)
+
     with _single_threaded_ops() as workers, ThreadPoolExecutor(workers) as pool:
         pending: deque[Future[None]] = deque()
         for a in starts:
             b = min(a + block, n)
-            pending.append(pool.submit(work, a, b, prepare(a, b)))
+            pending.append(pool.submit(in_mode, a, b, prepare(a, b)))
             if len(pending) > 2 * workers:  # bounded: prepared inputs wait for a free worker
                 pending.popleft().result()
         for f in pending:
