@@ -80,6 +80,13 @@ def test_token_ranks_with_infinite_and_nan_logits() -> None:
     ids[1, 0] = 5  # the +inf logit is a target
     for chunk in (1, 4, 12):
         assert torch.equal(token_ranks(logits, ids, chunk=chunk), ref.token_ranks(logits, ids))
+    # extreme finite ranges: differences that overflow float32, and a range of one ulp
+    wide = torch.tensor([[3e38, -3e38, 0.0, 1e-30, -3e38, 2e38]])
+    narrow = torch.tensor([[1.0, 1.0 + 2**-23, 1.0, 1.0 - 2**-24, 1.0 + 2**-23, 5.0]])
+    for x in (wide, narrow):
+        ids = torch.tensor([[0, 1, 3, 1, 2]])
+        assert torch.equal(token_ranks(x, ids), ref.token_ranks(x, ids))
+        assert torch.equal(token_ranks(x, ids), brute_ranks(x, ids))
 
 
 # --- agreement and its baselines -----------------------------------------------------------------

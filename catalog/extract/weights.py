@@ -178,8 +178,9 @@ def _bucket_counts(x: torch.Tensor, t: torch.Tensor, cells: int) -> torch.Tensor
     lo = t[:, :1]
     hi = torch.where(t.isfinite(), t, -math.inf).amax(dim=1, keepdim=True)
     lo = torch.where(lo.isfinite(), lo, torch.zeros_like(lo))  # a row with no target: any grid
-    span = hi - lo
-    scale = cells / torch.where(span > 0, span, torch.ones_like(span))
+    scale = cells / (hi - lo)
+    # one target (or one value), or a range too wide or too narrow for float32: any positive scale will do
+    scale = torch.where(scale.isfinite() & (scale > 0), scale, torch.ones_like(scale))
     offsets = (torch.arange(rows, dtype=torch.int32, device=x.device) * width + 1).unsqueeze(1)
 
     def cell(v: torch.Tensor) -> torch.Tensor:  # the row's cell index, offset by row: [rows, .] int32
