@@ -225,7 +225,16 @@ def nanmean_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def nanmedian_all(x: torch.Tensor) -> float | None:
-    """Median (numpy's: the mean of the two middle values) over every non-NaN entry; None if there is none."""
-    v = x.double().reshape(-1)
-    v = v[~v.isnan()]
-    return None if v.numel() == 0 else float(torch.quantile(v, 0.5))
+    """Median (numpy's: the mean of the two middle values) over every non-NaN entry; None if there is none.
+
+    The two middle values come from a partial selection (``np.partition``), not a full sort, and are
+    interpolated as ``torch.quantile`` does, so the figure is the same to the last bit.
+    """
+    v = x.detach().double().reshape(-1).cpu().numpy()
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return None
+    lo, hi = (v.size - 1) // 2, v.size // 2
+    middle = np.partition(v, [lo, hi])
+    weight = 0.5 if hi > lo else 0.0
+    return float(torch.lerp(torch.tensor(middle[lo]), torch.tensor(middle[hi]), weight))

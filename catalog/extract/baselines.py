@@ -57,26 +57,33 @@ def _rate(hits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(n > 0, rate, torch.full_like(rate, math.nan))
 
 
-def _percentiles(logits: torch.Tensor, next_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-based ranks and percentiles (NaN where next_ids < 0), [d_mlp, N]."""
-    ranks = token_ranks(logits, next_ids).double()
-    pct = (ranks - 1) / max(logits.shape[1] - 1, 1)
-    return ranks, torch.where(next_ids >= 0, pct, torch.full_like(pct, math.nan))
+def _percentiles(ranks: torch.Tensor, next_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Rank percentiles [d_mlp, N] of 1-based ranks (NaN where next_ids < 0)."""
+    pct = (ranks.double() - 1) / max(vocab - 1, 1)
+    return torch.where(next_ids >= 0, pct, torch.full_like(pct, math.nan))
 
 
 def agreement_figures(
     logits: torch.Tensor, next_ids: torch.Tensor, token_counts: torch.Tensor, *, seed: int, layer: int,
     folded_logits: torch.Tensor | None = None, negative_next: torch.Tensor | None = None,
 ) -> Baselines:
-    """logits [d_mlp, vocab]; next_ids [d_mlp, N] (-1: none), strongest trigger first; token_counts [vocab]."""
+    """logits [d_mlp, vocab]; next_ids [d_mlp, N] (-1: none), strongest trigger first, on the logits'
+    device; token_counts [vocab]."""
     valid = next_ids >= 0
+    d, n_next = next_ids.shape
     top = logits.argmax(dim=1)
-    ranks, pct = _percentiles(logits, next_ids)
+    pi = derangement(d, seed, layer).to(logits.device)
+    # The shuffled baseline ranks neuron i's next tokens in row pi[i]: row r takes those of neuron
+    # pi^-1(r) besides its own, so one pass over the logits ranks both (no permuted copy of them).
+    owner = torch.empty_like(pi)
+    owner[pi] = torch.arange(d, device=pi.device)
+    both = token_ranks(logits, torch.cat([next_ids, next_ids[owner]], dim=1))
+    ranks, ranks_shuffled = both[:, :n_next], both[:, n_next:][pi]
+    vocab = logits.shape[1]
+    pct, pct_shuffled = _percentiles(ranks, next_ids, vocab), _percentiles(ranks_shuffled, next_ids, vocab)
+    ranks = ranks.double()
     n = valid.sum(dim=1).double()
     nan = torch.full_like(n, math.nan)
-    pi = derangement(logits.shape[0], seed, layer)
-    shuffled_logits = logits[pi]
-    _, pct_shuffled = _percentiles(shuffled_logits, next_ids)
     total = float(token_counts.sum())
     first = next_ids[:, 0]
     return Baselines(
@@ -84,7 +91,7 @@ def agreement_figures(
         mean_rank=torch.where(n > 0, (ranks * valid).sum(dim=1) / n.clamp(min=1), nan),
         rank_percentile=torch.nanquantile(pct, 0.5, dim=1),
         top1=torch.where(first >= 0, (first == top).double(), torch.full_like(n, math.nan)),
-        shuffled=_rate(next_ids == shuffled_logits.argmax(dim=1).unsqueeze(1), valid),
+        shuffled=_rate(next_ids == top[pi].unsqueeze(1), valid),  # row pi[i]'s top token
         rank_percentile_shuffled=torch.nanquantile(pct_shuffled, 0.5, dim=1),
         top_token_frequency=token_counts[top].double() / max(total, 1.0),
         folded=None if folded_logits is None else _rate(next_ids == folded_logits.argmax(dim=1).unsqueeze(1), valid),

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from catalog.extract.blocks import run_blocks
 from catalog.vocab import SuggestedLabel
 
 
@@ -122,8 +123,17 @@ CODES = (SuggestedLabel.shallow.value, SuggestedLabel.semantic.value, SuggestedL
 
 
 def bootstrap_confidence(contrast: torch.Tensor, context: torch.Tensor, labels: torch.Tensor,
-                         t_contrast: float, t_context: float, rule: LabelRule, layer: int) -> torch.Tensor:
-    """Share of resamples (of each neuron's eligible triggers, with replacement) giving the same label."""
+                         t_contrast: float, t_context: float, rule: LabelRule, layer: int,
+                         *, block: int = 32) -> torch.Tensor:
+    """Share of resamples (of each neuron's eligible triggers, with replacement) giving the same label.
+
+    Resample b of neuron i draws indices floor(u * n_i) from u = the first n_i of row (i, b) of one
+    [d_mlp, bootstrap, N] uniform draw (seeded by rule.seed and layer). Its medians are read off the
+    draws' counts instead of sorting every resample: with the neuron's values sorted once, the k-th
+    smallest drawn value is the first sorted value whose cumulative count exceeds k. Same numbers as
+    ``torch.nanquantile`` over the resampled values (same middle values, same interpolation), at a
+    fraction of the cost; blocks of ``block`` neurons keep the work in cache.
+    """
     d, n_max = contrast.shape
     ok = ~contrast.isnan()
     n = ok.sum(dim=1)
@@ -131,15 +141,46 @@ def bootstrap_confidence(contrast: torch.Tensor, context: torch.Tensor, labels: 
     order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)
     c, x = contrast.gather(1, order), context.gather(1, order)
     gen = torch.Generator().manual_seed(rule.seed * 1_000_003 + layer)
-    u = torch.rand((d, rule.bootstrap, n_max), generator=gen, dtype=torch.float64)
-    idx = (u * n.clamp(min=1).view(d, 1, 1)).long().clamp(max=n_max - 1)
-    valid = torch.arange(n_max).view(1, 1, n_max) < n.view(d, 1, 1)  # a resample has n_i draws
-    nan = torch.tensor(math.nan, dtype=torch.float64)
-    rc = torch.where(valid, c.unsqueeze(1).expand(-1, rule.bootstrap, -1).gather(2, idx), nan)
-    rx = torch.where(valid, x.unsqueeze(1).expand(-1, rule.bootstrap, -1).gather(2, idx), nan)
-    same = classify(_median(rc), _median(rx), t_contrast, t_context) == labels.unsqueeze(1)
-    conf = same.double().mean(dim=1)
-    return torch.where(labels >= 0, conf, torch.full_like(conf, math.nan))
+    # NaN for a null label; 0 for a label with no eligible trigger (its resamples have no median)
+    conf = torch.where(labels >= 0, 0.0, math.nan).double()
+    count_dtype = torch.int16 if n_max < 2**15 else torch.int32
+    slot = torch.arange(n_max)
+
+    def draw(a: int, b: int) -> torch.Tensor:  # in block order: the same stream as one [d, bootstrap, n_max] draw
+        return torch.rand((b - a, rule.bootstrap, n_max), generator=gen, dtype=torch.float64)
+
+    def resample(a: int, b: int, u: torch.Tensor) -> None:
+        rows = ((labels[a:b] >= 0) & (n[a:b] > 0)).nonzero().squeeze(1)  # a null label has no confidence
+        if rows.numel() == 0:
+            return
+        nb = n[a:b][rows]
+        if rows.numel() < b - a:
+            u = u[rows]
+        idx = u.mul_(nb.view(-1, 1, 1)).long().clamp_(max=n_max - 1)
+        # draws past n_i are not part of the resample: counted in a spare last slot
+        idx.masked_fill_(slot.view(1, 1, n_max) >= nb.view(-1, 1, 1), n_max)
+        counts = torch.zeros((rows.numel(), rule.bootstrap, n_max + 1), dtype=count_dtype)
+        counts.scatter_add_(2, idx, torch.ones(1, 1, 1, dtype=count_dtype).expand_as(idx))
+        counts = counts[:, :, :n_max]
+        medians = [_resample_median(v[a:b][rows], nb, counts) for v in (c, x)]
+        same = classify(medians[0], medians[1], t_contrast, t_context) == labels[a:b][rows].unsqueeze(1)
+        conf[a + rows] = same.double().mean(dim=1)
+
+    run_blocks(d, block, resample, draw)
+    return conf
+
+
+def _resample_median(values: torch.Tensor, n: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[k, bootstrap] medians of resamples given by their draw counts [k, bootstrap, N] over the
+    eligible values [k, N] (the first n_i of row i; the rest NaN), as ``torch.nanquantile(.., 0.5)``."""
+    # NaN sorts as +inf; a stable sort keeps the eligible +inf (if any) before them
+    ranked, perm = torch.sort(torch.nan_to_num(values, nan=math.inf), dim=1, stable=True)
+    cum = counts.gather(2, perm.unsqueeze(1).expand_as(counts)).cumsum(2, dtype=counts.dtype)
+    # the k-th smallest drawn value (0-based) is the first whose cumulative count exceeds k
+    middle = torch.stack([(n - 1) // 2, n // 2], dim=1).to(counts.dtype).unsqueeze(1).expand(-1, counts.shape[1], -1)
+    lo, hi = torch.searchsorted(cum, middle.contiguous(), right=True).unbind(2)
+    weight = ((n - 1) * 0.5 - (n - 1) // 2).double().view(-1, 1)  # 0.5 for an even count, else 0
+    return torch.lerp(ranked.gather(1, lo), ranked.gather(1, hi), weight.expand_as(lo))
 
 
 def label_layers(per_layer: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],

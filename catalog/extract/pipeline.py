@@ -278,8 +278,7 @@ def _cpu(p: TokenProjection) -> TokenProjection:
 
 
 def _median(x: torch.Tensor) -> float | None:
-    x = x[~x.isnan()]
-    return None if x.numel() == 0 else float(torch.quantile(x.double(), 0.5))
+    return abl.nanmedian_all(x)
 
 
 def _add_corpus_figures(record: LayerRecord, logits: torch.Tensor, folded: torch.Tensor, a: CorpusAnalysis,

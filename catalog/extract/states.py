@@ -164,8 +164,9 @@ class FiringStats:
     def summary(self) -> dict[str, torch.Tensor]:
         n = max(self.count, 1)
         out = {"gate_open_fraction": self.gate_open / n}
-        for q in (50, 90, 99):
-            out[f"abs_p{q}"] = histogram_quantile(self.abs_hist, q / 100)
+        qs = (50, 90, 99)
+        for q, value in zip(qs, histogram_quantiles(self.abs_hist, [q / 100 for q in qs]), strict=True):
+            out[f"abs_p{q}"] = value
         return out
 
 
@@ -199,10 +200,15 @@ def bin_edges() -> torch.Tensor:
 def histogram_quantile(hist: torch.Tensor, q: float) -> torch.Tensor:
     """The q-quantile of |coefficient| per neuron from its histogram, linear inside the bin (0 inside
     bin 0, the top edge for the overflow bin); NaN for an empty row."""
+    return histogram_quantiles(hist, (q,))[0]
+
+
+def histogram_quantiles(hist: torch.Tensor, qs: Sequence[float]) -> list[torch.Tensor]:
+    """``histogram_quantile`` for several q at once: the histogram's cumulative counts are built once."""
     h = hist.double()
     n = h.sum(dim=1, keepdim=True)
     cum = h.cumsum(dim=1)
-    target = q * n
+    target = torch.cat([q * n for q in qs], dim=1)  # [d_mlp, len(qs)]
     b = torch.searchsorted(cum.contiguous(), target.contiguous()).clamp(max=h.shape[1] - 1)  # first cum >= target
     before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(target))
     inside = h.gather(1, b)
@@ -212,7 +218,8 @@ def histogram_quantile(hist: torch.Tensor, q: float) -> torch.Tensor:
     hi = edges[b.clamp(max=ABS_BINS)]
     value = lo + frac * (hi - lo)
     value = torch.where(b == 0, frac * edges[0], torch.where(b == h.shape[1] - 1, edges[-1], value))
-    return torch.where(n > 0, value, torch.full_like(value, math.nan)).squeeze(1)
+    value = torch.where(n > 0, value, torch.full_like(value, math.nan))
+    return [v.contiguous() for v in value.unbind(1)]
 
 
 def masked_extremes(masked: torch.Tensor, *, lowest: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ import torch
 
 from catalog import histograms
 from catalog.extract.architectures import LayerWeights
+from catalog.extract.blocks import run_blocks
 
 HISTOGRAM_BINS = histograms.BINS
 
@@ -128,25 +129,83 @@ def project_values(logits: torch.Tensor, top: int = 30, bottom: int = 10) -> Tok
     return TokenProjection(hi.indices, hi.values, lo.indices, lo.values)
 
 
-def token_ranks(logits: torch.Tensor, token_ids: torch.Tensor, *, chunk: int = 256) -> torch.Tensor:
+def token_ranks(logits: torch.Tensor, token_ids: torch.Tensor, *, chunk: int = 32, cells: int = 4096) -> torch.Tensor:
     """1-based rank of token_ids[i, j] in row i of logits (1 = highest); 0 where token_ids < 0.
 
-    Rank = 1 + number of tokens with a strictly higher logit. Rather than sorting each vocabulary-
-    sized row, the row's few targets are sorted and every logit is binary-searched among them: the
-    count of logits above each target is then a suffix sum of a histogram (about 2x faster on CPU).
+    Rank = 1 + number of tokens with a strictly higher logit. The row's few targets are sorted and
+    each logit's bucket (the number of targets strictly below it) is counted: the count of logits
+    above each target is then a suffix sum of that histogram. A logit's bucket is read off a grid of
+    ``cells`` equal cells over the row's target range (``_bucket_counts``), and binary-searched only
+    in the few cells that hold a target: the same counts as searching every logit, several times faster.
     """
     rows = logits.shape[0]
     valid = token_ids >= 0
     target = logits.gather(1, token_ids.clamp(min=0))
     target = torch.where(valid, target, torch.full_like(target, math.inf))  # +inf: nothing is above it
     targets, order = target.sort(dim=1)
-    n = targets.shape[1]
     above = torch.empty_like(token_ids)
-    for a in range(0, rows, chunk):
-        b = min(a + chunk, rows)
-        # number of targets strictly below each logit: a logit is above target j (in sorted order) iff that exceeds j
-        below = torch.searchsorted(targets[a:b].contiguous(), logits[a:b].contiguous(), side="left", out_int32=True)
-        offsets = (torch.arange(b - a, dtype=torch.int32, device=logits.device) * (n + 1)).unsqueeze(1)
-        hist = torch.bincount((below + offsets).view(-1), minlength=(b - a) * (n + 1)).view(b - a, n + 1)
+
+    def count(a: int, b: int, _: None) -> None:
+        x, t = logits[a:b].contiguous(), targets[a:b].contiguous()
+        # the grid needs finite logits (a finite sum says so); else every logit is searched
+        hist = _bucket_counts(x, t, cells) if bool(x.sum().isfinite()) else _searched_bucket_counts(x, t)
         above[a:b].scatter_(1, order[a:b], hist.flip(1).cumsum(1).flip(1)[:, 1:])
+
+    run_blocks(rows, chunk, count, lambda a, b: None, threaded=logits.device.type == "cpu")
     return torch.where(valid, above + 1, torch.zeros_like(above))
+
+
+def _searched_bucket_counts(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """[rows, n + 1]: how many logits of each row x [rows, V] have exactly k of its sorted targets
+    t [rows, n] strictly below them, by a binary search per logit."""
+    rows, n = t.shape
+    below = torch.searchsorted(t, x, side="left", out_int32=True)
+    offsets = (torch.arange(rows, dtype=torch.int32, device=x.device) * (n + 1)).unsqueeze(1)
+    return torch.bincount((below + offsets).view(-1), minlength=rows * (n + 1)).view(rows, n + 1)
+
+
+def _bucket_counts(x: torch.Tensor, t: torch.Tensor, cells: int) -> torch.Tensor:
+    """``_searched_bucket_counts`` for finite x, without a binary search per logit (~60 ns each on CPU).
+
+    cell(v) = clamp(trunc((v - lo) * scale), -1, cells) over the row's target range [lo, hi] is
+    monotone in v, so a logit in a cell that holds no target has exactly the targets of the cells
+    before its own below it. Only the logits that share a cell with some target (a few percent) are
+    compared with that cell's targets, by a branchless binary search vectorised over them.
+    """
+    rows, n = t.shape
+    width = cells + 2
+    x, t = x.float(), t.float()
+    lo = t[:, :1]
+    hi = torch.where(t.isfinite(), t, -math.inf).amax(dim=1, keepdim=True)
+    lo = torch.where(lo.isfinite(), lo, torch.zeros_like(lo))  # a row with no target: any grid
+    scale = cells / (hi - lo)
+    # one target (or one value), or a range too wide or too narrow for float32: any positive scale will do
+    scale = torch.where(scale.isfinite() & (scale > 0), scale, torch.ones_like(scale))
+    offsets = (torch.arange(rows, dtype=torch.int32, device=x.device) * width + 1).unsqueeze(1)
+
+    def cell(v: torch.Tensor) -> torch.Tensor:  # the row's cell index, offset by row: [rows, .] int32
+        return (v - lo).mul_(scale).clamp_(-1, cells).to(torch.int32).add_(offsets)
+
+    x_cell, t_cell = cell(x).view(-1), cell(t)  # +inf targets land in the last cell, like the largest logits
+    per_cell = torch.bincount(x_cell, minlength=rows * width).view(rows, width)
+    targets_in = torch.bincount(t_cell.view(-1), minlength=rows * width).view(rows, width)
+    before = targets_in.cumsum(1) - targets_in  # targets in the cells before each cell
+    shared = targets_in > 0
+    hist = torch.zeros((rows, n + 1), dtype=torch.int64, device=x.device)
+    hist.scatter_add_(1, before, torch.where(shared, 0, per_cell))
+    # the logits that share a cell with a target: lower bound among that cell's targets
+    at = shared.view(-1).index_select(0, x_cell).nonzero().squeeze(1)
+    if at.numel():
+        value = x.view(-1).index_select(0, at)
+        c = x_cell.index_select(0, at).long()
+        row = c // width
+        first = before.view(-1).index_select(0, c)  # the cell's first target, within its row
+        base, left = row * n + first, targets_in.view(-1).index_select(0, c)
+        flat_t = t.reshape(-1)
+        for _ in range(int(left.max()).bit_length()):
+            half = left // 2
+            go = (left > 0) & (flat_t.index_select(0, (base + half).clamp_(max=flat_t.numel() - 1)) < value)
+            base = torch.where(go, base + half + 1, base)
+            left = torch.where(go, left - half - 1, half)
+        hist += torch.bincount(base - row * n + row * (n + 1), minlength=rows * (n + 1)).view(rows, n + 1)
+    return hist
