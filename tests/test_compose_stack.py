@@ -233,6 +233,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         print(f"\ncompose log: {log}", file=sys.stderr)
 
 
+def _differences(got: list[dict[str, Any]], want: list[dict[str, Any]], most: int = 5) -> list[str]:
+    """The first few (layer, neuron, field) that differ, with both values: what a failure needs to say."""
+    out = []
+    for g, w in zip(got, want, strict=False):
+        for key in sorted(set(g) | set(w)):
+            if g.get(key) != w.get(key):
+                out.append(f"{g.get('layer')}/{g.get('neuron')} {key}: {str(g.get(key))[:200]} != {str(w.get(key))[:200]}")
+                if len(out) >= most:
+                    return out
+    return out
+
+
 def _host_export(tmp: Path, model: Path, corpus: Path) -> list[dict[str, Any]]:
     """The same extraction in a host process, on the test's own Postgres (the reference)."""
     nc = Path(sys.executable).with_name("neuron-catalog")
@@ -300,7 +312,7 @@ def test_compose_stack(stack: Stack, migrated_db: str, tmp_path: Path) -> None:
     on_host = _host_export(tmp_path, inputs / "tiny", inputs / "corpus.txt")
     timings["extract_in_host_process"] = time.monotonic() - t
     assert len(in_stack) == len(on_host) > 0
-    assert in_stack == on_host, "the stack's catalog differs from the in-process extraction"
+    assert in_stack == on_host, f"the stack's catalog differs from the in-process extraction: {_differences(in_stack, on_host)}"
 
     # 3. An annotator from the CLI in a container; UI sign-in with the token; an annotation saved.
     token = stack.compose("run", "--rm", "--no-deps", "-T", "api", "neuron-catalog", "users", "add", "alice").stdout.strip()
@@ -374,7 +386,9 @@ def test_compose_stack(stack: Stack, migrated_db: str, tmp_path: Path) -> None:
     complete = stack.psql("SELECT count(*) FROM extraction_runs r JOIN catalog_models m ON m.id = r.model_id "
                           "WHERE m.name = 'tiny' AND r.status = 'complete'")
     assert complete == "1", f"{complete} complete runs of 'tiny'"
-    assert stack.export("tiny") == on_host, "the catalog of the run with a killed worker differs from the in-process one"
+    again_stack = stack.export("tiny")
+    assert again_stack == on_host, ("the catalog of the run with a killed worker differs from the in-process one: "
+                                    f"{_differences(again_stack, on_host)}")
     neurons = stack.get("/api/v1/models/tiny/neurons", params={"layer": 0, "limit": 1}).json()["total"]
 
     # 5. The database goes away and comes back; the stack is taken down and up without -v.
