@@ -194,7 +194,6 @@ class TokenLists:
     def __init__(self, unembedding: torch.Tensor, gain: torch.Tensor | None, d_mlp: int, *,
                  keep: int = 50, candidates: int = 64) -> None:
         E = unembedding.detach().float().cpu().numpy()
-        self.E = {"raw": E} if gain is None else {"raw": E, "folded": E * gain.detach().float().cpu().numpy()}
         self.E64 = {"raw": E.astype(np.float64)}
         if gain is not None:  # e * g in float64, as the read side folds it
             self.E64["folded"] = E.astype(np.float64) * gain.detach().float().cpu().numpy().astype(np.float64)
@@ -213,7 +212,7 @@ class TokenLists:
         if norms.numel():
             self.max_norm = max(self.max_norm, float(norms.max()))
         inv = 1.0 / norms.clamp_min(torch.finfo(torch.float32).tiny)
-        for convention in self.E:
+        for convention in self.E64:
             lg = (logits if convention == "raw" or folded is None else folded).float()
             for order in TOKEN_ORDERS:
                 run = self._running.setdefault((convention, order), _Running(self.vocab, self.c, lg.device))
