@@ -703,14 +703,19 @@ def test_a_cancelled_run_is_never_published(
 @pytest.mark.netns
 def test_workers_on_other_hosts(
     redis_url: str, database_url: str, migrated_db: str, engine: Engine, models: dict[Any, Path], corpus: Path,
-    tmp_path: Path,
+    tmp_path: Path, worker_pool: list[Worker],
 ) -> None:
     """Two workers, each in a network namespace of its own (tests/netns.py): each reaches Postgres and
     Redis only over its veth, as a worker on another machine; the run equals the in-process one. They
-    have a broker of their own, so the module's workers take no part."""
+    have a broker of their own, and the module's workers are stopped first: their sweepers share the
+    database, and a sweeper sends any piece it finds unsent (a step the run has just moved to, or a
+    shard between the plan's commit and its send) on its own broker, where one of them takes it (a
+    local CI run saw a shard held by this host). With one broker, as deployed, that is harmless."""
     reason = netns.netns_available()
     if reason is not None:
         pytest.skip(f"this machine does not allow network namespaces: {reason}")
+    for w in worker_pool:
+        stop_worker(w)  # the `workers` fixture starts new ones for the tests after this one
     name, reference = unique("hosts"), unique("hosts-ref")
     r = cli("extract", "--name", reference, "--model", str(models[0]), "--corpus", str(corpus), *SHARD_OPTIONS,
             timeout=LIMIT_S)
