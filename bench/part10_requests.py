@@ -1,13 +1,17 @@
-"""Part 10 benchmark: the cost of one token-ranking or similar-neuron request, exact lists against scans.
+"""Part 10 benchmark: the cost of one request of each search kind, in process, with EXPLAIN ANALYZE.
 
     .venv/bin/python bench/part10_requests.py [--data-dir DIR] [--reps 200]
+    .venv/bin/python bench/part10_requests.py --data-dir /var/tmp/neuron-catalog-bench3 --catalog synthetic-gpt2-xl
 
-Extracts SmolLM2 weights-only (once; reused while the catalog exists in DIR) into the embedded
-Postgres, then calls the read functions in process, one request at a time, and reports per kind:
-the median wall time (on an idle machine: Postgres plus Python CPU, the two never overlap for one
-request), this process's CPU time per request, and for the list lookup the plan and execution time
-from EXPLAIN ANALYZE. "list" answers come from the stored exact lists; "scan" is what a request
-they cannot answer (one far layer, k above the list) costs: every vector in range scored.
+Without --catalog: extracts SmolLM2 weights-only (once; reused while the catalog exists in DIR) into
+the embedded Postgres and measures token ranking and similar neurons. With --catalog NAME (an
+existing catalog, e.g. bench/part3_search.py's GPT-2-XL-sized one): every search kind the API
+serves. The read functions the routes call are called in process, one request at a time, and each
+kind reports the median wall time (on an idle machine: Postgres plus Python CPU, which never overlap
+for one request), this process's CPU time per request, the statements it sends, and the sum of
+their execution times under EXPLAIN ANALYZE. "list" answers come from the stored exact lists;
+"scan" is what a request they cannot answer (one far layer, k above the list) costs: every vector
+in range scored.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -28,6 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, default=None, help="embedded Postgres directory (kept, reused)")
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--catalog", help="an existing catalog with triggers: measure every search kind on it")
     args = ap.parse_args()
     if args.data_dir is not None:
         os.environ["CATALOG_DATA_DIR"] = str(args.data_dir)
@@ -38,20 +44,23 @@ def main() -> None:
     from sqlalchemy import text
     from sqlalchemy.orm import Session
 
-    from catalog.read import vectors
+    from catalog.read import catalog, search, vectors
     from catalog.read.catalog import current_run
+    from catalog.read.explain import capture, plans
     from catalog.runs.local import extract
     from catalog.runs.schemas import ExtractRequest
     from catalog.store import migrate
     from catalog.store.database import get_engine
 
-    name = "smollm2-weights"
+    name = args.catalog or "smollm2-weights"
     engine = get_engine()
     migrate.upgrade()
     print(f"# part 10 requests  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  {platform.node()}  {os.cpu_count()} CPUs")
     with Session(bind=engine) as s:
         have = current_run(s, name)
     if have is None:
+        if args.catalog:
+            raise SystemExit(f"error: no catalog {args.catalog!r} in this database")
         t0 = time.perf_counter()
         summary = extract(ExtractRequest(model="smollm2", name=name), engine=engine)
         print(f"extracted {name} (weights only) in {time.perf_counter() - t0:.0f} s; stages (s): "
@@ -71,13 +80,32 @@ def main() -> None:
             s, name, "Paris", k=50, order="cosine", projection="folded"),
         "token ranking, logit, layer 0 (scan)": lambda s: vectors.token_ranking(
             s, name, "Paris", k=50, layer_min=0, layer_max=0),
-        "token ranking, logit, k=100 (scan)": lambda s: vectors.token_ranking(s, name, "Paris", k=100),
         "similar, value (list)": lambda s: vectors.similar(s, name, 20, 7, space="value", k=20),
-        "similar, key, layers 0-9 (list or scan)": lambda s: vectors.similar(
-            s, name, 20, 7, space="key", k=20, layer_min=0, layer_max=9),
+        "similar, key (list)": lambda s: vectors.similar(s, name, 20, 7, space="key", k=20),
         "similar, key, layer 0 (scan)": lambda s: vectors.similar(
             s, name, last, 7, space="key", k=20, layer_min=0, layer_max=0),
     }
+    if args.catalog:
+        S = search.SearchQuery
+        kinds = {
+            "neuron detail": lambda s: catalog.neuron_record_json(s, name, 20, 7),
+            "filter + sort (layers 20-29, alignment >= 0.1, by -activation_max)":
+                lambda s: search.search_json(s, name, S(layer_min=20, layer_max=29, ranges=(("alignment", "min", 0.1),),
+                                                        sort="-activation_max")),
+            "pattern, rare word (q=walrus)": lambda s: search.search_json(s, name, S(q="walrus")),
+            "pattern, common word (q=the)": lambda s: search.search_json(s, name, S(q="the")),
+            "pattern, phrase (q=\"a person\")": lambda s: search.search_json(s, name, S(q='"a person"')),
+            "pattern, phrase and exclusion (q=\"a person\" -who)": lambda s: search.search_json(
+                s, name, S(q='"a person" -who')),
+            "promoted token (token=id:1000)": lambda s: search.search_json(s, name, S(token="id:1000")),
+            "trigger token (trigger_token=id:1000)": lambda s: search.search_json(s, name, S(trigger_token="id:1000")),
+            "next token (next_token=id:1000)": lambda s: search.search_json(s, name, S(next_token="id:1000")),
+            **kinds,
+        }
+    else:
+        kinds["token ranking, logit, k=100 (scan)"] = lambda s: vectors.token_ranking(s, name, "Paris", k=100)
+    print("| request | p50 wall ms | Python CPU ms | statements | EXPLAIN ANALYZE ms (sum) | answered by |")
+    print("|---|---|---|---|---|---|")
     for kind, call in kinds.items():
         walls, cpus = [], []
         reps = args.reps if "(scan)" not in kind else max(10, args.reps // 10)
@@ -87,8 +115,13 @@ def main() -> None:
                 call(s)
                 walls.append(time.perf_counter() - w0)
                 cpus.append(time.process_time() - c0)
-        print(f"{kind}: p50 {1e3 * statistics.median(walls):.2f} ms wall, "
-              f"{1e3 * statistics.median(cpus):.2f} ms Python CPU ({reps} requests)")
+        with capture(engine) as seen, Session(bind=engine) as s:
+            call(s)
+        explained = plans(engine, call)
+        execution = sum(float(m) for _, plan in explained for m in re.findall(r"Execution Time: ([0-9.]+) ms", plan))
+        by = "list" if "(list)" in kind else "scan" if "(scan)" in kind else "SQL"
+        print(f"| {kind} | {1e3 * statistics.median(walls):.2f} | {1e3 * statistics.median(cpus):.2f} | "
+              f"{len(seen)} | {execution:.2f} ({len(explained)} explained) | {by} |", flush=True)
     with Session(bind=engine) as s:
         for table, where in (("token_lists", "convention = 'raw' AND ranking = 'logit' AND token_id = 9490"),
                              ("similar_lists", "space = 'value' AND layer = 20 AND neuron = 7")):

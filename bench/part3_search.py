@@ -65,7 +65,19 @@ def unembedding(vocab: int, u: Any) -> Any:
     return structured(vocab, 7, u)
 
 
-def build(vocab_texts: list[str], corpus_lines: list[str]) -> dict[str, float]:
+def list_sample(vocab: int, vocab_texts: list[str]) -> tuple[list[int], list[int]]:
+    """``--lists sampled``: the token ids and flat neuron ids whose lists are built: 200 of each at
+    random, with the ones the benchmarks ask for by name (id:1000, Paris, neuron 20/7)."""
+    import numpy as np
+
+    rng = np.random.default_rng(SEED + 1)
+    named = [1000, *(i for i, t in enumerate(vocab_texts) if t in ("Paris", " Paris"))]
+    tokens = sorted({*named, *rng.choice(vocab, 200, replace=False).tolist()})
+    neurons = sorted({min(20, N_LAYERS - 1) * D_MLP + 7, *rng.choice(N_LAYERS * D_MLP, 200, replace=False).tolist()})
+    return [int(t) for t in tokens], [int(f) for f in neurons]
+
+
+def build(vocab_texts: list[str], corpus_lines: list[str], sampled: bool) -> dict[str, float]:
     import numpy as np
     import torch
     from sqlalchemy import text, update
@@ -98,6 +110,7 @@ def build(vocab_texts: list[str], corpus_lines: list[str]) -> dict[str, float]:
         s.add(run)
         s.flush()
         run_id, model_id = run.id, entry.id
+    sample_tokens, sample_neurons = list_sample(vocab, vocab_texts) if sampled else (None, None)
     # Prefixes: one per synthetic document, cut from WordNet lines at a random word.
     docs = np.arange(N_PREFIXES)
     texts = []
@@ -124,6 +137,8 @@ def build(vocab_texts: list[str], corpus_lines: list[str]) -> dict[str, float]:
         # and 2 x 150 TMAC (similar lists): minutes on a GPU, hours on this 2-core CPU.
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         E_t = unembedding(vocab, u).to(dev)
+        if sample_tokens is not None:  # lists of the sampled tokens only, each still over every neuron
+            E_t = E_t[torch.tensor(sample_tokens, device=dev)]
         ranked = TokenLists(E_t, None, D_MLP)
         all_keys, all_values = [], []
         for layer in range(N_LAYERS):
@@ -167,16 +182,21 @@ def build(vocab_texts: list[str], corpus_lines: list[str]) -> dict[str, float]:
         times["search_terms"] = writer.search_seconds
         l0 = time.perf_counter()
         for (convention, ranking), lists in ranked.finish().items():
-            writer.token_lists(convention, ranking, lists.ids, lists.scores, lists.length)
+            writer.token_lists(convention, ranking, lists.ids, lists.scores, lists.length, rows=sample_tokens)
         times["token_lists"] += time.perf_counter() - l0
         for space, parts in (("key", all_keys), ("value", all_values)):
             l0 = time.perf_counter()
-            sim = similar_lists(torch.cat(parts).to(dev))
-            writer.similar_lists(space, D_MLP, sim.ids, sim.scores, sim.length)
+            rows = None if sample_neurons is None else np.array(sample_neurons)
+            sim = similar_lists(torch.cat(parts).to(dev), rows=rows)
+            writer.similar_lists(space, D_MLP, sim.ids, sim.scores, sim.length, rows=sample_neurons)
             times[f"similar_{space}"] = time.perf_counter() - l0
         print(f"  lists {times}", flush=True)
+        params = {"top_n": TOP_N, "value_top": VALUE_TOP, "window": 256, "synthetic": True,
+                  "lists": "sampled" if sampled else "all"}
+        if sampled:
+            params["list_sample"] = {"tokens": sample_tokens, "neurons": sample_neurons}
         conn.execute(update(ExtractionRun).where(ExtractionRun.id == run_id).values(
-            status=RunStatus.complete, timings=times, finished_at=datetime.now(UTC)))
+            status=RunStatus.complete, timings=times, finished_at=datetime.now(UTC), parameters=params))
         conn.execute(update(CatalogModel).where(CatalogModel.id == model_id).values(current_run_id=run_id))
     with engine.connect() as conn:
         conn.execute(text("ANALYZE"))
@@ -203,6 +223,9 @@ def main() -> None:
         "load generator: wrk (a C program in its own process, Debian's package, installed when missing) or "
         "Python threads in this process (what the first figures used; the client then shares the GIL)"))
     ap.add_argument("--seconds", type=float, default=10.0, help="wrk: seconds per request kind")
+    ap.add_argument("--lists", choices=("all", "sampled"), default="all", help=(
+        "exact lists of every token and neuron (hours on a 2-core CPU: 2 x 150 TMAC of Gram products), or "
+        "of 200 sampled tokens and neurons, each over every neuron (the requests then ask for those)"))
     args = ap.parse_args()
     global N_LAYERS, NAME
     N_LAYERS = args.layers
@@ -236,7 +259,7 @@ def main() -> None:
         vocab_texts = tok.batch_decode([[i] for i in range(len(tok))], skip_special_tokens=False)
         lines = [ln for ln in (REPO / "data" / "wordnet.txt").read_text().splitlines() if ln.strip()]
         t0 = time.perf_counter()
-        times = build(vocab_texts, lines)
+        times = build(vocab_texts, lines, args.lists == "sampled")
         times["total"] = time.perf_counter() - t0
         print("build:", json.dumps({k: round(v, 1) for k, v in times.items()}))
     else:
@@ -299,6 +322,17 @@ def _vocab() -> int:
         return found[0].vocab_size
 
 
+def list_sample_of_run() -> dict[str, list[int]] | None:
+    """The tokens and neurons that have lists, when the catalog was built with ``--lists sampled``."""
+    from catalog.read.catalog import current_run
+    from catalog.store.database import session_scope
+
+    with session_scope() as s:
+        found = current_run(s, NAME)
+        assert found is not None
+        return (found[1].parameters or {}).get("list_sample")
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -319,6 +353,10 @@ def run_load(base: str, args: argparse.Namespace, *, vocab_size: int, lines: lis
 
     rnd = random.Random(7)
     api = f"{base}/api/v1/models/{NAME}"
+    sample = list_sample_of_run()  # --lists sampled: ask only for what has a list
+    tokens = sample["tokens"] if sample else range(vocab_size)
+    neurons = [divmod(f, D_MLP) for f in sample["neurons"]] if sample else [
+        (layer, n) for layer in range(N_LAYERS) for n in range(D_MLP)]
     stats = ["key_norm", "value_norm", "alignment", "activation_max", "agreement", "ablation_last"]
 
     # A deep cursor: 20,000 neurons into a sorted search (cursors do not depend on the page size).
@@ -343,9 +381,9 @@ def run_load(base: str, args: argparse.Namespace, *, vocab_size: int, lines: lis
         "pattern (common word)": lambda: f"{api}/neurons?q={rnd.choice(['the', 'of', 'a', 'or', 'to'])}",
         "pattern (phrase)": lambda: f"{api}/neurons?q=\"{rnd.choice(['of the', 'a person', 'in the', 'the act', 'used to'])}\"",
         "token search": lambda: f"{api}/neurons?token=id:{rnd.randrange(vocab_size)}",
-        "token ranking": lambda: f"{api}/tokens/id:{rnd.randrange(vocab_size)}/neurons?k=50",
-        "similar neurons": lambda: (f"{api}/neurons/{rnd.randrange(N_LAYERS)}/{rnd.randrange(D_MLP)}/similar"
-                                    f"?space={rnd.choice(['key', 'value'])}&k=20"),
+        "token ranking": lambda: f"{api}/tokens/id:{rnd.choice(tokens)}/neurons?k=50",
+        "similar neurons": lambda: ("{}/neurons/{}/{}/similar".format(api, *rnd.choice(neurons))
+                                    + f"?space={rnd.choice(['key', 'value'])}&k=20"),
     }
     results: dict[str, dict[str, float]] = {}
     floor_urls = [f"{base}/healthz"] * 10
@@ -399,16 +437,42 @@ def run_load(base: str, args: argparse.Namespace, *, vocab_size: int, lines: lis
 
     # Recall@50 of token ranking against numpy over the very vectors that were ingested.
     u = basis()
-    values = np.concatenate([layer_vectors(layer, u)[1].numpy() for layer in range(N_LAYERS)])
+    pairs = [layer_vectors(layer, u) for layer in range(N_LAYERS)]
+    space_vectors = {"key": np.concatenate([k.numpy() for k, _ in pairs]),
+                     "value": np.concatenate([v.numpy() for _, v in pairs])}
+    del pairs
+    values = space_vectors["value"]
     E = unembedding(vocab_size, u).numpy()
-    recalls = []
+    recalls, in_order = [], 0
+    values64 = values.astype(np.float64)
     with httpx.Client(timeout=60) as c:
-        for tid in random.Random(3).sample(range(vocab_size), 50):
-            got = {(x["layer"], x["neuron"]) for x in c.get(f"{api}/tokens/id:{tid}/neurons?k=50").json()["items"]}
-            exact = np.argsort(-(values @ E[tid]))[:50]
-            want = {(int(i) // D_MLP, int(i) % D_MLP) for i in exact}
-            recalls.append(len(got & want) / 50)
+        for tid in random.Random(3).sample(list(tokens), 50):
+            got = [(x["layer"], x["neuron"]) for x in c.get(f"{api}/tokens/id:{tid}/neurons?k=50").json()["items"]]
+            logits = values64 @ E[tid].astype(np.float64)
+            exact = np.lexsort((np.arange(len(logits)), -logits))[:50]  # float64, ties by flat id
+            want = [(int(i) // D_MLP, int(i) % D_MLP) for i in exact]
+            recalls.append(len(set(got) & set(want)) / 50)
+            in_order += got == want
+    del values64
+    print(f"token ranking: {in_order} of 50 tokens equal to numpy's exact order")
     print(f"token ranking recall@50 vs exact (50 tokens): mean {statistics.mean(recalls):.3f}, min {min(recalls):.2f}")
+    # Similar neurons, both spaces: the API's first 20, in order, against numpy's float64 cosine order
+    # (ties by flat id) over the same float32 vectors.
+    same, asked = 0, 0
+    with httpx.Client(timeout=60) as c:
+        for space, V in space_vectors.items():
+            unit = V.astype(np.float64)
+            unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+            for layer, neuron in random.Random(4).sample(neurons, 25):
+                i = layer * D_MLP + neuron
+                got = [(x["layer"], x["neuron"]) for x in c.get(
+                    f"{api}/neurons/{layer}/{neuron}/similar?space={space}&k=20").json()["items"]]
+                cos = unit @ unit[i]
+                cos[i] = -np.inf
+                exact = np.lexsort((np.arange(len(cos)), -cos))[:20]
+                same += got == [(int(j) // D_MLP, int(j) % D_MLP) for j in exact]
+                asked += 1
+    print(f"similar neurons (k 20, key and value): {same} of {asked} equal to numpy's exact order")
 
     # Probe on SmolLM2 (warm): a 64-token text.
     text64 = " ".join(lines[:40])

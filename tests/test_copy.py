@@ -148,3 +148,110 @@ def test_chunked_stream(conn: Connection) -> None:
 
 def test_no_rows(conn: Connection) -> None:
     assert _copy(conn, [encode(_columns(0))]) == {}
+
+
+@pytest.mark.parametrize("length", [0, 1, 50])
+def test_arrays_round_trip(conn: Connection, length: int) -> None:
+    """int4[] and float8[] (the neighbour lists): every element back exactly, special floats too, and
+    an array of length 0 comes back as an empty array."""
+    rng = np.random.default_rng(length)
+    n = 40
+    ids = rng.integers(-(2**31), 2**31, (n, length)).astype(np.int32)
+    scores = rng.standard_normal((n, length))
+    if length:
+        scores[0, 0], scores[1, 0], scores[2, 0] = -0.0, np.inf, 5e-324  # kept as they are: no NULL in an array
+    conn.exec_driver_sql("CREATE TEMP TABLE copy_arr (id int4, ids int4[], scores float8[]) ON COMMIT DROP")
+    payload = encode([Column("id", "int4", np.arange(n)), Column("ids", "int4[]", ids),
+                      Column("scores", "float8[]", scores)])
+    dbapi: Any = conn.connection.driver_connection
+    with dbapi.cursor() as cur:
+        with cur.copy("COPY copy_arr (id, ids, scores) FROM STDIN (FORMAT BINARY)") as cp:
+            cp.write(payload)
+        cur.execute("SELECT id, ids, scores, cardinality(ids) FROM copy_arr ORDER BY id")
+        rows = cur.fetchall()
+    assert [r[0] for r in rows] == list(range(n))
+    for i, (_, got_ids, got_scores, card) in enumerate(rows):
+        assert card == length
+        assert got_ids == ids[i].tolist()
+        assert all(_same(float(g), float(w)) for g, w in zip(got_scores, scores[i].tolist(), strict=True))
+
+
+# --- RunWriter's own reference checks (the bulk tables skip Postgres's per-row foreign-key checks) ---
+
+
+def _run(conn: Connection, name: str) -> int:
+    from sqlalchemy.orm import Session
+
+    from catalog.store.models import CatalogModel, ExtractionRun, RunStatus
+
+    with Session(bind=conn, join_transaction_mode="create_savepoint") as s:
+        entry = CatalogModel(name=name, source="test", family="llama", model_type="llama", n_layers=1, d_model=4,
+                             d_mlp=3, vocab_size=10, gated=False)
+        s.add(entry)
+        s.flush()
+        run = ExtractionRun(model_id=entry.id, status=RunStatus.running, parameters={}, progress={},
+                            projection_convention="raw_unembedding")
+        s.add(run)
+        s.flush()
+        rid = int(run.id)
+        s.commit()
+    return rid
+
+
+def _layer(writer: Any, *, trigger_position: int = 1, value_neuron: int = 2) -> None:
+    from catalog.vocab import ABLATIONS
+
+    v = np.arange(12, dtype=np.float32).reshape(3, 4)
+    writer.prefixes({"document": [0, 0, 7], "position": [0, 1, 3], "text": ["a", "a b", "c"],
+                     "token_id": [1, 2, 3], "next_token_id": [2, None, 4]})
+    writer.layer(0, {"mean_alignment": 0.0, "key_cosine_mean": 0.0, "value_cosine_mean": 0.0, "histograms": {}},
+                 {"key_vector": v, "value_vector": -v, "key_norm": [1.0] * 3, "value_norm": [1.0] * 3,
+                  "alignment": [0.5] * 3},
+                 {"neuron": [0, 1, value_neuron], "convention": ["raw"] * 3, "kind": ["top"] * 3, "rank": [0, 0, 0],
+                  "token_id": [1, 2, 3], "logit": [0.5, 0.25, 0.125]},
+                 {"neuron": [0, 1, 2], "sign": [1, 1, -1], "rank": [0, 0, 0], "document": [0, 7, 0],
+                  "position": [0, 3, trigger_position], "coefficient": [1.0, 2.0, -3.0],
+                  **{f"coefficient_without_{k}": [0.5, 1.0, -1.0] for k in ABLATIONS}})
+    writer.token_lists("raw", "logit", np.array([[2, 0, 1], [1, 2, -1]]), np.array([[3.0, 2.0, 1.0], [5.0, 4.0, 0]]),
+                       np.array([3, 2]), rows=[4, 9])
+
+
+def _rows(conn: Connection, rid: int) -> list[Any]:
+    out = []
+    for table, order in (("triggers", "layer, neuron, sign, rank"), ("value_tokens", "layer, neuron, kind, rank"),
+                         ("token_lists", "token_id")):
+        rows = conn.exec_driver_sql(f"SELECT * FROM {table} WHERE run_id = {rid} ORDER BY {order}").all()
+        out.append([tuple(r)[1:] for r in rows])  # without run_id
+    return out
+
+
+def test_writer_skips_row_checks_and_writes_what_checked_copies_write(conn: Connection) -> None:
+    """As the embedded superuser the bulk tables go in without per-row checks; a role that may not
+    skip them gets the checked COPY: the same rows either way, and deleting the run still cascades."""
+    from catalog.store.ingest import RunWriter
+
+    dbapi: Any = conn.connection.driver_connection
+    fast, slow = RunWriter(dbapi, _run(conn, "fast")), RunWriter(dbapi, _run(conn, "slow"))
+    slow._may_skip_checks = False  # as a role that is not a superuser
+    _layer(fast)
+    _layer(slow)
+    assert fast._may_skip_checks is True
+    assert conn.exec_driver_sql("SHOW session_replication_role").scalar() == "origin"  # set back after each COPY
+    got = _rows(conn, fast.run_id)
+    assert got == _rows(conn, slow.run_id) and all(got)
+    assert got[2] == [("raw", "logit", 4, [2, 0, 1], [3.0, 2.0, 1.0]), ("raw", "logit", 9, [1, 2], [5.0, 4.0])]
+    conn.exec_driver_sql(f"DELETE FROM extraction_runs WHERE id = {fast.run_id}")
+    assert not any(_rows(conn, fast.run_id))
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"trigger_position": 2}, r"prefix \(document 0, position 2\), which this run has not written"),
+    ({"value_neuron": 3}, r"value_tokens: layer 0 has neurons 0-2, not 0-3"),
+])
+def test_writer_refuses_a_row_whose_reference_it_did_not_write(conn: Connection, bad: dict[str, int],
+                                                              message: str) -> None:
+    from catalog.store.ingest import RunWriter
+
+    writer = RunWriter(conn.connection.driver_connection, _run(conn, "bad"))
+    with pytest.raises(ValueError, match=message):
+        _layer(writer, **bad)

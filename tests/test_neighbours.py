@@ -48,6 +48,21 @@ def test_lists_are_the_head_of_the_exact_order(n: int, d: int, keep: int, candid
         np.testing.assert_allclose(cos, [c for _, c in want[:len(ids)]], rtol=0, atol=1e-6)
 
 
+def test_lists_of_chosen_rows_are_those_rows_lists() -> None:
+    """``rows=``: a sample (or block) of neurons listed against every row, as numpy orders them."""
+    g = torch.Generator().manual_seed(11)
+    V = (torch.randn(200, 16, generator=g) * torch.rand(200, 1, generator=g)).float()
+    rows = np.array([150, 3, 77, 199, 0])
+    lists = similar_lists(V, keep=20, candidates=32, block=2, rows=rows)
+    assert len(lists.length) == len(rows)
+    for r, i in enumerate(rows):
+        ids, cos = lists.row(r)
+        want = brute_force(V.numpy(), int(i))
+        assert len(ids) >= 18
+        assert [int(j) for j in ids] == [j for j, _ in want[:len(ids)]]
+        np.testing.assert_allclose(cos, [c for _, c in want[:len(ids)]], rtol=0, atol=1e-6)
+
+
 def test_ties_are_broken_by_id() -> None:
     """Duplicated vectors tie exactly: the lower flat id (layer, neuron) comes first."""
     g = torch.Generator().manual_seed(3)

@@ -60,8 +60,9 @@ class Lists:
         return self.ids[r, :n], self.scores[r, :n]
 
 
-def _pair_dots(A: np.ndarray, i: np.ndarray, B: np.ndarray, j: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
-    """float64 A[i[p]] . B[j[p]] for every pair p, a chunk at a time (bounded memory)."""
+def _pair_dots(A: np.ndarray, i: np.ndarray, B: np.ndarray, j: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """float64 A[i[p]] . B[j[p]] for every pair p, a chunk at a time: small enough that the gathered
+    rows stay in cache for the product (3x faster than chunks of 65,536 pairs on this CPU)."""
     out = np.empty(len(i), dtype=np.float64)
     for a in range(0, len(i), chunk):
         out[a:a + chunk] = np.einsum("nd,nd->n", A[i[a:a + chunk]].astype(np.float64),
@@ -146,10 +147,13 @@ class _Running:
             self.s, self.ids = vals.to(dev), torch.gather(both_ids, 1, idx.to(dev))
             return
         tau = self.s.min(dim=1).values
-        # token-major (the transposed mask made contiguous): entrants come grouped by token, ids ascending
-        tok, nid = torch.nonzero((scores >= tau[None, :]).T.contiguous(), as_tuple=True)  # >= keeps ties; NaN never passes
+        nid, tok = torch.nonzero(scores >= tau[None, :], as_tuple=True)  # >= keeps ties; NaN never passes
         if tok.numel() == 0:
             return
+        # token-major, ids ascending within a token (a stable sort of the few entrants, not a transpose
+        # of the whole [n, vocab] mask)
+        order = torch.sort(tok, stable=True).indices
+        tok, nid = tok[order], nid[order]
         counts = torch.bincount(tok, minlength=self.vocab)
         heavy = counts > c
         if bool(heavy.any()):  # a token with more than c entrants: its c best from its whole column
@@ -246,22 +250,29 @@ class TokenLists:
         return out
 
 
-def similar_lists(vectors: torch.Tensor, *, keep: int = 50, candidates: int = 64, block: int | None = None) -> Lists:
-    """For each row of ``vectors`` [N, d] (float32, as stored), the other rows with the highest cosine."""
+def similar_lists(vectors: torch.Tensor, *, keep: int = 50, candidates: int = 64, block: int | None = None,
+                  rows: np.ndarray | None = None) -> Lists:
+    """For each row of ``vectors`` [N, d] (float32, as stored), the other rows with the highest cosine.
+
+    ``rows``: list only these rows (flat ids, in this order; row r of the result is ``rows[r]``'s
+    list, still over every other row): a block of a run's neurons, or a sample."""
     V = vectors.detach().float()
     n, d = V.shape
+    which = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+    m = len(which)
     c = min(max(candidates, keep), n - 1)
     if c <= 0:
-        return Lists(np.full((n, 0), -1, np.int32), np.full((n, 0), np.nan), np.zeros(n, np.int32))
+        return Lists(np.full((m, 0), -1, np.int32), np.full((m, 0), np.nan), np.zeros(m, np.int32))
     block = block or max(64, (1 << 26) // n)  # a [block, N] float32 product of at most 256 MB
     unit = V / V.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    ids = np.empty((n, c), dtype=np.int32)
-    s32 = np.empty((n, c), dtype=np.float32)
-    last = np.empty(n, dtype=np.float32)
-    for a in range(0, n, block):
-        b = min(n, a + block)
-        sims = unit[a:b] @ unit.T  # [B, N]
-        sims[torch.arange(b - a), torch.arange(a, b)] = -torch.inf  # not its own neighbour
+    ids = np.empty((m, c), dtype=np.int32)
+    s32 = np.empty((m, c), dtype=np.float32)
+    last = np.empty(m, dtype=np.float32)
+    for a in range(0, m, block):
+        b = min(m, a + block)
+        own = torch.from_numpy(which[a:b]).to(unit.device)
+        sims = unit[own] @ unit.T  # [B, N]
+        sims[torch.arange(b - a, device=unit.device), own] = -torch.inf  # not its own neighbour
         top_s, top_i = _top(sims, c)
         ids[a:b], s32[a:b] = top_i.cpu().numpy(), top_s.cpu().numpy()
         # every neuron left out scored at most the worst candidate
@@ -270,7 +281,7 @@ def similar_lists(vectors: torch.Tensor, *, keep: int = 50, candidates: int = 64
     U64 = V64 / np.maximum(np.linalg.norm(V64, axis=1, keepdims=True), 1e-300)
 
     def dot64(r: np.ndarray, i: np.ndarray) -> np.ndarray:
-        return _pair_dots(U64, i, U64, r)
+        return _pair_dots(U64, i, U64, which[r])
 
-    bound = np.full(n, error_bound(d))
+    bound = np.full(m, error_bound(d))
     return exact_order(ids, s32, bound[:, None], last, bound, keep, dot64)

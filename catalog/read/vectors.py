@@ -57,27 +57,16 @@ def token_ranking(session: Session, name: str, token: str, *, k: int = 50,
         raise InvalidParameter(f"projection: one of {', '.join(PROJECTIONS)}")
     if order not in TOKEN_ORDERS:
         raise InvalidParameter(f"order: one of {', '.join(TOKEN_ORDERS)}")
-    gain = None
-    if projection == "folded" and run.final_norm_gain is not None:
-        gain = _array(run.final_norm_gain)
     lo, hi = _layer_range(entry, layer_min, layer_max)
     tok = resolve_token(session, run.id, token, vocab_size=entry.vocab_size, param="token")
     rid = int(run.id)
-    rows = session.execute(
-        text("SELECT token_id, unembedding FROM tokens WHERE run_id = :r AND token_id = ANY(:ids) ORDER BY token_id"),
-        {"r": rid, "ids": tok.token_ids},
-    ).all()
-    if any(u is None for _, u in rows):
-        raise Unsupported(f"catalog {name!r} was extracted before token ranking existed (no unembedding "
-                          "stored): extract it again")
-    # the query vector of each form: e_t, or e_t * g (v . (e * g) = (v * g) . e)
-    queries = {int(t): _array(e) * gain if gain is not None else _array(e) for t, e in rows}
+    gain = _array(run.final_norm_gain) if projection == "folded" and run.final_norm_gain is not None else None
     convention = "folded" if projection == "folded" else "raw"
     stored_top = _stored_top(session, rid, convention, lo)
-    scan = _Scan(session, entry, rid, lo, hi, convention)
+    scan = _Scan(session, entry, rid, lo, hi, convention, tok.token_ids, gain)
     ranks: dict[Key, int] = {}
     if order == "rank":
-        best, complete, method = _by_rank(scan, queries, k, convention, gain, stored_top, ranks)
+        best, complete, method = _by_rank(scan, k, stored_top, ranks)
     elif order == "effect":
         if not session.execute(text(
                 f"SELECT EXISTS (SELECT 1 FROM neurons WHERE run_id = {rid} AND layer BETWEEN :lo AND :hi "
@@ -85,12 +74,12 @@ def token_ranking(session: Session, name: str, token: str, *, k: int = 50,
             raise Unsupported(f"order=effect needs corpus figures ({EFFECT_COEFFICIENT}): catalog {name!r} has none "
                               "in these layers (extracted without --corpus, or before part 5); use logit, rank or "
                               "cosine")
-        best = _merge({t: scan.top(t, q, k, "effect") for t, q in queries.items()}, k)
+        best = _merge(scan.top(k, "effect"), k)
         complete, method = True, "exact"  # no list orders by c_i v_i . e: every vector in range is scored
     else:
-        best = _merge({t: scan.top(t, q, k, order) for t, q in queries.items()}, k)
+        best = _merge(scan.top(k, order), k)
         complete, method = True, "exact"
-    items = _figures(session, rid, best, queries, convention, ranks)
+    items = _figures(session, rid, best, scan.query_sql, convention, ranks)
     return TokenRanking(items=items, resolved_tokens={"token": tok}, order=order,  # type: ignore[arg-type]
                         method=method, complete=complete, stored_top_tokens=stored_top)  # type: ignore[arg-type]
 
@@ -101,24 +90,51 @@ Placed = dict[Key, tuple[tuple[float, ...], int]]
 
 
 class _Scan:
-    """Scores of the value vectors of one run's layers lo..hi against a token: from the token's stored
-    exact list when it holds the answer, else by scoring every vector in range."""
+    """Scores of the value vectors of one run's layers lo..hi against each form of a token: from the
+    form's stored exact list when it holds the answer, else by scoring every vector in range."""
 
-    def __init__(self, session: Session, entry: CatalogModel, rid: int, lo: int, hi: int, convention: str) -> None:
+    def __init__(self, session: Session, entry: CatalogModel, rid: int, lo: int, hi: int, convention: str,
+                 token_ids: list[int], gain: np.ndarray | None) -> None:
         self.session, self.entry, self.rid, self.lo, self.hi = session, entry, rid, lo, hi
-        self.convention = convention
+        self.convention, self.token_ids, self.gain = convention, token_ids, gain
         self.dim = int(entry.d_model)
+        self._queries: dict[int, np.ndarray] | None = None
+        # A form's query vector in SQL, from the tokens row `t` of the run (v . (e * g) = (v * g) . e):
+        # pgvector's float32 product is the float32 rounding of the exact one, as e * g in numpy is.
+        self.query_sql = ("t.unembedding * (SELECT final_norm_gain FROM extraction_runs WHERE id = t.run_id)"
+                          if gain is not None else "t.unembedding")
 
-    def top(self, token_id: int, q: np.ndarray, k: int, order: str) -> list[tuple[int, int, float]]:
-        """(layer, neuron, score) of the k best by logit, cosine or effect, best first, ties by (layer, neuron)."""
+    def queries(self) -> dict[int, np.ndarray]:
+        """Each form's query vector, float64: e_t, or e_t * g exactly (read only when something is scanned)."""
+        if self._queries is None:
+            rows = self.session.execute(text(
+                "SELECT token_id, unembedding FROM tokens WHERE run_id = :r AND token_id = ANY(:ids) "
+                "ORDER BY token_id"), {"r": self.rid, "ids": self.token_ids}).all()
+            if any(u is None for _, u in rows):
+                raise Unsupported("this catalog was extracted before token ranking existed (no unembedding "
+                                  "stored): extract it again")
+            self._queries = {int(t): _array(e) * self.gain if self.gain is not None else _array(e) for t, e in rows}
+        return self._queries
+
+    def top(self, k: int, order: str) -> dict[int, list[tuple[int, int, float]]]:
+        """Per form, (layer, neuron, score) of the k best by logit, cosine or effect, best first, ties by
+        (layer, neuron)."""
+        out: dict[int, list[tuple[int, int, float]]] = {}
         if order in ("logit", "cosine"):
-            row = self.session.execute(text(
-                "SELECT ids, scores FROM token_lists WHERE run_id = :r AND convention = :c AND ranking = :o "
-                "AND token_id = :t"), {"r": self.rid, "c": self.convention, "o": order, "t": token_id}).first()
-            if row is not None:
-                listed = in_range(row[0], row[1], int(self.entry.d_mlp), self.lo, self.hi, k)
+            for t, ids, scores in self.session.execute(text(
+                    "SELECT token_id, ids, scores FROM token_lists WHERE run_id = :r AND convention = :c "
+                    "AND ranking = :o AND token_id = ANY(:t)"),
+                    {"r": self.rid, "c": self.convention, "o": order, "t": self.token_ids}).tuples():
+                listed = in_range(ids, scores, int(self.entry.d_mlp), self.lo, self.hi, k)
                 if listed is not None:
-                    return listed
+                    out[int(t)] = listed
+        for t in self.token_ids:
+            if t not in out:
+                out[t] = self.scan(t, self.queries()[t], k, order)
+        return out
+
+    def scan(self, token_id: int, q: np.ndarray, k: int, order: str) -> list[tuple[int, int, float]]:
+        """Every vector in range scored against ``q``: the k best, as ``top``."""
         score = {"logit": "-(value_vector <#> CAST(:e AS vector))",
                  "cosine": "1 - (value_vector <=> CAST(:e AS vector))",
                  "effect": f"{EFFECT_COEFFICIENT} * -(value_vector <#> CAST(:e AS vector))"}[order]
@@ -156,8 +172,7 @@ def _merge(per_token: dict[int, list[tuple[int, int, float]]], k: int) -> Placed
     return dict(sorted(best.items(), key=lambda kv: kv[1][0])[:k])
 
 
-def _by_rank(scan: _Scan, queries: dict[int, np.ndarray], k: int, convention: str, gain: np.ndarray | None,
-             stored_top: int, ranks: dict[Key, int]) -> tuple[Placed, bool, str]:
+def _by_rank(scan: _Scan, k: int, stored_top: int, ranks: dict[Key, int]) -> tuple[Placed, bool, str]:
     """The k neurons giving the token the best (lowest) rank in their own logits, ties by cosine.
 
     1. Every neuron whose stored top tokens (value_tokens, the first ``stored_top`` of the whole
@@ -168,7 +183,8 @@ def _by_rank(scan: _Scan, queries: dict[int, np.ndarray], k: int, convention: st
        when neurons x vocabulary <= rank_exact_max_logits (complete), else the nearest values to the
        token by cosine (rank_candidates, at least 2x the neurons still wanted; not complete).
     """
-    session, rid = scan.session, scan.rid
+    session, rid, convention = scan.session, scan.rid, scan.convention
+    queries = scan.queries()
     found: dict[Key, tuple[tuple[float, ...], int]] = {}
     full = True  # each form's stored list was read to its end
     for token_id, q in queries.items():
@@ -197,7 +213,7 @@ def _by_rank(scan: _Scan, queries: dict[int, np.ndarray], k: int, convention: st
         m = max(settings.rank_candidates, 2 * wanted)
         pool: set[Key] = set()
         for t, q in queries.items():
-            pool.update((a, b) for a, b, _ in scan.top(t, q, m + len(found), "cosine"))
+            pool.update((a, b) for a, b, _ in scan.scan(t, q, m + len(found), "cosine"))
         keys, vecs = scan.vectors(sorted(pool - set(found)))
         complete = len(keys) >= n_range - len(found)  # every other neuron was a candidate
     keep = [i for i, key in enumerate(keys) if key not in found]
@@ -205,6 +221,7 @@ def _by_rank(scan: _Scan, queries: dict[int, np.ndarray], k: int, convention: st
     if keys:
         E = _unembedding(session, rid)
         ids = list(queries)
+        gain = scan.gain
         r = _vocabulary_ranks(vecs * gain if gain is not None else vecs, E, ids)  # [n, forms]
         norms = np.linalg.norm(vecs, axis=1)
         cos = np.stack([vecs @ queries[t] / np.maximum(norms * np.linalg.norm(queries[t]), 1e-300) for t in ids],
@@ -237,39 +254,47 @@ def _vocabulary_ranks(vecs: np.ndarray, E: np.ndarray, ids: list[int], chunk_ele
     return counts + 1
 
 
-def _figures(session: Session, rid: int, best: Placed, queries: dict[int, np.ndarray], convention: str,
+def _figures(session: Session, rid: int, best: Placed, query_sql: str, convention: str,
              ranks: dict[Key, int]) -> list[RankedNeuron]:
-    """Every figure of the chosen neurons, for the form that placed each, in the order's order."""
-    by_token: dict[int, list[Key]] = {}
-    for key, (_, token_id) in best.items():
-        by_token.setdefault(token_id, []).append(key)
+    """Every figure of the chosen neurons, for the form that placed each, in the order's order: one
+    statement, the query vectors built in Postgres from the tokens rows (``_Scan.query_sql``)."""
+    if not best:
+        return []
+    rows = session.execute(text(
+        "SELECT k.layer, k.neuron, k.token_id, -(n.value_vector <#> q.e) AS logit, 1 - (n.value_vector <=> q.e) "
+        f"AS cosine, n.value_norm, n.{EFFECT_COEFFICIENT}, n.activation_max, v.rank + 1 AS rank "
+        "FROM unnest(CAST(:l AS int[]), CAST(:n AS int[]), CAST(:t AS int[])) AS k(layer, neuron, token_id) "
+        f"JOIN tokens t ON t.run_id = {rid} AND t.token_id = k.token_id "
+        f"CROSS JOIN LATERAL (SELECT {query_sql} AS e) q "
+        f"JOIN neurons n ON n.run_id = {rid} AND n.layer = k.layer AND n.neuron = k.neuron "
+        "LEFT JOIN value_tokens v ON v.run_id = n.run_id AND v.layer = n.layer AND v.neuron = n.neuron "
+        f"AND v.convention = '{convention}' AND v.kind = 'top' AND v.token_id = k.token_id"),
+        {"l": [a for a, _ in best], "n": [b for _, b in best], "t": [t for _, t in best.values()]},
+    ).tuples().all()
     out: dict[Key, RankedNeuron] = {}
-    for token_id, keys in by_token.items():
-        rows = session.execute(text(
-            "SELECT n.layer, n.neuron, -(n.value_vector <#> CAST(:e AS vector)) AS logit, "
-            "1 - (n.value_vector <=> CAST(:e AS vector)) AS cosine, n.value_norm, "
-            f"n.{EFFECT_COEFFICIENT}, n.activation_max, v.rank + 1 AS rank "
-            "FROM unnest(CAST(:l AS int[]), CAST(:n AS int[])) AS k(layer, neuron) "
-            f"JOIN neurons n ON n.run_id = {rid} AND n.layer = k.layer AND n.neuron = k.neuron "
-            f"LEFT JOIN value_tokens v ON v.run_id = n.run_id AND v.layer = n.layer AND v.neuron = n.neuron "
-            f"AND v.convention = '{convention}' AND v.kind = 'top' AND v.token_id = :t"),
-            {"e": _vec(queries[token_id]), "t": token_id, "l": [a for a, _ in keys], "n": [b for _, b in keys]},
-        ).tuples().all()
-        for layer, neuron, logit, cos, norm, coef, amax, rank in rows:
-            key = (layer, neuron)
-            out[key] = RankedNeuron(
-                layer=layer, neuron=neuron, token_id=token_id, logit=logit, cosine=cos, value_norm=norm,
-                rank=ranks.get(key, rank), coefficient=coef, activation_max=amax,
-                effect=None if coef is None else coef * logit)
+    for layer, neuron, token_id, logit, cos, norm, coef, amax, rank in rows:
+        key = (layer, neuron)
+        out[key] = RankedNeuron(
+            layer=layer, neuron=neuron, token_id=token_id, logit=logit, cosine=cos, value_norm=norm,
+            rank=ranks.get(key, rank), coefficient=coef, activation_max=amax,
+            effect=None if coef is None else coef * logit)
     return [out[key] for key in best if key in out]
+
+
+# How many top tokens per neuron a published run stores, per (database, run, convention): a run's
+# rows never change once published, so one count per server process serves every request.
+_STORED_TOP: dict[tuple[str, int, str], int] = {}
 
 
 def _stored_top(session: Session, rid: int, convention: str, layer: int) -> int:
     """How many top tokens per neuron the run stores (30, or the vocabulary when it is smaller)."""
-    n = session.execute(text(
-        "SELECT count(*) FROM value_tokens WHERE run_id = :r AND layer = :l AND neuron = 0 AND convention = :c "
-        "AND kind = 'top'"), {"r": rid, "l": layer, "c": convention}).scalar()
-    return int(n or 0)
+    key = (str(session.get_bind().engine.url), rid, convention)
+    if key not in _STORED_TOP:
+        n = session.execute(text(
+            "SELECT count(*) FROM value_tokens WHERE run_id = :r AND layer = :l AND neuron = 0 AND convention = :c "
+            "AND kind = 'top'"), {"r": rid, "l": layer, "c": convention}).scalar()
+        _STORED_TOP[key] = int(n or 0)
+    return _STORED_TOP[key]
 
 
 # One run's unembedding in memory (float32 [vocab, d_model], token id order), for ranks beyond the

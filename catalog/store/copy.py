@@ -18,13 +18,16 @@ HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big
 TRAILER = (-1).to_bytes(2, "big", signed=True)
 
 _FIXED = {"int2": ">i2", "int4": ">i4", "int8": ">i8", "float4": ">f4", "float8": ">f8", "bool": "?"}
+# One-dimensional arrays of a fixed-width type: values [rows, L], the same L for every row of a call.
+_ARRAYS = {"int4[]": ("int4", 23), "float8[]": ("float8", 701)}  # element kind, element type OID
 
 
 @dataclass
 class Column:
-    """One column: ``kind`` is a fixed-width Postgres type, ``vector`` (pgvector) or ``label`` (short text).
+    """One column: ``kind`` is a fixed-width Postgres type, ``vector`` (pgvector), ``label`` (short text)
+    or ``int4[]`` / ``float8[]`` (one-dimensional arrays without nulls).
 
-    values: [rows] (or [rows, dim] for vectors). Nulls: ``None`` values for labels; NaN for floats
+    values: [rows] (or [rows, dim] for vectors, [rows, L] for arrays: every row's array has L elements). Nulls: ``None`` values for labels; NaN for floats
     when ``nan_is_null``; an explicit ``null`` mask otherwise.
     """
 
@@ -39,7 +42,7 @@ class Column:
             return np.array([v is None for v in self.values], dtype=bool)
         mask = np.zeros(n, dtype=bool) if self.null is None else np.asarray(self.null, dtype=bool).copy()
         values = np.asarray(self.values)
-        if self.nan_is_null and values.dtype.kind == "f":
+        if self.nan_is_null and values.dtype.kind == "f" and self.kind not in _ARRAYS:
             mask |= np.isnan(values) if values.ndim == 1 else np.isnan(values).any(axis=1)
         return mask
 
@@ -53,6 +56,14 @@ def _field_dtype(col: Column, null: bool, label: str | None) -> list[tuple[str, 
         return fields + [(f"{col.name}__dim", ">i2"), (f"{col.name}__unused", ">i2"), (col.name, (">f4", (dim,)))]
     if col.kind == "label":
         return fields + [(col.name, f"S{len(label.encode())}")] if label else fields
+    if col.kind in _ARRAYS:
+        length = np.asarray(col.values).shape[1]
+        head = [(f"{col.name}__ndim", ">i4"), (f"{col.name}__flags", ">i4"), (f"{col.name}__oid", ">i4")]
+        if length == 0:
+            return fields + head
+        element = [("len", ">i4"), ("value", _FIXED[_ARRAYS[col.kind][0]])]
+        return fields + head + [(f"{col.name}__size", ">i4"), (f"{col.name}__lbound", ">i4"),
+                                (col.name, (element, (length,)))]
     return fields + [(col.name, _FIXED[col.kind])]
 
 
@@ -63,6 +74,10 @@ def _field_length(col: Column, null: bool, label: str | None) -> int:
         return 4 + 4 * np.asarray(col.values).shape[1]
     if col.kind == "label":
         return len(label.encode()) if label else 0
+    if col.kind in _ARRAYS:
+        length = np.asarray(col.values).shape[1]
+        size = np.dtype(_FIXED[_ARRAYS[col.kind][0]]).itemsize
+        return 12 + (8 + length * (4 + size) if length else 0)
     return np.dtype(_FIXED[col.kind]).itemsize
 
 
@@ -108,6 +123,17 @@ def encode(columns: Sequence[Column], *, header: bool = True, trailer: bool = Tr
                 elif c.kind == "label":
                     if label:
                         out[c.name] = label.encode()
+                elif c.kind in _ARRAYS:
+                    element, oid = _ARRAYS[c.kind]
+                    values = np.asarray(c.values)
+                    out[f"{c.name}__ndim"] = 1 if values.shape[1] else 0
+                    out[f"{c.name}__flags"] = 0
+                    out[f"{c.name}__oid"] = oid
+                    if values.shape[1]:
+                        out[f"{c.name}__size"] = values.shape[1]
+                        out[f"{c.name}__lbound"] = 1
+                        out[c.name]["len"] = np.dtype(_FIXED[element]).itemsize
+                        out[c.name]["value"] = values[rows]
                 else:
                     out[c.name] = np.asarray(c.values)[rows]
             parts.append(out.tobytes())
