@@ -289,7 +289,8 @@ def main() -> None:
 def start_server(url: str, port: int, workers: int) -> tuple[subprocess.Popen[bytes], str]:
     """``neuron-catalog serve`` as a subprocess on ``url``; returns it and its base URL once healthy."""
 
-    env = {**os.environ, "CATALOG_DATABASE_URL": url}
+    # the load comes from one address: part 6's per-client limit would answer most of it with 429
+    env = {**os.environ, "CATALOG_DATABASE_URL": url, "CATALOG_RATE_LIMIT_PER_S": "0"}
     server = subprocess.Popen([str(Path(sys.executable).with_name("neuron-catalog")), "serve", "--port", str(port),
                                "--workers", str(workers)], env=env)
     return server, wait_healthy(server, f"http://127.0.0.1:{port}")

@@ -124,7 +124,9 @@ class _Scan:
             for t, ids, scores in self.session.execute(text(
                     "SELECT token_id, ids, scores FROM token_lists WHERE run_id = :r AND convention = :c "
                     "AND ranking = :o AND token_id = ANY(:t)"),
-                    {"r": self.rid, "c": self.convention, "o": order, "t": self.token_ids}).tuples():
+                    # without a final-norm gain the folded scores are the raw ones: so are the lists
+                    {"r": self.rid, "c": self.convention if self.gain is not None else "raw", "o": order,
+                     "t": self.token_ids}).tuples():
                 listed = in_range(ids, scores, int(self.entry.d_mlp), self.lo, self.hi, k)
                 if listed is not None:
                     out[int(t)] = listed
