@@ -11,10 +11,38 @@ import argparse
 import os
 import platform
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parents[1]
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+
+def search_kinds(m: str) -> dict[str, Callable[[Session], Any]]:
+    """One representative call of each kind of search on catalog ``m``, as the API routes make them
+    (also bench/part10_requests.py's list)."""
+    from catalog.read import catalog, search, vectors
+
+    S = search.SearchQuery
+    return {
+        "neuron detail": lambda s: catalog.neuron_record_json(s, m, 20, 7),
+        "filter + sort (layers 20-29, alignment >= 0.1, by -activation_max)":
+            lambda s: search.search_json(s, m, S(layer_min=20, layer_max=29, ranges=(("alignment", "min", 0.1),),
+                                            sort="-activation_max")),
+        "pattern, rare word (q=walrus)": lambda s: search.search_json(s, m, S(q="walrus")),
+        "pattern, common word (q=the)": lambda s: search.search_json(s, m, S(q="the")),
+        "pattern, phrase (q=\"a person\")": lambda s: search.search_json(s, m, S(q='"a person"')),
+        "pattern, phrase and exclusion (q=\"a person\" -who)": lambda s: search.search_json(s, m, S(q='"a person" -who')),
+        "promoted token (token=id:1000)": lambda s: search.search_json(s, m, S(token="id:1000")),
+        "trigger token (trigger_token=id:1000)": lambda s: search.search_json(s, m, S(trigger_token="id:1000")),
+        "next token (next_token=id:1000)": lambda s: search.search_json(s, m, S(next_token="id:1000")),
+        "token ranking (id:1000, k=50)": lambda s: vectors.token_ranking(s, m, "id:1000", k=50),
+        "similar neurons (20/7, key space)": lambda s: vectors.similar(s, m, 20, 7, space="key", k=20),
+    }
 
 
 def main() -> None:
@@ -25,26 +53,11 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["CATALOG_DATA_DIR"] = str(args.data_dir)
 
-    from catalog.read import catalog, search, vectors
     from catalog.read.explain import plans
     from catalog.store.database import get_engine
 
     m = args.model
-    S = search.SearchQuery
-    kinds = {
-        "neuron detail": lambda s: catalog.neuron_record_json(s, m, 20, 7),
-        "filter + sort (layers 20-29, alignment >= 0.1, by -activation_max)":
-            lambda s: search.search_json(s, m, S(layer_min=20, layer_max=29, ranges=(("alignment", "min", 0.1),),
-                                            sort="-activation_max")),
-        "pattern, rare word (q=walrus)": lambda s: search.search_json(s, m, S(q="walrus")),
-        "pattern, common word (q=the)": lambda s: search.search_json(s, m, S(q="the")),
-        "pattern, phrase and exclusion (q=\"a person\" -who)": lambda s: search.search_json(s, m, S(q='"a person" -who')),
-        "promoted token (token=id:1000)": lambda s: search.search_json(s, m, S(token="id:1000")),
-        "trigger token (trigger_token=id:1000)": lambda s: search.search_json(s, m, S(trigger_token="id:1000")),
-        "next token (next_token=id:1000)": lambda s: search.search_json(s, m, S(next_token="id:1000")),
-        "token ranking (id:1000, k=50)": lambda s: vectors.token_ranking(s, m, "id:1000", k=50),
-        "similar neurons (20/7, key space)": lambda s: vectors.similar(s, m, 20, 7, space="key", k=20),
-    }
+    kinds = search_kinds(m)
     engine = get_engine()
     lines = [
         "# How each kind of search is served",

@@ -44,7 +44,7 @@ def main() -> None:
     from sqlalchemy import text
     from sqlalchemy.orm import Session
 
-    from catalog.read import catalog, search, vectors
+    from catalog.read import vectors
     from catalog.read.catalog import current_run
     from catalog.read.explain import capture, plans
     from catalog.runs.local import extract
@@ -86,22 +86,10 @@ def main() -> None:
             s, name, last, 7, space="key", k=20, layer_min=0, layer_max=0),
     }
     if args.catalog:
-        S = search.SearchQuery
-        kinds = {
-            "neuron detail": lambda s: catalog.neuron_record_json(s, name, 20, 7),
-            "filter + sort (layers 20-29, alignment >= 0.1, by -activation_max)":
-                lambda s: search.search_json(s, name, S(layer_min=20, layer_max=29, ranges=(("alignment", "min", 0.1),),
-                                                        sort="-activation_max")),
-            "pattern, rare word (q=walrus)": lambda s: search.search_json(s, name, S(q="walrus")),
-            "pattern, common word (q=the)": lambda s: search.search_json(s, name, S(q="the")),
-            "pattern, phrase (q=\"a person\")": lambda s: search.search_json(s, name, S(q='"a person"')),
-            "pattern, phrase and exclusion (q=\"a person\" -who)": lambda s: search.search_json(
-                s, name, S(q='"a person" -who')),
-            "promoted token (token=id:1000)": lambda s: search.search_json(s, name, S(token="id:1000")),
-            "trigger token (trigger_token=id:1000)": lambda s: search.search_json(s, name, S(trigger_token="id:1000")),
-            "next token (next_token=id:1000)": lambda s: search.search_json(s, name, S(next_token="id:1000")),
-            **kinds,
-        }
+        from explain_search import search_kinds  # bench/: the same calls docs/search-plans.md explains
+
+        sql_kinds = {k: v for k, v in search_kinds(name).items() if not k.startswith(("token ranking", "similar"))}
+        kinds = {**sql_kinds, **kinds}
     else:
         kinds["token ranking, logit, k=100 (scan)"] = lambda s: vectors.token_ranking(s, name, "Paris", k=100)
     print("| request | p50 wall ms | Python CPU ms | statements | EXPLAIN ANALYZE ms (sum) | answered by |")

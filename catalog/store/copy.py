@@ -27,8 +27,9 @@ class Column:
     """One column: ``kind`` is a fixed-width Postgres type, ``vector`` (pgvector), ``label`` (short text)
     or ``int4[]`` / ``float8[]`` (one-dimensional arrays without nulls).
 
-    values: [rows] (or [rows, dim] for vectors, [rows, L] for arrays: every row's array has L elements). Nulls: ``None`` values for labels; NaN for floats
-    when ``nan_is_null``; an explicit ``null`` mask otherwise.
+    values: [rows] (or [rows, dim] for vectors, [rows, L] for arrays: each row's array has L elements).
+    Nulls: ``None`` values for labels; NaN for floats when ``nan_is_null``; an explicit ``null`` mask
+    otherwise.
     """
 
     name: str

@@ -23,7 +23,7 @@ embedded server's role is one); any other role gets the per-row checks.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -88,19 +88,27 @@ class RunWriter:
 
     def _copy_binary(self, table: str, columns: Sequence[Column], *, checked: bool = True) -> None:
         """``checked=False``: the caller has verified every foreign key of these rows (module docstring)."""
-        t0 = time.perf_counter()
-        names = ", ".join(c.name for c in columns)
         n = len(columns[0].values)
+        chunks = ([_slice(c, start, start + CHUNK_ROWS) for c in columns] for start in range(0, n, CHUNK_ROWS))
+        self._copy_chunks(table, [c.name for c in columns], chunks, checked=checked)
+
+    def _copy_chunks(self, table: str, names: Sequence[str], chunks: Iterable[Sequence[Column]], *,
+                     checked: bool) -> None:
+        """One binary COPY of the rows of every chunk (each chunk: the columns ``names``, in order)."""
+        t0 = time.perf_counter()
+        n = 0
         with self.conn.cursor() as cur:
             skip = not checked and self._skip_checks(cur)
             if skip:
                 cur.execute("SET LOCAL session_replication_role = replica")
-            with cur.copy(f"COPY {table} ({names}) FROM STDIN (FORMAT BINARY)") as cp:
-                for start in range(0, max(n, 1), CHUNK_ROWS):
-                    part = [_slice(c, start, start + CHUNK_ROWS) for c in columns]
-                    payload = encode(part, header=start == 0, trailer=start + CHUNK_ROWS >= n)
+            with cur.copy(f"COPY {table} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)") as cp:
+                cp.write(HEADER)
+                for chunk in chunks:
+                    payload = encode(chunk, header=False, trailer=False)
+                    n += len(chunk[0].values)
                     self.bytes += len(payload)
                     cp.write(payload)
+                cp.write(TRAILER)
             if skip:  # (after an error the rollback undoes the SET LOCAL too)
                 cur.execute("SET LOCAL session_replication_role = origin")
         self.rows[table] = self.rows.get(table, 0) + n
@@ -210,40 +218,26 @@ class RunWriter:
     def _copy_lists(self, table: str, keys: Mapping[str, tuple[str, Any]], ids: np.ndarray, scores: np.ndarray,
                     length: np.ndarray, score_column: str) -> None:
         """Rows of (run_id, *keys, ids int4[], scores float8[]): row r's arrays are the first length[r] of
-        its ids and scores. Binary COPY, one payload per group of rows with the same length."""
-        t0 = time.perf_counter()
+        its ids and scores; one chunk per group of rows with the same length. The one foreign key is the
+        run's, locked by ``_skip_checks``: the rows skip the per-row check."""
         length = np.asarray(length)
         if len(length) != len(ids):
             raise ValueError(f"{table}: {len(ids)} lists but {len(length)} lengths")
-        names = ", ".join(["run_id", *keys, "ids", score_column])
-        with self.conn.cursor() as cur:
-            skip = self._skip_checks(cur)  # the one foreign key is the run's, locked by _skip_checks
-            if skip:
-                cur.execute("SET LOCAL session_replication_role = replica")
-            self._write_lists(cur, table, names, keys, ids, scores, length, score_column)
-            if skip:
-                cur.execute("SET LOCAL session_replication_role = origin")
-        self.rows[table] = self.rows.get(table, 0) + len(length)
-        self.seconds += time.perf_counter() - t0
 
-    def _write_lists(self, cur: Any, table: str, names: str, keys: Mapping[str, tuple[str, Any]], ids: np.ndarray,
-                     scores: np.ndarray, length: np.ndarray, score_column: str) -> None:
-        with cur.copy(f"COPY {table} ({names}) FROM STDIN (FORMAT BINARY)") as cp:
-            cp.write(HEADER)
+        def chunks() -> Iterator[list[Column]]:
             for size in np.unique(length).tolist():
                 at = np.nonzero(length == size)[0]
                 for start in range(0, len(at), CHUNK_ROWS):
                     part = at[start:start + CHUNK_ROWS]
-                    payload = encode([
+                    yield [
                         Column("run_id", "int4", np.full(len(part), self.run_id)),
                         *(Column(name, kind, [values[i] for i in part] if kind == "label" else np.asarray(values)[part])
                           for name, (kind, values) in keys.items()),
                         Column("ids", "int4[]", np.asarray(ids)[part, :size].astype(np.int32)),
                         Column(score_column, "float8[]", np.asarray(scores)[part, :size].astype(np.float64)),
-                    ], header=False, trailer=False)
-                    self.bytes += len(payload)
-                    cp.write(payload)
-            cp.write(TRAILER)
+                    ]
+
+        self._copy_chunks(table, ["run_id", *keys, "ids", score_column], chunks(), checked=False)
 
     def _layer_row(self, layer: int, row: Mapping[str, Any]) -> None:
         from psycopg.types.json import Jsonb
