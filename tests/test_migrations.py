@@ -65,7 +65,7 @@ def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
     assert migrate.current(empty_db_url) is None
 
     migrate.upgrade(empty_db_url)
-    assert migrate.current(empty_db_url) == "0010"
+    assert migrate.current(empty_db_url) == "0011"
     tables, columns, extensions, enums = _schema(empty_db_url)
     assert TABLES <= tables
     assert "vector" in extensions
@@ -81,16 +81,34 @@ def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
     assert "vector" in extensions  # deliberately kept by the downgrade (see 0001_initial.py)
 
     migrate.upgrade(empty_db_url)
-    assert migrate.current(empty_db_url) == "0010"
+    assert migrate.current(empty_db_url) == "0011"
     assert TABLES <= _schema(empty_db_url)[0]
     # 0006: the prefix -> triggers join of pattern search reads only the index (index-only scan)
     engine = create_engine(empty_db_url, poolclass=pool.NullPool)
     try:
         with engine.connect() as conn:
             indexdef = conn.scalar(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_triggers_run_document_position'"))
+            # 0011: the prefixes keep their lexemes, the very ones of to_tsvector, and the GIN index reads them
+        with Session(engine) as s:  # (the ORM's defaults fill the rest)
+            cm = CatalogModel(name="m", source="s", family="gpt2", model_type="gpt2", n_layers=1, d_model=4, d_mlp=4,
+                              vocab_size=4, gated=False)
+            s.add(cm)
+            s.flush()
+            r = ExtractionRun(model_id=cm.id, status=RunStatus.complete)
+            s.add(r)
+            s.commit()
+            run = r.id
+        with engine.begin() as conn:
+            words = "The state-of-the-art walrus, v2.3 at https://example.com/x"
+            conn.execute(text("INSERT INTO prefixes (run_id, document, position, text, token_id) "
+                              "VALUES (:r, 0, 0, :t, 1)"), {"r": run, "t": words})
+            same = conn.scalar(text("SELECT tsv = to_tsvector('simple', text) FROM prefixes"))
+            tsv_index = conn.scalar(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_prefixes_tsv'"))
     finally:
         engine.dispose()
     assert indexdef is not None and indexdef.endswith("(run_id, document, \"position\") INCLUDE (layer, neuron, sign, coefficient)"), indexdef
+    assert same is True
+    assert tsv_index is not None and tsv_index.endswith("USING gin (tsv)"), tsv_index
 
 
 def test_orm_matches_migrated_schema(migrated_db: str) -> None:

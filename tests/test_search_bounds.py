@@ -8,6 +8,7 @@ server's own counters, and hold a real table lock to keep requests running: no t
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import threading
@@ -159,6 +160,46 @@ def test_matching_triggers_totals_and_highlights(client: httpx.Client, catalog_r
     # a total across pages: the same on every page, and the pages hold exactly that many
     items = every_page(client, {"q": q}, 3)
     assert len(items) == len(want)
+
+
+# Texts whose words the default parser splits unusually: hyphenated words (the compound token, then its
+# parts), URLs, e-mail addresses, versions, numbers, underscores, accents, tags, runs of blanks.
+HARD_TEXTS = [
+    "A well-known fact: the state-of-the-art model, v2.3.1, beat 3.14 and -7.",
+    "Mail walrus@example.org or see https://example.com/walrus/path?q=walrus#x for walrus-ish walruses.",
+    "Ünïcode wörds, naïve café; x_y_z __init__ self.walrus <b>walrus</b> &amp; 12-year-old walrus2",
+    "   leading blanks\tand\ttabs\nnewlines — em-dash — walrus   ",
+    "",
+]
+
+
+def test_spans_equal_ts_debug_reading(engine: Engine) -> None:
+    """The spans the search computes (ts_parse and each token's dictionary) against ts_debug's reading of
+    the same texts: the tokens with their lexemes, offsets summed over the tokens that are not followed
+    by their parts."""
+    from catalog.read.search import _CFG, _COMPOUND_TOKENS, _SPANS_JSON
+
+    reference = f"""
+        SELECT coalesce(json_agg(json_build_array(d.pos, d.pos + length(d.token)) ORDER BY d.pos), '[]')::text
+        FROM (SELECT x.token, x.alias, x.lexemes,
+                     coalesce(sum(length(x.token)) FILTER (WHERE x.alias NOT IN {_COMPOUND_TOKENS})
+                              OVER (ORDER BY x.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS pos
+              FROM ts_debug('simple'::regconfig, :t) WITH ORDINALITY
+                   AS x(alias, description, token, dictionaries, dictionary, lexemes, ord)) d
+        WHERE d.alias NOT IN {_COMPOUND_TOKENS} AND d.lexemes && CAST(:words AS text[])"""
+    ours = f"SELECT ({_SPANS_JSON.format(text='CAST(:t AS text)')})::text FROM {_CFG}"
+    checked = 0
+    with engine.connect() as c:
+        for t in HARD_TEXTS:
+            lexemes = c.execute(text("SELECT coalesce(tsvector_to_array(to_tsvector('simple', :t)), '{}')"),
+                                {"t": t}).scalar_one()
+            for words_ in ([w] for w in lexemes), [lexemes], [["nothing-here"]]:
+                for w in words_:
+                    want = c.execute(text(reference), {"t": t, "words": w}).scalar_one()
+                    got = c.execute(text(ours), {"t": t, "words": w}).scalar_one()
+                    assert json.loads(got) == json.loads(want), (t, w)
+                    checked += bool(json.loads(want))
+    assert checked > 40  # most words were found somewhere: the comparison is not of empty lists
 
 
 @pytest.mark.parametrize("q", ["red house", "cat OR moon", "bird"])

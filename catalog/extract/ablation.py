@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -102,6 +102,9 @@ class AblationJob:
 
     rows: list[list[int]]
     reads: list[list[tuple[int, int]]]
+    # prefixes whose sequence is the start of the 'first' job's sequence for their window (the random
+    # removal hit index 0): read from that job's run instead of running the same tokens again
+    from_first: list[int] = field(default_factory=list)
 
 
 def random_chain(seed: int, document: int, window_start: int, n_tokens: int) -> list[int]:
@@ -126,6 +129,7 @@ def ablation_jobs(corpus: TokenisedCorpus, table: PrefixTable, prefix_ids: torch
     first: dict[int, list[tuple[int, int]]] = {}  # window -> reads
     random: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (window, removed index) -> reads
     chains: dict[int, list[int]] = {}
+    jobs_from_first: list[int] = []
     for pid in wanted:
         slot, pos = int(table.slots[pid]), int(table.positions[pid])
         w = corpus.window_of(slot, pos)
@@ -136,8 +140,13 @@ def ablation_jobs(corpus: TokenisedCorpus, table: PrefixTable, prefix_ids: torch
         first.setdefault(w, []).append((pid, length - 2))
         if w not in chains:
             chains[w] = random_chain(seed, win.document, win.start, len(win.tokens))
-        random.setdefault((w, random_removed(chains[w], length)), []).append((pid, length - 2))
-    jobs = {"first": AblationJob([], []), "random": AblationJob([], [])}
+        removed = random_removed(chains[w], length)
+        if removed == 0:
+            # the same tokens as this window's 'first' sequence (which runs to its last read): the same coefficients
+            jobs_from_first.append(pid)
+        else:
+            random.setdefault((w, removed), []).append((pid, length - 2))
+    jobs = {"first": AblationJob([], []), "random": AblationJob([], [], jobs_from_first)}
     for w, reads in first.items():
         end = max(i for _, i in reads) + 2
         jobs["first"].rows.append(corpus.windows[w].tokens[1:end])

@@ -127,6 +127,11 @@ def ablate(
             batch_tokens=params.batch_tokens,
             progress=None if progress is None else (lambda n: progress("ablation", n, total)),
         )
+    shared = torch.tensor(jobs["random"].from_first, dtype=torch.long)
+    if len(shared):
+        for layer, layer_ids in enumerate(table.top_ids):
+            same = torch.isin(layer_ids, shared)
+            out["random"][layer][same] = out["first"][layer][same]
     return out, total
 
 

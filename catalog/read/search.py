@@ -233,7 +233,7 @@ def _count(session: Session, stmt: Select[Any], cap: int) -> int:
 
 
 def _prefix_match(full: str) -> ColumnElement[bool]:
-    return func.to_tsvector(CONFIG, P.c.text).op("@@")(cast(full, TSQUERY))
+    return P.c.tsv.op("@@")(cast(full, TSQUERY))
 
 
 @dataclass
@@ -506,27 +506,40 @@ LEFT JOIN tokens nt ON nt.run_id = p.run_id AND nt.token_id = p.next_token_id
 """)
 
 
+# The [start, end) character spans, as a JSON array, of the words of ``{text}`` whose lexemes are among
+# :words. The tokens come from the configuration's parser in order (ts_parse), their lengths summed
+# up, so the offsets are Postgres' own reading of the words; each token's lexemes are its first
+# dictionary's (ts_lexize), as to_tsvector gives them ('simple' maps each token type to one
+# dictionary). ts_debug answers the same and is six times slower (a SQL function joining catalogs
+# per token): it was most of a rare word's search at GPT-2-XL scale.
+_SPANS_JSON = f"""(
+    SELECT coalesce(json_agg(json_build_array(d.pos, d.pos + length(d.token)) ORDER BY d.pos), '[]')
+    FROM (SELECT x.tokid, x.token,
+                 coalesce(sum(length(x.token)) FILTER (WHERE x.tokid <> ALL (cfg.compound))
+                          OVER (ORDER BY x.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS pos
+          FROM ts_parse(cfg.parser, {{text}}) WITH ORDINALITY AS x(tokid, token, ord)) d
+    JOIN pg_ts_config_map m ON m.mapcfg = '{TEXT_SEARCH_CONFIG}'::regconfig AND m.maptokentype = d.tokid
+                           AND m.mapseqno = 1
+    WHERE d.tokid <> ALL (cfg.compound) AND ts_lexize(m.mapdict, d.token) && CAST(:words AS text[]))"""
+# the configuration's parser, and its token types that are followed by their parts
+_CFG = f"""(SELECT c.cfgparser AS parser,
+                   (SELECT array_agg(t.tokid) FROM ts_token_type(c.cfgparser) t
+                    WHERE t.alias IN {_COMPOUND_TOKENS}) AS compound
+            FROM pg_ts_config c WHERE c.oid = '{TEXT_SEARCH_CONFIG}'::regconfig) cfg"""
+
 # A hit's matching triggers as JSON (``{o}``: the row with its layer and neuron; :run, :full, :words):
 # up to MATCHING_TRIGGERS of its positive triggers whose prefix matches q, strongest first, each with
-# the [start, end) character spans of the words looked for. The spans come from the parser's tokens
-# in order (ts_debug), their lengths summed up: the offsets are Postgres' own reading of the words.
+# the spans of the words looked for.
 _MATCHING_JSON = f"""coalesce((
     SELECT json_agg(json_build_object('text', m.text, 'activation', m.coefficient, 'next_token', m.next_token,
-                                      'spans', m.spans) ORDER BY m.rank)
-    FROM (SELECT tr.rank, tr.coefficient, p.text, nt.text AS next_token, (
-              SELECT coalesce(json_agg(json_build_array(d.pos, d.pos + length(d.token)) ORDER BY d.pos), '[]')
-              FROM (SELECT x.token, x.alias, x.lexemes,
-                           coalesce(sum(length(x.token)) FILTER (WHERE x.alias NOT IN {_COMPOUND_TOKENS})
-                                    OVER (ORDER BY x.ord ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS pos
-                    FROM ts_debug('{TEXT_SEARCH_CONFIG}'::regconfig, p.text) WITH ORDINALITY
-                         AS x(alias, description, token, dictionaries, dictionary, lexemes, ord)) d
-              WHERE d.alias NOT IN {_COMPOUND_TOKENS} AND d.lexemes && CAST(:words AS text[])) AS spans
+                                      'spans', {_SPANS_JSON.format(text="m.text")}) ORDER BY m.rank)
+    FROM (SELECT tr.rank, tr.coefficient, p.text, nt.text AS next_token
           FROM triggers tr
           JOIN prefixes p ON p.run_id = tr.run_id AND p.document = tr.document AND p.position = tr.position
           LEFT JOIN tokens nt ON nt.run_id = p.run_id AND nt.token_id = p.next_token_id
           WHERE tr.run_id = :run AND tr.layer = {{o}}.layer AND tr.neuron = {{o}}.neuron AND tr.sign = 1
-            AND to_tsvector('{TEXT_SEARCH_CONFIG}'::regconfig, p.text) @@ CAST(:full AS tsquery)
-          ORDER BY tr.rank LIMIT {MATCHING_TRIGGERS}) m), '[]')"""
+            AND p.tsv @@ CAST(:full AS tsquery)
+          ORDER BY tr.rank LIMIT {MATCHING_TRIGGERS}) m, {_CFG}), '[]')"""
 _MATCHING_SQL = text(f"""
 SELECT k.layer, k.neuron, ({_MATCHING_JSON.format(o="k")})::text
 FROM unnest(CAST(:layers AS smallint[]), CAST(:neurons AS int[])) AS k(layer, neuron)

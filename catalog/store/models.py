@@ -17,6 +17,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Computed,
     DateTime,
     Enum,
     Float,
@@ -365,11 +366,8 @@ class Prefix(Base):
 
     __tablename__ = "prefixes"
     # Pattern search: finds the prefixes of a rare word directly, and gives the planner statistics
-    # (ANALYZE samples the expression) to choose between that and walking neurons in order.
-    __table_args__ = (
-        Index("ix_prefixes_text_tsv", func.to_tsvector(literal_column(f"'{TEXT_SEARCH_CONFIG}'::regconfig"), text("text")),
-              postgresql_using="gin"),
-    )
+    # to choose between that and walking neurons in order.
+    __table_args__ = (Index("ix_prefixes_tsv", "tsv", postgresql_using="gin"),)
 
     run_id: Mapped[int] = mapped_column(ForeignKey("extraction_runs.id", ondelete="CASCADE"), primary_key=True)
     document: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # 0-based index in corpus order
@@ -379,6 +377,10 @@ class Prefix(Base):
     next_token_id: Mapped[int | None] = mapped_column(Integer)  # null at the end of the document
     # encoders only: the window's text after the trigger token (an encoder reads both sides)
     text_after: Mapped[str | None] = mapped_column(Text)
+    # the text's lexemes, stored (revision 0011): a phrase or an exclusion re-checks each candidate
+    # prefix, and reading these is far cheaper than parsing the text again
+    tsv: Mapped[Any] = mapped_column(
+        TSVECTOR, Computed(f"to_tsvector('{TEXT_SEARCH_CONFIG}'::regconfig, text)", persisted=True))
 
 
 class Trigger(Base):
