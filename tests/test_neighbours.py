@@ -35,11 +35,14 @@ def brute_force(V: np.ndarray, i: int, rows: list[int] | None = None) -> list[tu
     return sorted(((j, float(cos[j])) for j in cand), key=lambda p: (-p[1], p[0]))
 
 
-@pytest.mark.parametrize(("n", "d", "keep", "candidates"), [(300, 24, 20, 32), (40, 8, 50, 64), (2, 4, 5, 8)])
-def test_lists_are_the_head_of_the_exact_order(n: int, d: int, keep: int, candidates: int) -> None:
+# blocks of the Gram matrix larger and smaller than the candidates kept, a last block of another size
+@pytest.mark.parametrize(("n", "d", "keep", "candidates", "block"),
+                         [(300, 24, 20, 32, 64), (300, 24, 20, 32, 7), (40, 8, 50, 64, 64), (40, 8, 50, 64, 9),
+                          (2, 4, 5, 8, 64), (2, 4, 5, 8, 1)])
+def test_lists_are_the_head_of_the_exact_order(n: int, d: int, keep: int, candidates: int, block: int) -> None:
     g = torch.Generator().manual_seed(n)
     V = (torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g)).float()
-    lists = similar_lists(V, keep=keep, candidates=candidates, block=64)
+    lists = similar_lists(V, keep=keep, candidates=candidates, block=block)
     for i in range(n):
         ids, cos = lists.row(i)
         want = brute_force(V.numpy(), i)
@@ -68,13 +71,14 @@ def test_ties_are_broken_by_id() -> None:
     g = torch.Generator().manual_seed(3)
     base = torch.randn(30, 12, generator=g)
     V = torch.cat([base, base[:10], 2 * base[:10]])  # rows 30-39 and 40-49 tie with rows 0-9
-    lists = similar_lists(V, keep=10, candidates=16)
-    for i in range(len(V)):
-        ids, _ = lists.row(i)
-        want = brute_force(V.numpy(), i)
-        assert [int(j) for j in ids] == [j for j, _ in want[:len(ids)]]
-    twin, _ = lists.row(0)
-    assert [int(j) for j in twin[:2]] == [30, 40]  # cosine 1 twice: by id
+    for block in (None, 4):  # in one product, and across blocks (ties met at a row's running cut)
+        lists = similar_lists(V, keep=10, candidates=16, block=block)
+        for i in range(len(V)):
+            ids, _ = lists.row(i)
+            want = brute_force(V.numpy(), i)
+            assert [int(j) for j in ids] == [j for j, _ in want[:len(ids)]]
+        twin, _ = lists.row(0)
+        assert [int(j) for j in twin[:2]] == [30, 40]  # cosine 1 twice: by id
 
 
 def token_brute_force(V: np.ndarray, E: np.ndarray, t: int, order: str, rows: list[int] | None = None

@@ -263,8 +263,88 @@ def similar_lists(vectors: torch.Tensor, *, keep: int = 50, candidates: int = 64
     c = min(max(candidates, keep), n - 1)
     if c <= 0:
         return Lists(np.full((m, 0), -1, np.int32), np.full((m, 0), np.nan), np.zeros(m, np.int32))
-    block = block or max(64, (1 << 26) // n)  # a [block, N] float32 product of at most 256 MB
     unit = V / V.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    if rows is None and not unit.is_cuda:
+        ids, s32, last = _symmetric_candidates(unit, c, block or _SQUARE_BLOCK)
+    else:
+        ids, s32, last = _row_candidates(unit, which, c, block or max(64, (1 << 26) // n))
+    V64 = V.cpu().numpy().astype(np.float64)
+    U64 = V64 / np.maximum(np.linalg.norm(V64, axis=1, keepdims=True), 1e-300)
+
+    def dot64(r: np.ndarray, i: np.ndarray) -> np.ndarray:
+        return _pair_dots(U64, i, U64, which[r])
+
+    bound = np.full(m, error_bound(d))
+    return exact_order(ids, s32, bound[:, None], last, bound, keep, dot64)
+
+
+# Square blocks of the Gram matrix: 2,048 x 2,048 float32 (16 MB) stay near the cache and keep the
+# product efficient.
+_SQUARE_BLOCK = 2048
+
+
+def _symmetric_candidates(unit: torch.Tensor, c: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every row's ``c`` best other rows of ``unit`` [N, d] by dot product (unordered), and the highest
+    score any row left out can have.
+
+    From the upper half of the Gram matrix only: each block product serves its rows and, transposed,
+    its columns, so half the products of :func:`_row_candidates`. A row keeps its best c so far; once
+    it has c, only the scores at or above its c-th best are merged in (a comparison, where a full
+    selection per block cost as much as the product). Whatever is left out or dropped scored at most
+    the c-th best at the time, which is at most the final c-th best (``last``)."""
+    n = unit.shape[0]
+    best_s = np.full((n, c), -np.inf, dtype=np.float32)
+    best_i = np.full((n, c), -1, dtype=np.int64)
+    filled = np.zeros(n, dtype=bool)
+
+    def merge_into(rows: np.ndarray, cand_s: np.ndarray, cand_i: np.ndarray) -> None:
+        both_s = np.concatenate([best_s[rows], cand_s], axis=1)
+        both_i = np.concatenate([best_i[rows], cand_i], axis=1)
+        keep = np.argpartition(both_s, both_s.shape[1] - c, axis=1)[:, both_s.shape[1] - c:]
+        best_s[rows] = np.take_along_axis(both_s, keep, axis=1)
+        best_i[rows] = np.take_along_axis(both_i, keep, axis=1)
+
+    def offer(lo: int, s: torch.Tensor, first_col: int) -> None:
+        """Rows lo.. of the block's scores s [rows, cols] (cols from first_col)."""
+        hi = lo + s.shape[0]
+        rows = np.arange(lo, hi)
+        if not filled[lo:hi].all():  # a first block: its best min(c, cols) of every row
+            ts, ti = _top(s, min(c, s.shape[1]))
+            merge_into(rows, ts.numpy(), ti.numpy().astype(np.int64) + first_col)
+            filled[lo:hi] = np.isfinite(best_s[lo:hi]).all(axis=1)
+            return
+        thr = torch.from_numpy(best_s[lo:hi].min(axis=1))
+        r, j = torch.nonzero(s >= thr[:, None], as_tuple=True)
+        if not len(r):
+            return
+        r_np, j_np = r.numpy(), j.numpy()
+        got, start, count = np.unique(r_np, return_index=True, return_counts=True)
+        at = np.arange(len(r_np)) - np.repeat(start, count)
+        cand_s = np.full((len(got), int(count.max())), -np.inf, dtype=np.float32)
+        cand_i = np.full(cand_s.shape, -1, dtype=np.int64)
+        which = np.repeat(np.arange(len(got)), count)
+        cand_s[which, at] = s.numpy()[r_np, j_np]
+        cand_i[which, at] = j_np + first_col
+        merge_into(got + lo, cand_s, cand_i)
+
+    for a in range(0, n, block):
+        rows = unit[a:a + block]
+        for b in range(a, n, block):
+            sims = rows @ unit[b:b + block].T  # [A, B]
+            if a == b:
+                sims.fill_diagonal_(-torch.inf)  # not its own neighbour
+            offer(a, sims, b)
+            if b != a:
+                offer(b, sims.T.contiguous(), a)
+    last = best_s.min(axis=1) if c < n - 1 else np.full(n, -np.inf, dtype=np.float32)
+    return best_i.astype(np.int32), best_s, last
+
+
+def _row_candidates(unit: torch.Tensor, which: np.ndarray, c: int,
+                    block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows ``which`` of :func:`_symmetric_candidates`, each scored against every row: a block of
+    rows at a time (any subset of rows, and a GPU's form)."""
+    n, m = unit.shape[0], len(which)
     ids = np.empty((m, c), dtype=np.int32)
     s32 = np.empty((m, c), dtype=np.float32)
     last = np.empty(m, dtype=np.float32)
@@ -277,11 +357,4 @@ def similar_lists(vectors: torch.Tensor, *, keep: int = 50, candidates: int = 64
         ids[a:b], s32[a:b] = top_i.cpu().numpy(), top_s.cpu().numpy()
         # every neuron left out scored at most the worst candidate
         last[a:b] = s32[a:b].min(axis=1) if c < n - 1 else -np.inf
-    V64 = V.cpu().numpy().astype(np.float64)
-    U64 = V64 / np.maximum(np.linalg.norm(V64, axis=1, keepdims=True), 1e-300)
-
-    def dot64(r: np.ndarray, i: np.ndarray) -> np.ndarray:
-        return _pair_dots(U64, i, U64, which[r])
-
-    bound = np.full(m, error_bound(d))
-    return exact_order(ids, s32, bound[:, None], last, bound, keep, dot64)
+    return ids, s32, last
