@@ -655,7 +655,8 @@ def stranded(conn: Connection, again_s: float, run_id: int | None = None) -> lis
     updates serialise them); an extra message is harmless, as every task is idempotent."""
     params = {"again": float(again_s), "run_id": run_id}
     out: dict[int, Dispatch] = {}
-    for rid, kind, index in conn.execute(text(STRANDED_SHARDS_SQL), params):
+    # UPDATE ... RETURNING has no order: the pieces go out in shard order
+    for rid, kind, index in sorted(conn.execute(text(STRANDED_SHARDS_SQL), params).tuples()):
         d = out.get(rid, Dispatch(rid))
         out[rid] = Dispatch(rid, (*d.shards, (kind, int(index))), d.step)
     for rid, step in conn.execute(text(STRANDED_STEPS_SQL), params):
