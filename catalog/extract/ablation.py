@@ -212,6 +212,17 @@ def run_ablation(
     return [o.cpu() for o in out]
 
 
+def read_from_first(random: list[torch.Tensor], first: list[torch.Tensor], job: AblationJob,
+                    prefix_ids: Sequence[torch.Tensor]) -> None:
+    """Fill the random ablation's coefficients of ``job.from_first`` (per layer [d_mlp, N], as
+    :func:`run_ablation` returns them) from the 'first' ablation's, which ran the same tokens."""
+    shared = torch.tensor(job.from_first, dtype=torch.long)
+    if len(shared):
+        for layer, ids in enumerate(prefix_ids):
+            same = torch.isin(ids, shared)
+            random[layer][same] = first[layer][same]
+
+
 def relative_change(original: torch.Tensor, ablated: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """(a' - a) / max(|a|, s) per trigger [d_mlp, N], float64.
 

@@ -127,11 +127,7 @@ def ablate(
             batch_tokens=params.batch_tokens,
             progress=None if progress is None else (lambda n: progress("ablation", n, total)),
         )
-    shared = torch.tensor(jobs["random"].from_first, dtype=torch.long)
-    if len(shared):
-        for layer, layer_ids in enumerate(table.top_ids):
-            same = torch.isin(layer_ids, shared)
-            out["random"][layer][same] = out["first"][layer][same]
+    abl.read_from_first(out["random"], out["first"], jobs["random"], table.top_ids)
     return out, total
 
 
