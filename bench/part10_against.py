@@ -10,9 +10,8 @@ replaced in the same process, old and new alternating, and their results compare
    the products computed once, not timed), with ``catalog/extract/neighbours.py`` of --rev loaded
    beside this checkout's;
 2. ``similar_lists`` of --n random vectors of SmolLM2's width (576), the same two modules;
-3. the ablations of a corpus pass over --ablation-tokens demo tokens (0 skips it), with the random
-   removals of index 0 run as sequences of their own (what the code did before it read them from
-   the window's 'first' sequence) and as now.
+3. the ablations of a corpus pass over --ablation-tokens demo tokens (0 skips it), every row run in
+   full (before) and with each window's start run once and shared through the key-value cache (now).
 """
 
 from __future__ import annotations
@@ -128,35 +127,25 @@ def ablation(loaded: Any, max_tokens: int, rounds: int) -> None:
                       max_tokens=max_tokens)
     state = pl.pass_state(loaded.view, loaded.tokenizer, corpus, params)
     table = abl.prefix_table(corpus, state.top, state.bottom)
-    current = abl.ablation_jobs
-
-    def before(corpus: Any, table: Any, prefix_ids: Any, *, seed: int) -> Any:
-        """The jobs as before: each random removal of index 0 a sequence of its own (the window's tokens
-        from 1 to its last such read)."""
-        jobs = current(corpus, table, prefix_ids, seed=seed)
-        rnd, first = jobs["random"], jobs["first"]
-        shared = set(rnd.from_first)
-        for row, reads in zip(first.rows, first.reads, strict=True):
-            mine = [(p, i) for p, i in reads if p in shared]
-            if mine:
-                rnd.rows.append(row[: max(i for _, i in mine) + 1])
-                rnd.reads.append(mine)
-        rnd.from_first = []
-        return jobs
-
     got: dict[str, Any] = {}
     print(f"ablation over {corpus.n_tokens} demo tokens", flush=True)
+    shares = abl.shares_starts
+    times: dict[str, list[float]] = {}
     for r in range(rounds):
-        for name, jobs in (("before", before), ("now", current)):
-            abl.ablation_jobs = jobs
+        # before: every row run in full; now: each window's start run once, the rows from their removed index
+        for name, share in (("before", False), ("now", True)):
+            abl.shares_starts = lambda model, share=share: share and shares(model)  # type: ignore[assignment]
             t = time.perf_counter()
             got[name], tokens = pl.ablate(loaded.view, loaded.tokenizer, corpus, table, params)
-            print(f"  round {r + 1}, {name}: {time.perf_counter() - t:.1f} s, {tokens} ablated tokens", flush=True)
-    abl.ablation_jobs = current
-    a, b = got["before"]["random"], got["now"]["random"]
-    diff = max(float(torch.nan_to_num((x - y).abs(), nan=0.0).max()) for x, y in zip(a, b, strict=True))
-    same_nan = all(torch.equal(torch.isnan(x), torch.isnan(y)) for x, y in zip(a, b, strict=True))
-    print(f"random ablation coefficients: max |now - before| {diff:.3g}, the same ones missing: {same_nan}")
+            times.setdefault(name, []).append(time.perf_counter() - t)
+            print(f"  round {r + 1}, {name}: {times[name][-1]:.1f} s, {tokens} ablated tokens", flush=True)
+    abl.shares_starts = shares
+    print(f"ablation: now / before {sum(times['now']) / sum(times['before']):.2f}")
+    for kind in ("first", "random"):
+        a, b = got["before"][kind], got["now"][kind]
+        diff = max(float(torch.nan_to_num((x - y).abs(), nan=0.0).max()) for x, y in zip(a, b, strict=True))
+        same_nan = all(torch.equal(torch.isnan(x), torch.isnan(y)) for x, y in zip(a, b, strict=True))
+        print(f"{kind} ablation coefficients: max |now - before| {diff:.3g}, the same ones missing: {same_nan}")
 
 
 if __name__ == "__main__":

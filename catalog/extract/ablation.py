@@ -14,7 +14,10 @@ neuron's coefficient at the prefix's last token:
   landing there, each draw is uniform over a range that covers 0..L-2, so for one prefix the removed
   token is uniform over its first L - 1 tokens; and every prefix that loses the same r shares one
   forward pass, whose length halves down the chain: about 2 T tokens per window in all, where
-  one pass per prefix would cost about T^2 / 2.
+  one pass per prefix would cost about T^2 / 2. Those sequences start with the window's own tokens
+  up to the removed index, so (``shares_starts``) one pass over the longest such start per window
+  keeps its keys and values, and each sequence runs only from its removed index on, reading the
+  rest from that cache: about 1.5 T tokens per window (the suffixes telescope to T).
 
 A single-token prefix has nothing left to ablate: its ablated coefficients are NaN (stored null).
 
@@ -26,12 +29,13 @@ a layer's ``mean_ablation_*`` the median over every trigger of the layer (robust
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from catalog import vocab
 from catalog.extract.hooks import backbone, capture_coefficients, pad_rows
@@ -105,6 +109,20 @@ class AblationJob:
     # prefixes whose sequence is the start of the 'first' job's sequence for their window (the random
     # removal hit index 0): read from that job's run instead of running the same tokens again
     from_first: list[int] = field(default_factory=list)
+    # per row (random job only): its window, and how many of its leading tokens are the window's own
+    # (the removed index): rows of a window share those tokens' keys and values (run_ablation)
+    window: list[int] | None = None
+    kept: list[int] | None = None
+
+    def tokens(self, shared: bool) -> int:
+        """Tokens the forward passes run, BOS not counted: every row in full, or (``shared``) each
+        window's longest kept start once and every row from its removed index on."""
+        if not shared or self.window is None or self.kept is None:
+            return sum(len(r) for r in self.rows)
+        starts: dict[int, int] = {}
+        for w, k in zip(self.window, self.kept, strict=True):
+            starts[w] = max(starts.get(w, 0), k)
+        return sum(starts.values()) + sum(len(r) - k for r, k in zip(self.rows, self.kept, strict=True))
 
 
 def random_chain(seed: int, document: int, window_start: int, n_tokens: int) -> list[int]:
@@ -146,7 +164,7 @@ def ablation_jobs(corpus: TokenisedCorpus, table: PrefixTable, prefix_ids: torch
             jobs_from_first.append(pid)
         else:
             random.setdefault((w, removed), []).append((pid, length - 2))
-    jobs = {"first": AblationJob([], []), "random": AblationJob([], [], jobs_from_first)}
+    jobs = {"first": AblationJob([], []), "random": AblationJob([], [], jobs_from_first, [], [])}
     for w, reads in first.items():
         end = max(i for _, i in reads) + 2
         jobs["first"].rows.append(corpus.windows[w].tokens[1:end])
@@ -156,7 +174,16 @@ def ablation_jobs(corpus: TokenisedCorpus, table: PrefixTable, prefix_ids: torch
         end = max(i for _, i in reads) + 2
         jobs["random"].rows.append(win.tokens[:r] + win.tokens[r + 1 : end])
         jobs["random"].reads.append(reads)
+        jobs["random"].window.append(w)  # type: ignore[union-attr]
+        jobs["random"].kept.append(r)  # type: ignore[union-attr]
     return jobs
+
+
+def shares_starts(model: nn.Module) -> bool:
+    """Whether a row may read its window's start from a cache (run_ablation). Not with a sliding
+    window: its cache keeps only the last tokens, so a slice of it is not the start."""
+    config = getattr(model, "config", None)
+    return not getattr(config, "sliding_window", None) or getattr(config, "use_sliding_window", True) is False
 
 
 def run_ablation(
@@ -171,7 +198,11 @@ def run_ablation(
     batch_tokens: int,
     progress: Callable[[int], None] | None = None,
 ) -> list[torch.Tensor]:
-    """Per layer [d_mlp, N]: each trigger's coefficient on its ablated prefix (NaN where there is none)."""
+    """Per layer [d_mlp, N]: each trigger's coefficient on its ablated prefix (NaN where there is none).
+
+    Rows run longest first, in batches of about ``batch_tokens`` (padding included). A job with
+    ``kept`` runs, where the model allows it (``shares_starts``), its windows' starts once and each
+    row from its removed index on (``_run_from_starts``)."""
     device = next(model.parameters()).device
     lead = [bos] if bos is not None else []
     ids_dev = [p.to(device) for p in prefix_ids]
@@ -187,29 +218,103 @@ def run_ablation(
         flat = coeffs.reshape(-1, coeffs.shape[-1]).float()
         out[layer][hit] = flat[at[hit], neuron_idx[layer][hit]]
 
+    def read_at(rows: Sequence[int], width: int, offsets: Sequence[int]) -> None:
+        """Point each read prefix of ``rows`` (the batch's rows, in order) at its flat position."""
+        loc.fill_(-1)
+        pid, flat_at = [], []
+        for row, (j, off) in enumerate(zip(rows, offsets, strict=True)):
+            for p, t in job.reads[j]:
+                pid.append(p)
+                flat_at.append(row * width + t + off)
+        loc[torch.tensor(pid, device=device, dtype=torch.long)] = torch.tensor(flat_at, device=device, dtype=torch.long)
+
     body = backbone(model)
-    order = sorted(range(len(job.rows)), key=lambda i: -len(job.rows[i]))
     with torch.inference_mode(), capture_coefficients(value_projs, on_layer, shape):
-        i = 0
-        while i < len(order):
-            width = len(job.rows[order[i]]) + len(lead)
-            take = max(1, batch_tokens // width)
-            # rows under half the batch's width start the next batch: at most half of a row is padding
-            chunk = [j for j in order[i : i + take] if 2 * (len(job.rows[j]) + len(lead)) >= width] or order[i : i + 1]
-            i += len(chunk)
-            ids, mask = pad_rows([lead + job.rows[j] for j in chunk], pad, device)
-            shape[:] = list(ids.shape)
-            loc.fill_(-1)
-            pid, flat_at = [], []
-            for row, j in enumerate(chunk):
-                for p, t in job.reads[j]:
-                    pid.append(p)
-                    flat_at.append(row * ids.shape[1] + t + len(lead))
-            loc[torch.tensor(pid, device=device)] = torch.tensor(flat_at, device=device)
-            body(input_ids=ids, attention_mask=mask, use_cache=False)
-            if progress is not None:
-                progress(int(mask.sum()))
+        if job.kept is not None and job.window is not None and shares_starts(model):
+            _run_from_starts(body, job, lead, pad, batch_tokens, device, shape, loc, read_at, progress)
+        else:
+            order = sorted(range(len(job.rows)), key=lambda i: -len(job.rows[i]))
+            for chunk in _batches(order, lambda j: len(job.rows[j]) + len(lead), batch_tokens):
+                ids, mask = pad_rows([lead + job.rows[j] for j in chunk], pad, device)
+                shape[:] = list(ids.shape)
+                read_at(chunk, ids.shape[1], [len(lead)] * len(chunk))
+                body(input_ids=ids, attention_mask=mask, use_cache=False)
+                if progress is not None:
+                    progress(int(mask.sum()))
     return [o.cpu() for o in out]
+
+
+def _batches(order: Sequence[int], width_of: Callable[[int], int], batch_tokens: int) -> Iterator[list[int]]:
+    """Consecutive batches of ``order`` (longest first) of about ``batch_tokens`` padded positions;
+    rows under half the batch's width start the next batch, so at most half of a row is padding."""
+    i = 0
+    while i < len(order):
+        width = width_of(order[i])
+        take = max(1, batch_tokens // max(1, width))
+        chunk = [j for j in order[i : i + take] if 2 * width_of(j) >= width] or list(order[i : i + 1])
+        i += len(chunk)
+        yield chunk
+
+
+def _run_from_starts(body: nn.Module, job: AblationJob, lead: list[int], pad: int, batch_tokens: int,
+                     device: torch.device, shape: list[int], loc: torch.Tensor,
+                     read_at: Callable[[Sequence[int], int, Sequence[int]], None],
+                     progress: Callable[[int], None] | None) -> None:
+    """Run ``job``'s rows as (the window's start, from the cache) + (the rest of the row).
+
+    A group of windows runs its starts (lead + the window's first ``max kept`` tokens) once, keeping
+    their keys and values; then its rows run, batched, from their removed index on, each over its
+    window's cached keys and values cut to the row's kept tokens (the rest masked out), at the
+    positions the full row gives them. The coefficients are those of the full rows (float rounding
+    aside: tests/test_corpus_pass.py holds them against one prefix at a time)."""
+    assert job.window is not None and job.kept is not None
+    kept, n_lead = job.kept, len(lead)
+    rows_of: dict[int, list[int]] = {}
+    for j, w in enumerate(job.window):
+        rows_of.setdefault(w, []).append(j)
+    start_of = {w: max(rows, key=lambda j: kept[j]) for w, rows in rows_of.items()}  # the row with the longest start
+    windows = sorted(rows_of, key=lambda w: -kept[start_of[w]])
+    for group in _batches(windows, lambda w: kept[start_of[w]] + n_lead, batch_tokens):
+        ids, mask = pad_rows([lead + job.rows[start_of[w]][: kept[start_of[w]]] for w in group], pad, device)
+        shape[:] = list(ids.shape)
+        loc.fill_(-1)  # nothing is read in the starts
+        cache = body(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+        kv = [(k, v) for k, v, *_ in cache]
+        if any(k.shape[-2] != ids.shape[1] for k, _ in kv):
+            raise RuntimeError("the key-value cache does not hold every start position")
+        if progress is not None:
+            progress(int(mask.sum()))
+        slot = {w: i for i, w in enumerate(group)}
+        rows = sorted((j for w in group for j in rows_of[w]), key=lambda j: -(len(job.rows[j]) - kept[j]))
+        i = 0
+        while i < len(rows):
+            # a batch of rows: past width P (the longest kept start) + suffix width S, B (P + S) <= batch_tokens
+            S = len(job.rows[rows[i]]) - kept[rows[i]]
+            chunk: list[int] = []
+            P = 0
+            for j in rows[i:]:
+                p = max(P, kept[j] + n_lead)
+                if chunk and ((len(chunk) + 1) * (p + S) > batch_tokens or 2 * (len(job.rows[j]) - kept[j]) < S):
+                    break
+                chunk.append(j)
+                P = p
+            i += len(chunk)
+            B = len(chunk)
+            which = torch.tensor([slot[job.window[j]] for j in chunk], device=device)
+            past = DynamicCache([(k[:, :, :P].index_select(0, which), v[:, :, :P].index_select(0, which))
+                                 for k, v in kv])
+            suffix, smask = pad_rows([job.rows[j][kept[j]:] for j in chunk], pad, device)
+            starts = torch.tensor([kept[j] + n_lead for j in chunk], device=device)
+            lengths = smask.sum(1)
+            mask2 = torch.cat([(torch.arange(P, device=device) < starts[:, None]).long(), smask], dim=1)
+            # the full row's positions; padding repeats the row's last position
+            steps = torch.minimum(torch.arange(S, device=device)[None, :], (lengths - 1)[:, None])
+            shape[:] = [B, S]
+            read_at(chunk, S, [-kept[j] for j in chunk])
+            body(input_ids=suffix, attention_mask=mask2, position_ids=starts[:, None] + steps, past_key_values=past,
+                 use_cache=True)
+            if progress is not None:
+                progress(int(smask.sum()))
 
 
 def read_from_first(random: list[torch.Tensor], first: list[torch.Tensor], job: AblationJob,

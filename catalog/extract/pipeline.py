@@ -118,7 +118,8 @@ def ablate(
         doc = table.documents[ids.clamp(min=0)]
         ids = torch.where((ids >= 0) & (doc >= documents[0]) & (doc < documents[1]), ids, -1)
     jobs = abl.ablation_jobs(corpus, table, ids, seed=params.ablation_seed)
-    total = sum(len(r) for j in jobs.values() for r in j.rows)
+    shared = abl.shares_starts(view.model)
+    total = sum(j.tokens(shared) for j in jobs.values())
     out: dict[str, list[torch.Tensor]] = {}
     for kind in ("first", "random"):
         job = jobs[kind]
