@@ -244,6 +244,16 @@ def layer_records(
     unembedding = view.unembedding().detach()
     gain = view.final_norm_gain()
     folded_e = unembedding if gain is None else unembedding * gain.to(unembedding.dtype)
+    # Each layer's products go to the same two buffers: nothing a record holds may view them (the
+    # projections, lists and figures are computed from them, not slices of them).
+    buffers: dict[str, torch.Tensor] = {}
+
+    def into(name: str, values: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+        shape = (values.shape[0], E.shape[0])
+        if name not in buffers or buffers[name].shape != shape:
+            buffers[name] = torch.empty(shape, dtype=torch.float32, device=values.device)
+        return value_logits(values, E, out=buffers[name])
+
     for layer in range(view.n_layers):
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -253,9 +263,9 @@ def layer_records(
             keys, values = w.keys.detach().float().cpu(), w.values.detach().float().cpu()
             ups = None if w.ups is None else w.ups.detach().float().cpu()
             t1 = time.perf_counter()
-            logits = value_logits(w.values, unembedding)
+            logits = into("raw", w.values, unembedding)
             projection = _cpu(project_values(logits, params.value_top, params.value_bottom))
-            folded = logits if gain is None else value_logits(w.values, folded_e)
+            folded = logits if gain is None else into("folded", w.values, folded_e)
             projection_folded = projection if gain is None else _cpu(
                 project_values(folded, params.value_top, params.value_bottom))
             t2 = time.perf_counter()
