@@ -144,8 +144,12 @@ def ablation(loaded: Any, max_tokens: int, rounds: int) -> None:
     for kind in ("first", "random"):
         a, b = got["before"][kind], got["now"][kind]
         diff = max(float(torch.nan_to_num((x - y).abs(), nan=0.0).max()) for x, y in zip(a, b, strict=True))
+        rel = max(float(torch.nan_to_num((x - y).abs() / x.abs().clamp_min(1e-3), nan=0.0).max())
+                  for x, y in zip(a, b, strict=True))
+        top = max(float(torch.nan_to_num(x.abs(), nan=0.0).max()) for x in a)
         same_nan = all(torch.equal(torch.isnan(x), torch.isnan(y)) for x, y in zip(a, b, strict=True))
-        print(f"{kind} ablation coefficients: max |now - before| {diff:.3g}, the same ones missing: {same_nan}")
+        print(f"{kind} ablation coefficients (largest |before| {top:.3g}): max |now - before| {diff:.3g}, "
+              f"relative to max(|before|, 1e-3) {rel:.3g}; the same ones missing: {same_nan}")
 
 
 if __name__ == "__main__":

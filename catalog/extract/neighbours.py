@@ -359,17 +359,8 @@ def _symmetric_candidates(unit: torch.Tensor, c: int, block: int) -> tuple[np.nd
         best_s[rows] = np.take_along_axis(both_s, keep, axis=1)
         best_i[rows] = np.take_along_axis(both_i, keep, axis=1)
 
-    def offer(lo: int, s: torch.Tensor, first_col: int) -> None:
-        """Rows lo.. of the block's scores s [rows, cols] (cols from first_col)."""
-        hi = lo + s.shape[0]
-        rows = np.arange(lo, hi)
-        if not filled[lo:hi].all():  # a first block: its best min(c, cols) of every row
-            ts, ti = _top(s, min(c, s.shape[1]))
-            merge_into(rows, ts.numpy(), ti.numpy().astype(np.int64) + first_col)
-            filled[lo:hi] = np.isfinite(best_s[lo:hi]).all(axis=1)
-            return
-        thr = torch.from_numpy(best_s[lo:hi].min(axis=1))
-        r, j = torch.nonzero(s >= thr[:, None], as_tuple=True)
+    def take(lo: int, r: torch.Tensor, j: torch.Tensor, vals: torch.Tensor, first_col: int) -> None:
+        """Merge entrants (row lo + r, column first_col + j, score vals), row-major, into the rows' best."""
         if not len(r):
             return
         r_np, j_np = r.numpy(), j.numpy()
@@ -378,19 +369,59 @@ def _symmetric_candidates(unit: torch.Tensor, c: int, block: int) -> tuple[np.nd
         cand_s = np.full((len(got), int(count.max())), -np.inf, dtype=np.float32)
         cand_i = np.full(cand_s.shape, -1, dtype=np.int64)
         which = np.repeat(np.arange(len(got)), count)
-        cand_s[which, at] = s.numpy()[r_np, j_np]
+        cand_s[which, at] = vals.numpy()
         cand_i[which, at] = j_np + first_col
         merge_into(got + lo, cand_s, cand_i)
 
+    def fill(lo: int, s: torch.Tensor, first_col: int) -> None:
+        """A first block of rows lo..: its best min(c, cols) of every row of s [rows, cols]."""
+        hi = lo + s.shape[0]
+        ts, ti = _top(s, min(c, s.shape[1]))
+        merge_into(np.arange(lo, hi), ts.numpy(), ti.numpy().astype(np.int64) + first_col)
+        filled[lo:hi] = np.isfinite(best_s[lo:hi]).all(axis=1)
+
+    def threshold(lo: int, hi: int) -> torch.Tensor:
+        return torch.from_numpy(best_s[lo:hi].min(axis=1))
+
+    hit = torch.empty((min(block, n), min(block, n)), dtype=torch.bool)
+    hit_cols = torch.empty_like(hit)
     for a in range(0, n, block):
         rows = unit[a:a + block]
         for b in range(a, n, block):
             sims = rows @ unit[b:b + block].T  # [A, B]
+            A, B = sims.shape
             if a == b:
                 sims.fill_diagonal_(-torch.inf)  # not its own neighbour
-            offer(a, sims, b)
-            if b != a:
-                offer(b, sims.T.contiguous(), a)
+                if not filled[a:a + A].all():
+                    fill(a, sims, b)
+                    continue
+            elif not filled[a:a + A].all() or not filled[b:b + B].all():
+                for lo, view, first_col in ((a, sims, b), (b, sims.T, a)):
+                    if not filled[lo:lo + view.shape[0]].all():
+                        fill(lo, view, first_col)
+                    else:
+                        thr = threshold(lo, lo + view.shape[0])
+                        r, j = torch.nonzero(view >= thr[:, None], as_tuple=True)
+                        take(lo, r, j, view[r, j], first_col)
+                continue
+            # the rows' entrants (s >= a row's c-th best) and, transposed, the columns' (s >= a
+            # column's), found by one nonzero over both in the block's own layout; the same entrants
+            # and order as a pass per side over s and a copy of its transpose
+            thr_r = threshold(a, a + A)
+            m, m_cols = hit[:A, :B], hit_cols[:A, :B]
+            torch.ge(sims, thr_r[:, None], out=m)
+            if a != b:
+                thr_c = threshold(b, b + B)
+                torch.ge(sims, thr_c[None, :], out=m_cols)
+                m |= m_cols
+            r, j = torch.nonzero(m, as_tuple=True)
+            vals = sims[r, j]
+            ok = vals >= thr_r[r]
+            take(a, r[ok], j[ok], vals[ok], b)
+            if a != b:
+                ok = vals >= thr_c[j]
+                order = torch.sort(j[ok], stable=True).indices  # row-major for the columns, rows ascending
+                take(b, j[ok][order], r[ok][order], vals[ok][order], a)
     last = best_s.min(axis=1) if c < n - 1 else np.full(n, -np.inf, dtype=np.float32)
     return best_i.astype(np.int32), best_s, last
 
