@@ -21,8 +21,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Self
 
 import numpy as np
@@ -39,6 +42,7 @@ from catalog.extract.columns import layer_columns, prefix_columns
 from catalog.extract.params import Parameters, Progress
 from catalog.extract.pipeline import (
     CorpusAnalysis,
+    LayerRecord,
     ablate,
     ablation_cuts,
     analysis_from,
@@ -307,6 +311,29 @@ def analysis(loaded: LoadedModel, req: ExtractRequest, corpus: TokenisedCorpus, 
                          {"ablation_tokens": ablation_tokens}, progress)
 
 
+@contextmanager
+def one_behind() -> Iterator[Callable[[Callable[[], None]], None]]:
+    """``submit(call)`` runs ``call`` on one worker thread while the caller goes on. Each submit first
+    waits for the previous call and raises its error; leaving, normally or by an error, waits for the
+    last one, so nothing outlives the block (a transaction around it rolls back only after the
+    writes it holds have stopped)."""
+    pending: list[Future[None]] = []
+
+    def submit(call: Callable[[], None]) -> None:
+        if pending:
+            pending.pop().result()
+        pending.append(pool.submit(call))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="writer") as pool:
+        try:
+            yield submit
+        except BaseException:
+            wait(pending)
+            raise
+        if pending:
+            pending.pop().result()
+
+
 def finish(
     engine: Engine, run_id: int, name: str, loaded: LoadedModel, req: ExtractRequest,
     result: CorpusAnalysis | None, progress: Progress | None, stage: StageHook, counts: dict[str, Any],
@@ -335,15 +362,20 @@ def finish(
         vectors: dict[str, list[torch.Tensor]] = {space: [] for space in neighbours.SPACES}
         token_lists = neighbours.TokenLists(view.unembedding(), view.final_norm_gain(), view.d_mlp,
                                             keep=settings.neighbour_list_size)
-        for rec in layer_records(view, req.params, result, None, token_lists):
-            stage(f"layer {rec.layer}")
-            for k, v in rec.seconds.items():
-                by_stage[k] = by_stage.get(k, 0.0) + v
+        def write(rec: LayerRecord) -> None:
             writer.layer(**layer_columns(rec))
-            vectors["key"].append(rec.keys)
-            vectors["value"].append(rec.values)
-            if progress is not None:
-                progress("weights, projections and ingest", 1, view.n_layers)
+
+        # Postgres writes layer L (a server process: one core) while this process computes layer L + 1
+        with one_behind() as submit:
+            for rec in layer_records(view, req.params, result, None, token_lists):
+                stage(f"layer {rec.layer}")
+                for k, v in rec.seconds.items():
+                    by_stage[k] = by_stage.get(k, 0.0) + v
+                submit(partial(write, rec))
+                vectors["key"].append(rec.keys)
+                vectors["value"].append(rec.values)
+                if progress is not None:
+                    progress("weights, projections and ingest", 1, view.n_layers)
         timings.update(by_stage)
         stage("neighbour lists")
         t1 = time.perf_counter()
