@@ -266,9 +266,11 @@ def _run_from_starts(body: nn.Module, job: AblationJob, lead: list[int], pad: in
     their keys and values; then its rows run, batched, from their removed index on, each over its
     window's cached keys and values cut to the row's kept tokens (the rest masked out), at the
     positions the full row gives them. The coefficients are those of the full rows (float rounding
-    aside: tests/test_corpus_pass.py holds them against one prefix at a time)."""
+    aside: tests/test_ablation_starts.py holds them against each row run alone). Every start is
+    non-empty: a removal of index 0 is read from the 'first' run (``ablation_jobs``), so kept >= 1."""
     assert job.window is not None and job.kept is not None
     kept, n_lead = job.kept, len(lead)
+    assert all(k + n_lead > 0 for k in kept), "a row with nothing before its removed index"
     rows_of: dict[int, list[int]] = {}
     for j, w in enumerate(job.window):
         rows_of.setdefault(w, []).append(j)
