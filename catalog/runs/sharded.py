@@ -365,7 +365,8 @@ def finish(
         def write(rec: LayerRecord) -> None:
             writer.layer(**layer_columns(rec))
 
-        # Postgres writes layer L (a server process: one core) while this process computes layer L + 1
+        # Postgres writes layer L (a server process: one core) while this process computes layer L + 1,
+        # and the last layer and the lists while the lists after them are computed
         with one_behind() as submit:
             for rec in layer_records(view, req.params, result, None, token_lists):
                 stage(f"layer {rec.layer}")
@@ -376,24 +377,24 @@ def finish(
                 vectors["value"].append(rec.values)
                 if progress is not None:
                     progress("weights, projections and ingest", 1, view.n_layers)
-        timings.update(by_stage)
-        stage("neighbour lists")
-        t1 = time.perf_counter()
-        ranked = token_lists.finish()
-        timings["token_lists"] = timings.get("token_lists", 0.0) + time.perf_counter() - t1
-        del token_lists
-        for (convention, ranking), lists in ranked.items():
-            writer.token_lists(convention, ranking, lists.ids, lists.scores, lists.length)
-        del ranked
-        for space, parts in vectors.items():
+            timings.update(by_stage)
+            stage("neighbour lists")
             t1 = time.perf_counter()
-            lists = neighbours.similar_lists(
-                torch.cat(parts).to(view.unembedding().device), keep=settings.neighbour_list_size)
-            timings[f"similar_{space}"] = time.perf_counter() - t1
-            writer.similar_lists(space, view.d_mlp, lists.ids, lists.scores, lists.length)
-            if progress is not None:
-                progress("similar-neuron lists", 1, len(vectors))
-        del vectors
+            ranked = token_lists.finish()
+            timings["token_lists"] = timings.get("token_lists", 0.0) + time.perf_counter() - t1
+            del token_lists
+            for (convention, ranking), lists in ranked.items():
+                submit(partial(writer.token_lists, convention, ranking, lists.ids, lists.scores, lists.length))
+            del ranked
+            for space, parts in vectors.items():
+                t1 = time.perf_counter()
+                lists = neighbours.similar_lists(
+                    torch.cat(parts).to(view.unembedding().device), keep=settings.neighbour_list_size)
+                timings[f"similar_{space}"] = time.perf_counter() - t1
+                submit(partial(writer.similar_lists, space, view.d_mlp, lists.ids, lists.scores, lists.length))
+                if progress is not None:
+                    progress("similar-neuron lists", 1, len(vectors))
+            del vectors
         timings["ingest"] = writer.seconds
         timings["search_terms"] = writer.search_seconds
         counts["rows"] = dict(writer.rows)
