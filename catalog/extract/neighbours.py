@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from catalog.extract.blocks import run_blocks
+from catalog.extract.blocks import Scratch, run_blocks
 
 # float32 unit roundoff. A float32 dot product of length d errs by about sqrt(d) u |a| |b| (rounding
 # errors add like a random walk; BLAS blocks and fused multiply-adds only shrink them). The bound
@@ -234,7 +234,7 @@ class TokenLists:
         self.values: list[np.ndarray] = []  # per layer, float32 as stored: re-scoring near-ties
         self.max_norm = 0.0
         self._running: dict[tuple[str, str], _Running] = {}
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._scratch = Scratch()  # whole-layer temporaries (cosines, entrant masks)
 
     def add(self, layer: int, values: torch.Tensor, logits: torch.Tensor, folded: torch.Tensor | None) -> None:
         """values [d_mlp, d] float32; logits [d_mlp, vocab] = values . E^T (folded: . (E * g)^T)."""
@@ -250,9 +250,7 @@ class TokenLists:
             lg = (logits if convention == "raw" or folded is None else folded).float()
             runs = {o: self._running.setdefault((convention, o), _Running(self.vocab, self.c, lg.device))
                     for o in TOKEN_ORDERS}
-            # Whole-layer temporaries go to buffers kept across layers: allocating 75M fresh floats
-            # cost 4x the multiplication itself (110 against 28 ms for SmolLM2's [1536, 49152]).
-            cos = self._buffer("cosine", lg)
+            cos = self._scratch.like("cosine", lg)
             torch.mul(lg, inv[:, None], out=cos)
             t_logit, t_cos = runs["logit"].threshold(), runs["cosine"].threshold()
             if t_logit is None or t_cos is None:
@@ -261,7 +259,7 @@ class TokenLists:
                 continue
             # One nonzero over both orders' entrants (>= keeps ties; NaN never passes), each order then
             # keeps its own: the same entrants and float32 scores as a pass per order.
-            hit, hit_cos = self._buffer("hit", lg, torch.bool), self._buffer("hit_cosine", lg, torch.bool)
+            hit, hit_cos = self._scratch.like("hit", lg, torch.bool), self._scratch.like("hit_cosine", lg, torch.bool)
             torch.ge(lg, t_logit[None, :], out=hit)
             torch.ge(cos, t_cos[None, :], out=hit_cos)
             hit |= hit_cos
@@ -271,15 +269,9 @@ class TokenLists:
                 ok = vals >= tau[tok]
                 runs[order].enter(nid[ok], tok[ok], vals[ok], scores, first)
 
-    def _buffer(self, name: str, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape != like.shape or buf.device != like.device:
-            buf = self._buffers[name] = torch.empty(like.shape, dtype=dtype, device=like.device)
-        return buf
-
     def finish(self) -> dict[tuple[str, str], Lists]:
         """(convention, order) -> Lists over tokens; scores are logits, or cosines."""
-        self._buffers.clear()  # the per-layer temporaries (GPT-2-XL: 1.9 GB) are done with
+        self._scratch.clear()  # the per-layer temporaries (GPT-2-XL: 1.9 GB) are done with
         V = np.concatenate(self.values)  # [N, d] float32
         norms64 = np.linalg.norm(V.astype(np.float64), axis=1)
         inv64 = 1.0 / np.maximum(norms64, 1e-300)

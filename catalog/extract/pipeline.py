@@ -19,6 +19,7 @@ from catalog.extract import ablation as abl
 from catalog.extract import labels as lab
 from catalog.extract.architectures import MlpView
 from catalog.extract.baselines import Baselines, agreement_figures, negative_trigger_share
+from catalog.extract.blocks import Scratch
 from catalog.extract.corpus_pass import corpus_pass
 from catalog.extract.encoder import agreement_targets, texts_after
 from catalog.extract.neighbours import TokenLists
@@ -244,15 +245,13 @@ def layer_records(
     unembedding = view.unembedding().detach()
     gain = view.final_norm_gain()
     folded_e = unembedding if gain is None else unembedding * gain.to(unembedding.dtype)
-    # Each layer's products go to the same two buffers: nothing a record holds may view them (the
-    # projections, lists and figures are computed from them, not slices of them).
-    buffers: dict[str, torch.Tensor] = {}
+    # Each layer's products go to the same two tensors (blocks.Scratch): nothing a record holds views
+    # them (the projections, lists and figures are computed from them, not slices of them).
+    scratch = Scratch()
 
     def into(name: str, values: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
-        shape = (values.shape[0], E.shape[0])
-        if name not in buffers or buffers[name].shape != shape:
-            buffers[name] = torch.empty(shape, dtype=torch.float32, device=values.device)
-        return value_logits(values, E, out=buffers[name])
+        out = scratch.get(name, (values.shape[0], E.shape[0]), torch.float32, values.device)
+        return value_logits(values, E, out=out)
 
     for layer in range(view.n_layers):
         with torch.inference_mode():
