@@ -49,6 +49,11 @@ class Settings(BaseSettings):
     keepalives_count: int = Field(default=3, ge=1)
     # "auto" picks CUDA when present.
     device: str = "auto"
+    # Memory (MiB, on the model's device) the corpus pass may spend on keeping each window's start
+    # (keys and values of its tokens before the first random removal index) for the random ablation
+    # run in the same process (catalog/extract/ablation.py, StartCache): about half the corpus's
+    # tokens at 46 KB each for SmolLM2 in float32. Windows past it run their starts again; 0: none kept.
+    ablation_start_cache_mb: int = Field(default=4096, ge=0)
 
     # suggested_label rule (README, "Suggested labels"; catalog/extract/labels.py): triggers with
     # prefixes shorter than this are left out, and the thresholds are this quantile of the neurons'

@@ -14,8 +14,12 @@ import pytest
 import tiny_models
 import torch
 
+from catalog.corpus import Document
 from catalog.extract import ablation as abl
+from catalog.extract import pipeline
 from catalog.extract.architectures import MlpView
+from catalog.extract.params import Parameters
+from catalog.extract.windows import TokenisedCorpus, tokenise
 
 BOS = 1
 
@@ -98,3 +102,80 @@ def test_sliding_window_models_run_rows_in_full() -> None:
     assert not abl.shares_starts(MistralForCausalLM(cfg))
     cfg.sliding_window = None
     assert abl.shares_starts(MistralForCausalLM(cfg))
+
+
+def _corpus_and_view(family: str, bos: bool) -> tuple[torch.nn.Module, MlpView, object, TokenisedCorpus]:
+    """Documents of 2-70 random words in windows of 24 (overlapping windows after a document's first)."""
+    model = tiny_models.build(family, seed=5)
+    tok = tiny_models.tokenizer(bos=bos)
+    rng = np.random.default_rng(7)
+    docs = [Document(i, " ".join(rng.choice(tiny_models.WORDS, size=int(rng.integers(2, 71))).tolist()))
+            for i in range(40)]
+    return model, MlpView.of(model), tok, tokenise(docs, tok, window=24, bos="auto" if bos else "none")
+
+
+@pytest.mark.parametrize("family", tiny_models.FAMILIES)
+@pytest.mark.parametrize("bos", [True, False])
+def test_starts_kept_by_the_corpus_pass(family: str, bos: bool) -> None:
+    """The random ablation reading its windows' starts from the corpus pass's cache (StartCache)
+    gives the coefficients of running the starts itself, and of each row run alone; the pass
+    itself is unchanged by keeping them; a budget keeps some windows and the rest run as before."""
+    model, view, tok, corpus = _corpus_and_view(family, bos)
+    params = Parameters(top_n=6, window=24, batch_tokens=300, bos="auto" if bos else "none")
+    plain = pipeline.pass_state(view, tok, corpus, params)
+    starts = pipeline.start_cache(view, params, 1 << 30)
+    assert starts is not None
+    kept = pipeline.pass_state(view, tok, corpus, params, starts=starts)
+    for a, b in zip(plain.top, kept.top, strict=True):  # the same pass, bit for bit
+        assert torch.equal(a.values, b.values) and torch.equal(a.positions, b.positions)
+    assert len(starts) > 10 and not starts.full
+    table = abl.prefix_table(corpus, plain.top, plain.bottom)
+    ids = torch.cat([i.flatten() for i in table.top_ids])
+    job = abl.ablation_jobs(corpus, table, ids, seed=params.ablation_seed)["random"]
+    lead = 1 if bos else 0
+    cached = job.cached(starts, lead)
+    assert cached == set(job.window or []), "every window with a random row was kept"
+
+    ran, ran_cached = [0], [0]
+    want, n_want = pipeline.ablate(view, tok, corpus, table, params,
+                                   progress=lambda _s, n, _t: ran.__setitem__(0, ran[0] + n))
+    got, n_got = pipeline.ablate(view, tok, corpus, table, params, starts=starts,
+                                 progress=lambda _s, n, _t: ran_cached.__setitem__(0, ran_cached[0] + n))
+    # what ran: the same but each window's start (and its lead)
+    n_starts = sum(job.longest_starts().values())
+    assert n_want - n_got == n_starts > 0
+    assert ran[0] - ran_cached[0] == n_starts + lead * len(cached)
+    for layer in range(len(table.top_ids)):
+        assert torch.equal(got["first"][layer].isnan(), want["first"][layer].isnan())
+        np.testing.assert_array_equal(got["first"][layer].numpy(), want["first"][layer].numpy())
+        g, w = got["random"][layer], want["random"][layer]
+        assert torch.equal(g.isnan(), w.isnan()) and (~g.isnan()).sum() > 0
+        scale = float(w.nan_to_num().abs().max())
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-4, atol=1e-5 * scale, err_msg=f"layer {layer}")
+
+    # each random row alone, through the plain model: the cached path against an independent run
+    n = len(table)
+    alone = _alone(model, view, job, [BOS] if bos else [], n)
+    for layer, ids_l in enumerate(table.top_ids):
+        hit = ids_l >= 0
+        pids = ids_l[hit]
+        a = alone[layer][torch.arange(view.d_mlp).unsqueeze(1).expand_as(ids_l)[hit].numpy(), pids.numpy()]
+        g = got["random"][layer][hit].double().numpy()
+        ok = ~np.isnan(a)  # prefixes read from the 'first' run or too short have no row here
+        assert ok.sum() > 0
+        scale = float(np.abs(a[ok]).max())
+        np.testing.assert_allclose(g[ok], a[ok], rtol=1e-4, atol=1e-5 * scale, err_msg=f"layer {layer}")
+
+    # a budget for about a third of the starts: those windows read them, the rest run theirs
+    small = pipeline.start_cache(view, params, starts.used // 3)
+    assert small is not None
+    pipeline.pass_state(view, tok, corpus, params, starts=small)
+    assert small.full and 0 < len(small) < len(starts)
+    part = job.cached(small, lead)
+    assert 0 < len(part) < len(cached)
+    mixed, n_mixed = pipeline.ablate(view, tok, corpus, table, params, starts=small)
+    assert n_mixed == n_got + sum(k for w, k in job.longest_starts().items() if w not in part)
+    for layer in range(len(table.top_ids)):
+        w = want["random"][layer]
+        scale = float(w.nan_to_num().abs().max())
+        np.testing.assert_allclose(mixed["random"][layer].numpy(), w.numpy(), rtol=1e-4, atol=1e-5 * scale)

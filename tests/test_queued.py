@@ -18,7 +18,7 @@ import test_shards
 import torch
 from sqlalchemy import func, select, text, update
 from sqlalchemy.engine import Engine
-from test_shards import PARAMS, export_of
+from test_shards import PARAMS, exact_placement, export_of  # noqa: F401  (a fixture)
 
 from catalog.runs import lifecycle, queued
 from catalog.runs.local import extract
@@ -98,6 +98,7 @@ def run_row(engine: Engine, run_id: int) -> ExtractionRun:
     return row
 
 
+@pytest.mark.usefixtures("exact_placement")  # the in-process run keeps no start cache: bit for bit
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
 def test_every_message_twice_in_any_order_gives_the_in_process_catalog(
     engine: Engine, models: dict[str, Path], corpus_file: Path, family: str,

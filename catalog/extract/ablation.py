@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,16 +114,118 @@ class AblationJob:
     # (the removed index): rows of a window share those tokens' keys and values (run_ablation)
     window: list[int] | None = None
     kept: list[int] | None = None
+    # per window of ``window``: its (document, start), the key of a StartCache
+    origin: dict[int, tuple[int, int]] = field(default_factory=dict)
 
-    def tokens(self, shared: bool) -> int:
-        """Tokens the forward passes run, BOS not counted: every row in full, or (``shared``) each
-        window's longest kept start once and every row from its removed index on."""
-        if not shared or self.window is None or self.kept is None:
-            return sum(len(r) for r in self.rows)
+    def longest_starts(self) -> dict[int, int]:
+        """Per window of ``window``: its rows' longest kept start."""
+        assert self.window is not None and self.kept is not None
         starts: dict[int, int] = {}
         for w, k in zip(self.window, self.kept, strict=True):
             starts[w] = max(starts.get(w, 0), k)
-        return sum(starts.values()) + sum(len(r) - k for r, k in zip(self.rows, self.kept, strict=True))
+        return starts
+
+    def cached(self, starts: StartCache | None, lead: int) -> set[int]:
+        """The windows whose longest start ``starts`` holds (none without it)."""
+        if starts is None or self.window is None:
+            return set()
+        return {w for w, k in self.longest_starts().items() if starts.covers(self.origin[w], lead + k)}
+
+    def tokens(self, shared: bool, cached: set[int] | frozenset[int] = frozenset()) -> int:
+        """Tokens the forward passes run, BOS not counted: every row in full, or (``shared``) each
+        window's longest kept start once (none for a ``cached`` window) and every row from its
+        removed index on."""
+        if not shared or self.window is None or self.kept is None:
+            return sum(len(r) for r in self.rows)
+        starts = self.longest_starts()
+        return (sum(k for w, k in starts.items() if w not in cached)
+                + sum(len(r) - k for r, k in zip(self.rows, self.kept, strict=True)))
+
+
+class StartCache:
+    """Keys and values of each window's start, kept by the corpus pass for the random ablation.
+
+    A random-removal row of a window begins with the window's own tokens up to its removed index,
+    at most the chain's first index r1 (``random_chain``: known before any trigger is). The corpus
+    pass runs every window in full anyway, so it can keep the keys and values of its first
+    lead + r1 positions; ``_run_from_starts`` then reads them instead of running the starts again.
+    Kept on the model's device, packed per layer as [positions, kv heads, head dim], up to
+    ``budget_bytes`` (windows past it are not kept and run their starts as before). Only for a
+    causal model whose cache may be cut (``shares_starts``), in the process that runs both."""
+
+    def __init__(self, seed: int, budget_bytes: int) -> None:
+        self.seed, self.budget_bytes = seed, budget_bytes
+        self.used = 0
+        self.full = False
+        self._chunks: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per batch, per layer
+        self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._where: dict[tuple[int, int], tuple[int, int]] = {}  # (document, start) -> (offset, positions)
+        self._size = 0  # positions kept
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def covers(self, origin: tuple[int, int], positions: int) -> bool:
+        got = self._where.get(origin)
+        return got is not None and got[1] >= positions
+
+    def keep(self, past: Any, windows: Sequence[int], corpus: TokenisedCorpus, lead: int) -> None:
+        """Keep, from one corpus-pass batch's cache (rows = ``windows``, right-padded), each window's
+        first lead + r1 positions."""
+        if self.full:
+            return
+        kv = [(k, v) for k, v, *_ in past]
+        k0 = kv[0][0]
+        per_position = sum(k.shape[1] * k.shape[3] * (k.element_size() + v.element_size()) for k, v in kv)
+        wanted: list[int] = []
+        for w in windows:
+            win = corpus.windows[w]
+            chain = random_chain(self.seed, win.document, win.start, len(win.tokens))
+            n = lead + chain[0] if chain and chain[0] > 0 else 0  # r1 = 0: its rows all read the 'first' run
+            if n and self.used + n * per_position > self.budget_bytes:
+                self.full = True
+            wanted.append(0 if self.full else n)
+            self.used += wanted[-1] * per_position
+        if not any(wanted):
+            return
+        n_rows = torch.tensor(wanted, device=k0.device)
+        mask = torch.arange(k0.shape[2], device=k0.device)[None, :] < n_rows[:, None]  # [B, W]
+        # [B, H, W, D] -> the kept positions, row by row: [n, H, D]
+        self._chunks.append([(k.transpose(1, 2)[mask], v.transpose(1, 2)[mask]) for k, v in kv])
+        for w, n in zip(windows, wanted, strict=True):
+            if n:
+                win = corpus.windows[w]
+                self._where[(win.document, win.start)] = (self._size, n)
+                self._size += n
+
+    def _layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._packed is None:  # one tensor per layer, a layer at a time (the peak: one layer's copy)
+            packed = []
+            for layer in range(len(self._chunks[0]) if self._chunks else 0):
+                packed.append((torch.cat([c[layer][0] for c in self._chunks]),
+                               torch.cat([c[layer][1] for c in self._chunks])))
+                for c in self._chunks:
+                    c[layer] = (c[layer][0][:0], c[layer][1][:0])
+            self._chunks = []
+            self._packed = packed
+        return self._packed
+
+    def past(self, origins: Sequence[tuple[int, int]], width: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) [B, H, width, D] of the starts of ``origins``, each covering at
+        least its row's positions; positions past a start's own repeat its last one (masked)."""
+        layers = self._layers()
+        device = layers[0][0].device
+        offsets = torch.tensor([self._where[o][0] for o in origins], device=device)
+        ends = torch.tensor([self._where[o][0] + self._where[o][1] - 1 for o in origins], device=device)
+        idx = torch.minimum(offsets[:, None] + torch.arange(width, device=device)[None, :], ends[:, None]).reshape(-1)
+        B = len(origins)
+        return [(k.index_select(0, idx).view(B, width, *k.shape[1:]).transpose(1, 2),
+                 v.index_select(0, idx).view(B, width, *v.shape[1:]).transpose(1, 2)) for k, v in layers]
+
+    def clear(self) -> None:
+        self._chunks, self._packed, self._where = [], None, {}
+        self.used = self._size = 0
+        self.full = False
 
 
 def random_chain(seed: int, document: int, window_start: int, n_tokens: int) -> list[int]:
@@ -176,6 +279,7 @@ def ablation_jobs(corpus: TokenisedCorpus, table: PrefixTable, prefix_ids: torch
         jobs["random"].reads.append(reads)
         jobs["random"].window.append(w)  # type: ignore[union-attr]
         jobs["random"].kept.append(r)  # type: ignore[union-attr]
+        jobs["random"].origin[w] = (win.document, win.start)
     return jobs
 
 
@@ -197,12 +301,13 @@ def run_ablation(
     pad: int,
     batch_tokens: int,
     progress: Callable[[int], None] | None = None,
+    starts: StartCache | None = None,
 ) -> list[torch.Tensor]:
     """Per layer [d_mlp, N]: each trigger's coefficient on its ablated prefix (NaN where there is none).
 
     Rows run longest first, in batches of about ``batch_tokens`` (padding included). A job with
     ``kept`` runs, where the model allows it (``shares_starts``), its windows' starts once and each
-    row from its removed index on (``_run_from_starts``)."""
+    row from its removed index on (``_run_from_starts``), reading the starts ``starts`` holds from it."""
     device = next(model.parameters()).device
     lead = [bos] if bos is not None else []
     ids_dev = [p.to(device) for p in prefix_ids]
@@ -231,7 +336,7 @@ def run_ablation(
     body = backbone(model)
     with torch.inference_mode(), capture_coefficients(value_projs, on_layer, shape):
         if job.kept is not None and job.window is not None and shares_starts(model):
-            _run_from_starts(body, job, lead, pad, batch_tokens, device, shape, loc, read_at, progress)
+            _run_from_starts(body, job, lead, pad, batch_tokens, device, shape, loc, read_at, progress, starts)
         else:
             order = sorted(range(len(job.rows)), key=lambda i: -len(job.rows[i]))
             for chunk in _batches(order, lambda j: len(job.rows[j]) + len(lead), batch_tokens):
@@ -259,7 +364,7 @@ def _batches(order: Sequence[int], width_of: Callable[[int], int], batch_tokens:
 def _run_from_starts(body: nn.Module, job: AblationJob, lead: list[int], pad: int, batch_tokens: int,
                      device: torch.device, shape: list[int], loc: torch.Tensor,
                      read_at: Callable[[Sequence[int], int, Sequence[int]], None],
-                     progress: Callable[[int], None] | None) -> None:
+                     progress: Callable[[int], None] | None, starts: StartCache | None = None) -> None:
     """Run ``job``'s rows as (the window's start, from the cache) + (the rest of the row).
 
     A group of windows runs its starts (lead + the window's first ``max kept`` tokens) once, keeping
@@ -267,7 +372,9 @@ def _run_from_starts(body: nn.Module, job: AblationJob, lead: list[int], pad: in
     window's cached keys and values cut to the row's kept tokens (the rest masked out), at the
     positions the full row gives them. The coefficients are those of the full rows (float rounding
     aside: tests/test_ablation_starts.py holds them against each row run alone). Every start is
-    non-empty: a removal of index 0 is read from the 'first' run (``ablation_jobs``), so kept >= 1."""
+    non-empty: a removal of index 0 is read from the 'first' run (``ablation_jobs``), so kept >= 1.
+    The windows whose start ``starts`` holds (kept by the corpus pass) run no start: their rows form
+    one group that reads its past from there."""
     assert job.window is not None and job.kept is not None
     kept, n_lead = job.kept, len(lead)
     assert all(k + n_lead > 0 for k in kept), "a row with nothing before its removed index"
@@ -276,16 +383,22 @@ def _run_from_starts(body: nn.Module, job: AblationJob, lead: list[int], pad: in
         rows_of.setdefault(w, []).append(j)
     start_of = {w: max(rows, key=lambda j: kept[j]) for w, rows in rows_of.items()}  # the row with the longest start
     windows = sorted(rows_of, key=lambda w: -kept[start_of[w]])
-    for group in _batches(windows, lambda w: kept[start_of[w]] + n_lead, batch_tokens):
-        ids, mask = pad_rows([lead + job.rows[start_of[w]][: kept[start_of[w]]] for w in group], pad, device)
-        shape[:] = list(ids.shape)
-        loc.fill_(-1)  # nothing is read in the starts
-        cache = body(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
-        kv = [(k, v) for k, v, *_ in cache]
-        if any(k.shape[-2] != ids.shape[1] for k, _ in kv):
-            raise RuntimeError("the key-value cache does not hold every start position")
-        if progress is not None:
-            progress(int(mask.sum()))
+    cached = job.cached(starts, n_lead)
+    groups = [[w for w in windows if w in cached]] if cached else []
+    groups += _batches([w for w in windows if w not in cached], lambda w: kept[start_of[w]] + n_lead, batch_tokens)
+    for group in groups:
+        from_cache = group[0] in cached
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if not from_cache:
+            ids, mask = pad_rows([lead + job.rows[start_of[w]][: kept[start_of[w]]] for w in group], pad, device)
+            shape[:] = list(ids.shape)
+            loc.fill_(-1)  # nothing is read in the starts
+            cache = body(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
+            kv = [(k, v) for k, v, *_ in cache]
+            if any(k.shape[-2] != ids.shape[1] for k, _ in kv):
+                raise RuntimeError("the key-value cache does not hold every start position")
+            if progress is not None:
+                progress(int(mask.sum()))
         slot = {w: i for i, w in enumerate(group)}
         rows = sorted((j for w in group for j in rows_of[w]), key=lambda j: -(len(job.rows[j]) - kept[j]))
         i = 0
@@ -302,18 +415,22 @@ def _run_from_starts(body: nn.Module, job: AblationJob, lead: list[int], pad: in
                 P = p
             i += len(chunk)
             B = len(chunk)
-            which = torch.tensor([slot[job.window[j]] for j in chunk], device=device)
-            past = DynamicCache([(k[:, :, :P].index_select(0, which), v[:, :, :P].index_select(0, which))
-                                 for k, v in kv])
+            if from_cache:
+                assert starts is not None
+                past = DynamicCache(starts.past([job.origin[job.window[j]] for j in chunk], P))
+            else:
+                which = torch.tensor([slot[job.window[j]] for j in chunk], device=device)
+                past = DynamicCache([(k[:, :, :P].index_select(0, which), v[:, :, :P].index_select(0, which))
+                                     for k, v in kv])
             suffix, smask = pad_rows([job.rows[j][kept[j]:] for j in chunk], pad, device)
-            starts = torch.tensor([kept[j] + n_lead for j in chunk], device=device)
+            begins = torch.tensor([kept[j] + n_lead for j in chunk], device=device)
             lengths = smask.sum(1)
-            mask2 = torch.cat([(torch.arange(P, device=device) < starts[:, None]).long(), smask], dim=1)
+            mask2 = torch.cat([(torch.arange(P, device=device) < begins[:, None]).long(), smask], dim=1)
             # the full row's positions; padding repeats the row's last position
             steps = torch.minimum(torch.arange(S, device=device)[None, :], (lengths - 1)[:, None])
             shape[:] = [B, S]
             read_at(chunk, S, [-kept[j] for j in chunk])
-            body(input_ids=suffix, attention_mask=mask2, position_ids=starts[:, None] + steps, past_key_values=past,
+            body(input_ids=suffix, attention_mask=mask2, position_ids=begins[:, None] + steps, past_key_values=past,
                  use_cache=True)
             if progress is not None:
                 progress(int(smask.sum()))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from torch import nn
 from catalog.extract.hooks import backbone, capture_coefficients, capture_outputs, pad_rows
 from catalog.extract.states import FiringStats, RunningStats, TopState, masked_extremes
 from catalog.extract.windows import TokenisedCorpus
+
+if TYPE_CHECKING:
+    from catalog.extract.ablation import StartCache
 
 
 @dataclass
@@ -152,8 +156,10 @@ def corpus_pass(
     key_projs: Sequence[nn.Module] | None = None,
     progress: Callable[[int], None] | None = None,
     firing: bool = True,
+    starts: StartCache | None = None,
 ) -> PassResult:
-    """Run the model once over the corpus and fold every layer's coefficients into top-N and stats."""
+    """Run the model once over the corpus and fold every layer's coefficients into top-N and stats;
+    ``starts`` (a causal model) keeps each window's start for the random ablation."""
     import time
 
     device = next(model.parameters()).device
@@ -196,7 +202,12 @@ def corpus_pass(
         for batch in batches(corpus, batch_tokens=batch_tokens, pad=pad, device=device):
             shape[:] = list(batch.input_ids.shape)
             current[:] = [batch]
-            body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            if starts is not None and corpus.causal and not starts.full:
+                out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=True)
+                starts.keep(out.past_key_values, batch.windows, corpus, lead)
+                del out
+            else:
+                body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             tokens += batch.n_tokens
             if progress is not None:
                 progress(batch.n_tokens)

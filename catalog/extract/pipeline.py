@@ -1,6 +1,7 @@
 """Model (+ corpus) -> per-layer catalog records, with no database in sight.
 
-``analyse_corpus`` runs the corpus pass and the ablations once for all layers; ``layer_records``
+``pass_state`` runs the corpus pass over a shard, ``ablate`` the ablations of a shard's prefixes and
+``analysis_from`` joins the merged result (catalog/runs/sharded.py drives them); ``layer_records``
 then yields one ``LayerRecord`` per layer (weights, projections, agreement) so that the store can
 write it out before the next layer is computed.
 """
@@ -64,13 +65,16 @@ class CorpusAnalysis:
 
 def pass_state(
     view: MlpView, tokenizer: Any, corpus: TokenisedCorpus, params: Parameters, progress: Progress | None = None,
+    starts: abl.StartCache | None = None,
 ) -> PassState:
-    """The corpus pass over ``corpus`` (a whole corpus or one shard's documents) as a mergeable state."""
+    """The corpus pass over ``corpus`` (a whole corpus or one shard's documents) as a mergeable state;
+    ``starts`` keeps the windows' starts for an ablation in this process (``start_cache``)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     result = corpus_pass(
         view.model, view.value_projs(), corpus, top_n=params.top_n, gated=view.gated,
         batch_tokens=params.batch_tokens, pad=pad, key_projs=view.key_projs(),
         progress=None if progress is None else (lambda n: progress("corpus pass", n, corpus.n_tokens)),
+        starts=starts,
     )
     vocab = int(view.unembedding().shape[0])
     flat = torch.tensor([t for toks in corpus.tokens for t in toks], dtype=torch.long)
@@ -80,6 +84,14 @@ def pass_state(
         {"tokens": result.tokens, "documents": len(corpus.tokens), "windows": len(corpus.windows),
          "truncated_documents": corpus.truncated_documents},
     )
+
+
+def start_cache(view: MlpView, params: Parameters, budget: int) -> abl.StartCache | None:
+    """A cache for the windows' starts (``ablation.StartCache``, up to ``budget`` bytes) when a corpus
+    pass and the random ablation run in one process: a causal model whose cache may be cut."""
+    if not view.causal or budget <= 0 or not abl.shares_starts(view.model):
+        return None
+    return abl.StartCache(params.ablation_seed, budget)
 
 
 def trigger_documents(state: PassState) -> list[int]:
@@ -110,9 +122,11 @@ def ablation_cuts(table: abl.PrefixTable, prefixes_per_shard: int) -> list[tuple
 def ablate(
     view: MlpView, tokenizer: Any, corpus: TokenisedCorpus, table: abl.PrefixTable, params: Parameters,
     documents: tuple[int, int] | None = None, progress: Progress | None = None,
+    starts: abl.StartCache | None = None,
 ) -> tuple[dict[str, list[torch.Tensor]], int]:
     """The 'first' and 'random' ablations of the top triggers whose document is in ``documents``
-    ([start, stop); all without it): per kind, per layer [d_mlp, N] (NaN elsewhere), and the tokens run."""
+    ([start, stop); all without it): per kind, per layer [d_mlp, N] (NaN elsewhere), and the tokens run.
+    The random rows read the windows' starts ``starts`` holds (kept by this process's corpus pass)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.cat([i.flatten() for i in table.top_ids])
     if documents is not None:
@@ -120,7 +134,9 @@ def ablate(
         ids = torch.where((ids >= 0) & (doc >= documents[0]) & (doc < documents[1]), ids, -1)
     jobs = abl.ablation_jobs(corpus, table, ids, seed=params.ablation_seed)
     shared = abl.shares_starts(view.model)
-    total = sum(j.tokens(shared) for j in jobs.values())
+    starts = starts if shared else None
+    lead = 1 if corpus.bos is not None else 0
+    total = sum(j.tokens(shared, j.cached(starts, lead)) for j in jobs.values())
     out: dict[str, list[torch.Tensor]] = {}
     for kind in ("first", "random"):
         job = jobs[kind]
@@ -128,6 +144,7 @@ def ablate(
             view.model, view.value_projs(), job, table.top_ids, n_prefixes=len(table), bos=corpus.bos, pad=pad,
             batch_tokens=params.batch_tokens,
             progress=None if progress is None else (lambda n: progress("ablation", n, total)),
+            starts=starts if kind == "random" else None,
         )
     abl.read_from_first(out["random"], out["first"], jobs["random"], table.top_ids)
     return out, total
@@ -186,26 +203,6 @@ def analysis_from(
         timings={"labels": time.perf_counter() - t0},
         counts={**state.counts, "window_overlap": corpus.overlap, "prefixes": len(table), **(counts or {})},
     )
-
-
-def analyse_corpus(
-    view: MlpView,
-    tokenizer: Any,
-    corpus: TokenisedCorpus,
-    params: Parameters,
-    progress: Progress | None = None,
-) -> CorpusAnalysis:
-    """The whole analysis of a corpus held in memory, in one piece (one shard, no database)."""
-    t0 = time.perf_counter()
-    state = pass_state(view, tokenizer, corpus, params, progress)
-    t1 = time.perf_counter()
-    table = abl.prefix_table(corpus, state.top, state.bottom)
-    ablated, ablation_tokens = ablate(view, tokenizer, corpus, table, params, progress=progress) if corpus.causal else ({}, 0)
-    t2 = time.perf_counter()
-    analysis = analysis_from(view, tokenizer, corpus, state, table, ablated, params,
-                             {"ablation_tokens": ablation_tokens})
-    analysis.timings.update(corpus_pass=t1 - t0, ablation=t2 - t1)
-    return analysis
 
 
 @dataclass

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from catalog.config import settings
 from catalog.corpus import CorpusSource, open_corpus
 from catalog.extract.params import Progress
+from catalog.extract.pipeline import start_cache
 from catalog.extract.windows import choose_bos
 from catalog.loading import LoadedModel, load, resolve
 from catalog.runs import lifecycle, sharded
@@ -220,13 +221,16 @@ def _drive(
             if progress is not None and len(todo) < len(shards):
                 progress("corpus pass", sum(s.tokens for s in shards if s not in todo), sum(s.tokens for s in shards))
             total = sum(s.tokens for s in shards)
+            # the windows' starts, kept by the pass shards run here for the ablation shards run here
+            starts = start_cache(loaded.view, req.params, settings.ablation_start_cache_mb << 20)
             for shard in todo:
                 stage(f"pass shard {shard.index}")
                 lifecycle.check_running(engine, run_id)
                 lifecycle.set_progress(engine, run_id, f"corpus pass: shard {shard.index + 1} of {len(shards)}")
                 sharded.with_attempts(engine, shard, lambda a, sh=shard: sharded.run_pass_shard(  # type: ignore[misc]
                     engine, sh, a, loaded, req, corpus, cut,
-                    None if progress is None else (lambda st, n, _t: progress(st, n, total))), holder, log)
+                    None if progress is None else (lambda st, n, _t: progress(st, n, total)), starts=starts),
+                    holder, log)
             stage("merge")
             lifecycle.set_progress(engine, run_id, "merging shard states")
             m = sharded.merged(engine, run_id, loaded, req, corpus, cut, progress)
@@ -246,10 +250,13 @@ def _drive(
                     lifecycle.check_running(engine, run_id)
                     lifecycle.set_progress(engine, run_id, f"ablation: shard {shard.index + 1} of {len(ab_shards)}")
                     sharded.with_attempts(engine, shard, lambda a, sh=shard: sharded.run_ablation_shard(  # type: ignore[misc]
-                        engine, sh, a, loaded, req, triggers, table), holder, log)
+                        engine, sh, a, loaded, req, triggers, table, starts=starts), holder, log)
                     if progress is not None:
                         progress("ablation", shard.tokens, ab_total)
                 ablated, ablation_tokens = sharded.ablations(engine, run_id, table)
+            if starts is not None:
+                counts["start_cache_windows"], counts["start_cache_mb"] = len(starts), round(starts.used / 2**20)
+                starts.clear()
             lifecycle.set_step(engine, run_id, RunStep.finish)
             lifecycle.set_progress(engine, run_id, "labels")
             result = sharded.analysis(loaded, req, triggers, state, table, ablated, ablation_tokens, progress)

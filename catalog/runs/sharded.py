@@ -175,9 +175,10 @@ class Lease:
 
 def run_pass_shard(engine: Engine, shard: Shard, attempt: int, loaded: LoadedModel, req: ExtractRequest,
                    source: CorpusSource, cut: dict[int, int] | None, progress: Progress | None = None,
-                   then: tuple[RunStep, RunStep] | None = None) -> bool:
+                   then: tuple[RunStep, RunStep] | None = None, starts: abl.StartCache | None = None) -> bool:
     """One attempt at a pass shard: read its documents, run the pass, write its state (fenced).
-    ``then``: see ``lifecycle.complete`` (True: this was the last pass shard of a queue-driven run)."""
+    ``then``: see ``lifecycle.complete`` (True: this was the last pass shard of a queue-driven run).
+    ``starts`` keeps the shard's windows' starts for ablation shards run later in this process."""
     t0 = time.perf_counter()
     with Lease(engine, shard, attempt, settings.shard_lease_s) as lease:
         docs = list(source.documents(shard.doc_start, shard.doc_stop, offset=shard.byte_offset))
@@ -188,7 +189,7 @@ def run_pass_shard(engine: Engine, shard: Shard, attempt: int, loaded: LoadedMod
             if progress is not None:
                 progress(stage, n, total)
 
-        state = pass_state(loaded.view, loaded.tokenizer, corpus, req.params, tick)
+        state = pass_state(loaded.view, loaded.tokenizer, corpus, req.params, tick, starts)
         payloads = {layer: layer_payload(state, layer) for layer in range(state.n_layers)}
         payloads[-1] = shard_payload(state)
     return lifecycle.complete(engine, shard, attempt, payloads, time.perf_counter() - t0, then)
@@ -264,7 +265,7 @@ def plan_ablation(engine: Engine, run_id: int, table: abl.PrefixTable, n_pass_sh
 
 def run_ablation_shard(engine: Engine, shard: Shard, attempt: int, loaded: LoadedModel, req: ExtractRequest,
                        corpus: TokenisedCorpus, table: abl.PrefixTable, progress: Progress | None = None,
-                       then: tuple[RunStep, RunStep] | None = None) -> bool:
+                       then: tuple[RunStep, RunStep] | None = None, starts: abl.StartCache | None = None) -> bool:
     """One attempt at an ablation shard: ablate the prefixes of its documents; store, per layer and
     kind, only the coefficients it computed (flat indices into [d_mlp, N] and values)."""
     t0 = time.perf_counter()
@@ -275,7 +276,7 @@ def run_ablation_shard(engine: Engine, shard: Shard, attempt: int, loaded: Loade
                 progress(stage, n, total)
 
         out, tokens = ablate(loaded.view, loaded.tokenizer, corpus, table, req.params,
-                             documents=(shard.doc_start, shard.doc_stop), progress=tick)
+                             documents=(shard.doc_start, shard.doc_stop), progress=tick, starts=starts)
         payloads: dict[int, bytes] = {-1: pack({"tokens": np.array(tokens, dtype=np.int64)})}
         for layer in range(len(table.top_ids)):
             arrays: dict[str, np.ndarray] = {}
