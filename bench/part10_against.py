@@ -10,8 +10,8 @@ replaced in the same process, old and new alternating, and their results compare
    the products computed once, not timed), with ``catalog/extract/neighbours.py`` of --rev loaded
    beside this checkout's;
 2. ``similar_lists`` of --n random vectors of SmolLM2's width (576), the same two modules;
-3. the ablations of a corpus pass over --ablation-tokens demo tokens (0 skips it), every row run in
-   full (before) and with each window's start run once and shared through the key-value cache (now).
+3. the corpus pass and ablations over --ablation-tokens demo tokens (0 skips it): the random rows'
+   window starts run once by the ablation (before), or kept by the pass (``StartCache``) and read (now).
 """
 
 from __future__ import annotations
@@ -125,22 +125,35 @@ def ablation(loaded: Any, max_tokens: int, rounds: int) -> None:
     params = pl.Parameters()
     corpus = tokenise(load_corpus(REPO / "data" / "wordnet.txt").documents, loaded.tokenizer, window=params.window,
                       max_tokens=max_tokens)
-    state = pl.pass_state(loaded.view, loaded.tokenizer, corpus, params)
-    table = abl.prefix_table(corpus, state.top, state.bottom)
+    print(f"corpus pass and ablation over {corpus.n_tokens} demo tokens", flush=True)
     got: dict[str, Any] = {}
-    print(f"ablation over {corpus.n_tokens} demo tokens", flush=True)
-    shares = abl.shares_starts
     times: dict[str, list[float]] = {}
+    table = None
     for r in range(rounds):
-        # before: every row run in full; now: each window's start run once, the rows from their removed index
-        for name, share in (("before", False), ("now", True)):
-            abl.shares_starts = lambda model, share=share: share and shares(model)  # type: ignore[assignment]
+        # before: the pass keeps nothing and the ablation runs each window's start once; now: the pass
+        # keeps the starts (StartCache) and the ablation reads them
+        for name in ("before", "now"):
+            starts = pl.start_cache(loaded.view, params, 8 << 30) if name == "now" else None
             t = time.perf_counter()
-            got[name], tokens = pl.ablate(loaded.view, loaded.tokenizer, corpus, table, params)
-            times.setdefault(name, []).append(time.perf_counter() - t)
-            print(f"  round {r + 1}, {name}: {times[name][-1]:.1f} s, {tokens} ablated tokens", flush=True)
-    abl.shares_starts = shares
-    print(f"ablation: now / before {sum(times['now']) / sum(times['before']):.2f}")
+            state = pl.pass_state(loaded.view, loaded.tokenizer, corpus, params, starts=starts)
+            t_pass = time.perf_counter() - t
+            table = abl.prefix_table(corpus, state.top, state.bottom)
+            t = time.perf_counter()
+            got[name], tokens = pl.ablate(loaded.view, loaded.tokenizer, corpus, table, params, starts=starts)
+            t_abl = time.perf_counter() - t
+            times.setdefault(f"{name} pass", []).append(t_pass)
+            times.setdefault(f"{name} ablation", []).append(t_abl)
+            kept = "" if starts is None else f", {len(starts)} starts kept ({starts.used / 2**20:.0f} MiB)"
+            print(f"  round {r + 1}, {name}: pass {t_pass:.1f} s, ablation {t_abl:.1f} s, {tokens} ablated tokens"
+                  f"{kept}", flush=True)
+            if starts is not None:
+                starts.clear()
+    for part in ("pass", "ablation"):
+        print(f"{part}: now / before {sum(times[f'now {part}']) / sum(times[f'before {part}']):.2f}")
+    both = [sum(times[f"{n} pass"]) + sum(times[f"{n} ablation"]) for n in ("before", "now")]
+    print(f"pass + ablation: now / before {both[1] / both[0]:.2f}; ablation / pass: before "
+          f"{sum(times['before ablation']) / sum(times['before pass']):.2f}, now "
+          f"{sum(times['now ablation']) / sum(times['now pass']):.2f}")
     for kind in ("first", "random"):
         a, b = got["before"][kind], got["now"][kind]
         diff = max(float(torch.nan_to_num((x - y).abs(), nan=0.0).max()) for x, y in zip(a, b, strict=True))
