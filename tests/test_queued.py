@@ -70,7 +70,7 @@ def drain(sender: Recorder, rng: random.Random, twice: bool = True) -> list[tupl
 @pytest.fixture(autouse=True)
 def fresh_caches() -> Iterator[None]:
     """Each test starts as a fresh worker process would."""
-    for cache in (queued._models, queued._corpora, queued._merged):
+    for cache in (queued._models, queued._corpora, queued._merged, queued._starts):
         cache.clear()
     yield
 
@@ -146,6 +146,36 @@ def test_every_message_twice_in_any_order_gives_the_in_process_catalog(
     # the merge message once more, after the publish: nothing happens
     assert deliver(("step", run_id, "merge"), sender).startswith("nothing to do: the run is complete")
     assert sender.messages == []
+
+
+def test_a_worker_reads_the_starts_its_pass_shards_kept(
+    engine: Engine, models: dict[str, Path], corpus_file: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One worker process that runs a run's pass shards and then its ablation shards keeps the
+    windows' starts between them (ablation.StartCache): its ablation runs fewer tokens, and the
+    catalog is the one of the starts run again (an in-process run without the cache) to float32
+    rounding. The finish drops them."""
+    from catalog.extract import ablation as abl
+
+    req = ExtractRequest(model=str(models["llama"]), name="q-starts", corpus=str(corpus_file), params=PARAMS,
+                         shard_tokens=SHARD_TOKENS)
+    read: list[int] = []
+    real = abl.StartCache.past
+    monkeypatch.setattr(abl.StartCache, "past",
+                        lambda self, origins, width: read.append(len(origins)) or real(self, origins, width))
+    sender = Recorder()
+    run_id = queued.plan(req, engine, None, sender)
+    drain(sender, random.Random(5))
+    assert run_row(engine, run_id).status == RunStatus.complete
+    assert sum(read) > 20 and queued._starts == {}
+    monkeypatch.setattr(test_shards.settings, "ablation_start_cache_mb", 0)
+    ran = extract(ExtractRequest(**{**req.__dict__, "name": "l-starts"}))
+    with session_scope() as s:
+        progress = s.scalar(select(ExtractionRun.progress).where(ExtractionRun.id == run_id))
+    assert progress["ablation_tokens"] < ran.counts["ablation_tokens"]
+    got, want = export_of("q-starts"), export_of("l-starts")
+    assert got != want
+    test_shards.assert_same_catalog(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_a_dead_attempt_is_taken_over_at_once_and_its_late_write_refused(

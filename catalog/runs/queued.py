@@ -23,7 +23,9 @@ ids only and re-reads everything from Postgres::
   its pool (or supervisor) to start a fresh one; the shard goes back to the queue.
 
 Each worker process keeps the last model it loaded, the run's corpus (checked against the run's
-sha256 once) and the run's merged pass state, so a run's shards after the first cost no load.
+sha256 once) and the run's merged pass state, so a run's shards after the first cost no load; and
+the window starts its pass shards kept, which its ablation shards of the run read instead of running
+them (``CATALOG_ABLATION_START_CACHE_MB``; float32 rounding apart, the same figures).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from sqlalchemy.engine import Engine
 
 from catalog.config import settings
 from catalog.corpus import CorpusError, CorpusSource, open_corpus
+from catalog.extract.ablation import StartCache
+from catalog.extract.pipeline import start_cache
 from catalog.loading import LoadedModel, load
 from catalog.runs import lifecycle, sharded
 from catalog.runs.lifecycle import dispatch
@@ -70,6 +74,9 @@ def fatal_device_error(exc: BaseException) -> bool:
 _models: dict[tuple[str, str | None], LoadedModel] = {}
 _corpora: dict[int, CorpusSource] = {}
 _merged: dict[int, sharded.Merged] = {}
+# the window starts this process's pass shards kept (ablation.StartCache), for its ablation shards of
+# the same run: one run at a time, dropped at its finish, its failure or another run's first shard
+_starts: dict[int, StartCache | None] = {}
 
 
 def model(spec: str, device: str | None) -> LoadedModel:
@@ -79,6 +86,7 @@ def model(spec: str, device: str | None) -> LoadedModel:
         if _models:
             _models.clear()
             _merged.clear()
+            _drop_starts()
             gc.collect()
             _empty_device_cache()
         _models[key] = load(spec, device=device)
@@ -127,6 +135,24 @@ def _corpus(run_id: int, run: RunRow) -> CorpusSource:
     return _corpora[run_id]
 
 
+def _start_cache(run_id: int, run: RunRow, loaded: LoadedModel, create: bool) -> StartCache | None:
+    """The starts kept for ``run_id`` in this process: created for a pass shard (``create``), read by an
+    ablation shard (none when this process ran none of the run's pass shards, or was restarted)."""
+    if run_id not in _starts:
+        if not create:
+            return None
+        _drop_starts()
+        _starts[run_id] = start_cache(loaded.view, run.req.params, settings.ablation_start_cache_mb << 20)
+    return _starts[run_id]
+
+
+def _drop_starts(run_id: int | None = None) -> None:
+    for key in [k for k in _starts if run_id is None or k == run_id]:
+        kept = _starts.pop(key)
+        if kept is not None:
+            kept.clear()
+
+
 def _merged_state(engine: Engine, run_id: int, run: RunRow, loaded: LoadedModel) -> sharded.Merged:
     """The run's merged pass state, computed once per process (it is the same wherever computed:
     the states are folded in shard order)."""
@@ -163,6 +189,7 @@ def _ended(_engine: Engine, _run_id: int) -> None:
 
 
 def _fail_run(engine: Engine, run_id: int, error: BaseException | str, ended: Ended) -> None:
+    _drop_starts(run_id)
     lifecycle.fail(engine, run_id, False, error)
     ended(engine, run_id)
 
@@ -204,11 +231,11 @@ def run_shard(run_id: int, kind: str, index: int, *, sender: Sender, url: str | 
             loaded = model(run.req.model, run.req.device)
             if kind == ShardKind.pass_.value:
                 last = sharded.run_pass_shard(engine, shard, attempt, loaded, run.req, _corpus(run_id, run), run.cut,
-                                              then=then)
+                                              then=then, starts=_start_cache(run_id, run, loaded, create=True))
             else:
                 m = _merged_state(engine, run_id, run, loaded)
                 last = sharded.run_ablation_shard(engine, shard, attempt, loaded, run.req, m.triggers, m.table,
-                                                  then=then)
+                                                  then=then, starts=_start_cache(run_id, run, loaded, create=False))
             outcome = "done"
         except lifecycle.RunStateError as exc:  # cancelled, or a newer attempt took it over
             return f"dropped: {exc}"
@@ -263,6 +290,7 @@ def run_step(run_id: int, step: str, *, sender: Sender, url: str | None = None,
         if which is RunStep.merge:
             outcome = _merge_step(engine, run_id, run, loaded)
         else:
+            _drop_starts(run_id)  # every ablation shard is done: its memory goes to the finish
             outcome = _finish_step(engine, liveness, run_id, run, loaded, log, fence)
     except lifecycle.RunStateError as exc:
         return f"stopped: {exc}"
