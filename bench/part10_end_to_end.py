@@ -112,6 +112,8 @@ def main() -> None:
         print(f"{title}: {s:.1f} s = {s / p:.2f}x" + (f"  (not recorded: {', '.join(missing)})" if missing else ""))
     c = summary.counts
     print(f"\nrows {sum(c['rows'].values()):,} ({', '.join(f'{k} {v:,}' for k, v in c['rows'].items())})")
+    print(f"ablation tokens {c.get('ablation_tokens', 0):,}; window starts kept by the corpus pass: "
+          f"{c.get('start_cache_windows', 0):,} ({c.get('start_cache_mb', 0):,} MiB)")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     stop_embedded()
     if tmp is not None:

@@ -75,6 +75,9 @@ class Stack:
             "NC_API_PORT": str(self.port),
             # A dead worker's run is found and re-queued within seconds (default 30 s).
             "CATALOG_SWEEP_INTERVAL_S": "2",
+            # The catalogs are compared with the in-process one bit for bit: no window starts kept
+            # (ablation.StartCache; tests/test_shards.py's exact_placement).
+            "CATALOG_ABLATION_START_CACHE_MB": "0",
         }
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
 
@@ -250,7 +253,8 @@ def _host_export(tmp: Path, model: Path, corpus: Path) -> list[dict[str, Any]]:
     nc = Path(sys.executable).with_name("neuron-catalog")
     subprocess.run([str(nc), "extract", "--model", str(model), "--name", "tiny", "--corpus", str(corpus),
                     "--shard-tokens", str(SHARD_TOKENS)],
-                   check=True, capture_output=True, text=True, timeout=RUN_LIMIT_S, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                   check=True, capture_output=True, text=True, timeout=RUN_LIMIT_S,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "CATALOG_ABLATION_START_CACHE_MB": "0"})
     out = tmp / "host.jsonl"
     subprocess.run([str(nc), "export", "--model", "tiny", "--out", str(out)], check=True, capture_output=True, timeout=120)
     return [{**json.loads(line), "run_id": None} for line in out.read_text().splitlines()]

@@ -35,6 +35,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from tiny_models import D_MLP, N_LAYERS
 
+from catalog.config import settings
 from catalog.export import export
 from catalog.runs.local import extract
 from catalog.runs.schemas import ExtractRequest
@@ -72,9 +73,13 @@ def engine(engine: Engine) -> Iterator[Engine]:
 
 @pytest.fixture(scope="module", autouse=True)
 def broker(redis_url: str) -> Iterator[str]:
-    """Every CLI subprocess of this module (they read os.environ) uses the test's own Redis."""
+    """Every CLI subprocess of this module (they read os.environ) uses the test's own Redis, and keeps
+    no window starts (ablation.StartCache): the workers' catalogs are compared with in-process ones
+    bit for bit (tests/test_shards.py's exact_placement)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CATALOG_BROKER_URL", redis_url)
+        mp.setenv("CATALOG_ABLATION_START_CACHE_MB", "0")
+        mp.setattr(settings, "ablation_start_cache_mb", 0)
         yield redis_url
 
 

@@ -176,6 +176,9 @@ class StartCache:
             return
         kv = [(k, v) for k, v, *_ in past]
         k0 = kv[0][0]
+        if any(k.shape[0] != len(windows) or k.shape[2] != k0.shape[2] for k, _ in kv):
+            self.full = True  # not one entry per row and position (a cache of another kind): keep nothing more
+            return
         per_position = sum(k.shape[1] * k.shape[3] * (k.element_size() + v.element_size()) for k, v in kv)
         wanted: list[int] = []
         for w in windows:
