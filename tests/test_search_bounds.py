@@ -229,6 +229,38 @@ def test_total_estimated_above_the_bound(client: httpx.Client, catalog_rows: dic
     assert body["total_exact"] is False and body["total"] >= 6
 
 
+@pytest.mark.parametrize("q", ["bird", "cat OR moon"])
+def test_a_word_is_estimated_before_it_is_counted(catalog_rows: dict[str, Any], engine: Engine,
+                                                  monkeypatch: pytest.MonkeyPatch, q: str) -> None:
+    """A q the lexeme sets decide alone (a word, words joined by OR): far above search_total_max the
+    planner's estimate is the total and no count runs; under it, the count, exact, as before."""
+    from sqlalchemy.orm import Session
+
+    from catalog.read import search
+    from catalog.read.explain import capture
+
+    want = expected(catalog_rows, q)
+    assert len(want) > 20, "a word this corpus gives few neurons would prove nothing"
+
+    def page() -> tuple[search.SearchPage, list[str]]:
+        with capture(engine) as seen, Session(engine) as s:
+            got = search.search(s, NAME, search.SearchQuery(q=q, limit=2))
+        return got, [c.statement for c in seen]
+
+    got, sent = page()
+    assert (got.total, got.total_exact) == (len(want), True)
+    assert any("count(*)" in st for st in sent) and any(st.startswith("EXPLAIN") for st in sent)
+    monkeypatch.setattr(settings, "search_total_max", 5)
+    got, sent = page()
+    assert got.total_exact is False and got.total is not None and got.total > 2 * 5
+    assert not any("count(*)" in st for st in sent)
+    # the estimate is the lexeme statistics' own: within a factor of two of the true count here
+    assert len(want) / 2 <= got.total <= 2 * len(want)
+    monkeypatch.setattr(settings, "search_total_max", len(want) // 2 + 1)  # estimate within 2x: counted
+    got, sent = page()
+    assert (got.total_exact, any("count(*)" in st for st in sent)) == (False, True)
+
+
 def test_json_route_equals_the_pydantic_page(client: httpx.Client, catalog_rows: dict[str, Any], engine: Engine) -> None:
     from sqlalchemy.orm import Session
 
