@@ -456,11 +456,23 @@ def _estimate(session: Session, base: Select[Any]) -> int:
 
 
 # A search whose q the neurons' lexeme sets decide alone (a word, or words joined by OR) is estimated
-# before it is counted: the lexeme-set index cannot stop a count early (a bitmap of every match is
-# built first: 35 ms for "the" on SmolLM2's 46,080 neurons), and its estimate comes from the
-# lexemes' own statistics (exact for every single word measured there). Above this many times
-# search_total_max the estimate is the answer.
+# before it is counted when the lexemes alone are estimated to match many neurons: the lexeme-set
+# index cannot stop a count early (a bitmap of every match is built first: 35 ms for "the" on
+# SmolLM2's 46,080 neurons, 41 ms at GPT-2-XL scale), and its estimate comes from the lexemes' own
+# statistics (exact for every single word measured on SmolLM2). Above this many times
+# search_total_max the estimate is the answer. The first look plans one table (0.3 ms); the whole
+# search's plan costs 2.7 ms at GPT-2-XL scale, too much for every rare word.
 _ESTIMATE_FIRST_ABOVE = 2
+
+
+def _broad_lexemes(session: Session, run_id: int, loose: str) -> bool:
+    """Whether the planner expects the lexeme query ``loose`` to match over _ESTIMATE_FIRST_ABOVE x
+    search_total_max of the run's neurons."""
+    got: Any = session.execute(text(
+        "EXPLAIN (FORMAT JSON) SELECT 1 FROM neuron_search WHERE run_id = :r AND terms @@ CAST(:q AS tsquery)"),
+        {"r": run_id, "q": loose}).scalar()
+    explained = json.loads(got) if isinstance(got, str) else got
+    return int(explained[0]["Plan"]["Plan Rows"]) > _ESTIMATE_FIRST_ABOVE * settings.search_total_max
 
 
 def _total(session: Session, base: Select[Any], estimate_first: bool = False) -> tuple[int | None, bool | None]:
@@ -654,7 +666,9 @@ def _page(session: Session, name: str, query: SearchQuery) -> _PageRows:
     if after is None and not more:
         total, exact = len(page), True  # one page holds them all: no count needed
     else:
-        total, exact = _total(session, base, estimate_first=plan is not None and plan.pattern.decided and plan.relevance is None)
+        broad = (plan is not None and plan.pattern.decided and plan.relevance is None and plan.pattern.loose is not None
+                 and settings.search_total_max > 0 and _broad_lexemes(session, run.id, plan.pattern.loose))
+        total, exact = _total(session, base, estimate_first=broad)
     return _PageRows(run.id, [r for _, r in page], next_cursor, resolved, plan.pattern if plan else None, total, exact)
 
 
