@@ -104,14 +104,17 @@ def test_sliding_window_models_run_rows_in_full() -> None:
     assert abl.shares_starts(MistralForCausalLM(cfg))
 
 
+def _documents() -> list[Document]:
+    rng = np.random.default_rng(7)
+    return [Document(i, " ".join(rng.choice(tiny_models.WORDS, size=int(rng.integers(2, 71))).tolist()))
+            for i in range(40)]
+
+
 def _corpus_and_view(family: str, bos: bool) -> tuple[torch.nn.Module, MlpView, object, TokenisedCorpus]:
     """Documents of 2-70 random words in windows of 24 (overlapping windows after a document's first)."""
     model = tiny_models.build(family, seed=5)
     tok = tiny_models.tokenizer(bos=bos)
-    rng = np.random.default_rng(7)
-    docs = [Document(i, " ".join(rng.choice(tiny_models.WORDS, size=int(rng.integers(2, 71))).tolist()))
-            for i in range(40)]
-    return model, MlpView.of(model), tok, tokenise(docs, tok, window=24, bos="auto" if bos else "none")
+    return model, MlpView.of(model), tok, tokenise(_documents(), tok, window=24, bos="auto" if bos else "none")
 
 
 @pytest.mark.parametrize("family", tiny_models.FAMILIES)
@@ -179,3 +182,26 @@ def test_starts_kept_by_the_corpus_pass(family: str, bos: bool) -> None:
         w = want["random"][layer]
         scale = float(w.nan_to_num().abs().max())
         np.testing.assert_allclose(mixed["random"][layer].numpy(), w.numpy(), rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_starts_kept_after_a_read_are_read_too() -> None:
+    """A pass shard's starts kept after an ablation read the cache (packed it) are read like the rest."""
+    _, view, tok, corpus = _corpus_and_view("llama", True)
+    params = Parameters(top_n=6, window=24, batch_tokens=300)
+    docs = _documents()
+    one = pipeline.start_cache(view, params, 1 << 30)
+    two = pipeline.start_cache(view, params, 1 << 30)
+    assert one is not None and two is not None
+    pipeline.pass_state(view, tok, corpus, params, starts=one)
+    state = pipeline.pass_state(view, tok, tokenise(docs[:20], tok, window=24), params, starts=two)
+    table = abl.prefix_table(corpus, state.top, None)
+    pipeline.ablate(view, tok, corpus, table, params, starts=two)  # reads: packs the first half's starts
+    pipeline.pass_state(view, tok, tokenise(docs[20:], tok, window=24), params, starts=two)
+    assert len(two) == len(one)
+    full = pipeline.pass_state(view, tok, corpus, params)
+    table = abl.prefix_table(corpus, full.top, None)
+    a, n_a = pipeline.ablate(view, tok, corpus, table, params, starts=one)
+    b, n_b = pipeline.ablate(view, tok, corpus, table, params, starts=two)
+    assert n_a == n_b
+    for x, y in zip(a["random"], b["random"], strict=True):
+        np.testing.assert_allclose(y.numpy(), x.numpy(), rtol=1e-4, atol=1e-6)

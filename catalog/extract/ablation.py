@@ -17,7 +17,9 @@ neuron's coefficient at the prefix's last token:
   one pass per prefix would cost about T^2 / 2. Those sequences start with the window's own tokens
   up to the removed index, so (``shares_starts``) one pass over the longest such start per window
   keeps its keys and values, and each sequence runs only from its removed index on, reading the
-  rest from that cache: about 1.5 T tokens per window (the suffixes telescope to T).
+  rest from that cache: about 1.5 T tokens per window (the suffixes telescope to T). Where the
+  corpus pass ran in the same process, it kept those starts (``StartCache``), and the sequences run
+  only from their removed index: about T tokens per window.
 
 A single-token prefix has nothing left to ablate: its ablated coefficients are NaN (stored null).
 
@@ -174,6 +176,11 @@ class StartCache:
         first lead + r1 positions."""
         if self.full:
             return
+        if past is None:  # a model that keeps no cache
+            self.full = True
+            return
+        if self._packed is not None:  # read already (a shard after an ablation shard): pack again on the next read
+            self._chunks, self._packed = [list(self._packed)], None
         kv = [(k, v) for k, v, *_ in past]
         k0 = kv[0][0]
         if any(k.shape[0] != len(windows) or k.shape[2] != k0.shape[2] for k, _ in kv):
