@@ -447,12 +447,17 @@ def _fetch_relevance(session: Session, base: Select[Any], relevance: Any, after:
     return rows
 
 
+def _plan_rows(got: Any) -> int:
+    """The row estimate of an ``EXPLAIN (FORMAT JSON)`` answer."""
+    explained = json.loads(got) if isinstance(got, str) else got
+    return int(explained[0]["Plan"]["Plan Rows"])
+
+
 def _estimate(session: Session, base: Select[Any]) -> int:
     """The planner's estimate of how many rows ``base`` has."""
     compiled = base.compile(dialect=session.get_bind().dialect, compile_kwargs={"render_postcompile": True})
-    got: Any = session.connection().exec_driver_sql("EXPLAIN (FORMAT JSON) " + str(compiled), compiled.params).scalar()
-    explained = json.loads(got) if isinstance(got, str) else got
-    return int(explained[0]["Plan"]["Plan Rows"])
+    return _plan_rows(session.connection().exec_driver_sql("EXPLAIN (FORMAT JSON) " + str(compiled),
+                                                           compiled.params).scalar())
 
 
 # A search whose q the neurons' lexeme sets decide alone (a word, or words joined by OR) is estimated
@@ -468,11 +473,9 @@ _ESTIMATE_FIRST_ABOVE = 2
 def _broad_lexemes(session: Session, run_id: int, loose: str) -> bool:
     """Whether the planner expects the lexeme query ``loose`` to match over _ESTIMATE_FIRST_ABOVE x
     search_total_max of the run's neurons."""
-    got: Any = session.execute(text(
+    return _plan_rows(session.execute(text(
         "EXPLAIN (FORMAT JSON) SELECT 1 FROM neuron_search WHERE run_id = :r AND terms @@ CAST(:q AS tsquery)"),
-        {"r": run_id, "q": loose}).scalar()
-    explained = json.loads(got) if isinstance(got, str) else got
-    return int(explained[0]["Plan"]["Plan Rows"]) > _ESTIMATE_FIRST_ABOVE * settings.search_total_max
+        {"r": run_id, "q": loose}).scalar()) > _ESTIMATE_FIRST_ABOVE * settings.search_total_max
 
 
 def _total(session: Session, base: Select[Any], estimate_first: bool = False) -> tuple[int | None, bool | None]:

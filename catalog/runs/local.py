@@ -18,7 +18,6 @@ from sqlalchemy.engine import Engine
 from catalog.config import settings
 from catalog.corpus import CorpusSource, open_corpus
 from catalog.extract.params import Progress
-from catalog.extract.pipeline import start_cache
 from catalog.extract.windows import choose_bos
 from catalog.loading import LoadedModel, load, resolve
 from catalog.runs import lifecycle, sharded
@@ -222,7 +221,7 @@ def _drive(
                 progress("corpus pass", sum(s.tokens for s in shards if s not in todo), sum(s.tokens for s in shards))
             total = sum(s.tokens for s in shards)
             # the windows' starts, kept by the pass shards run here for the ablation shards run here
-            starts = start_cache(loaded.view, req.params, settings.ablation_start_cache_mb << 20)
+            starts = sharded.start_cache(loaded, req)
             for shard in todo:
                 stage(f"pass shard {shard.index}")
                 lifecycle.check_running(engine, run_id)

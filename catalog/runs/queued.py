@@ -43,7 +43,6 @@ from sqlalchemy.engine import Engine
 from catalog.config import settings
 from catalog.corpus import CorpusError, CorpusSource, open_corpus
 from catalog.extract.ablation import StartCache
-from catalog.extract.pipeline import start_cache
 from catalog.loading import LoadedModel, load
 from catalog.runs import lifecycle, sharded
 from catalog.runs.lifecycle import dispatch
@@ -142,7 +141,7 @@ def _start_cache(run_id: int, run: RunRow, loaded: LoadedModel, create: bool) ->
         if not create:
             return None
         _drop_starts()
-        _starts[run_id] = start_cache(loaded.view, run.req.params, settings.ablation_start_cache_mb << 20)
+        _starts[run_id] = sharded.start_cache(loaded, run.req)
     return _starts[run_id]
 
 

@@ -50,6 +50,7 @@ from catalog.extract.pipeline import (
     pass_state,
     trigger_documents,
 )
+from catalog.extract.pipeline import start_cache as pipeline_start_cache
 from catalog.extract.states import PassState, layer_payload, pack, pass_state_from, shard_payload, unpack
 from catalog.extract.windows import TokenisedCorpus, tokenise
 from catalog.loading import LoadedModel, tokenizer_sha256, weights_sha256
@@ -171,6 +172,12 @@ class Lease:
                     return
             except Exception as exc:  # noqa: BLE001  (a lost database shows at the shard's own commit)
                 logger.warning("%s shard %s: lease not renewed: %s", self.shard.kind, self.shard.index, exc)
+
+
+def start_cache(loaded: LoadedModel, req: ExtractRequest) -> abl.StartCache | None:
+    """The window starts this process's pass shards of ``req`` keep for its ablation shards, within
+    CATALOG_ABLATION_START_CACHE_MB (None: nothing to keep)."""
+    return pipeline_start_cache(loaded.view, req.params, settings.ablation_start_cache_mb << 20)
 
 
 def run_pass_shard(engine: Engine, shard: Shard, attempt: int, loaded: LoadedModel, req: ExtractRequest,
