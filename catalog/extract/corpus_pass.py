@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from catalog.extract.fold import count_positive, fold, merge_top
 from catalog.extract.hooks import backbone, capture_coefficients, capture_outputs, pad_rows
 from catalog.extract.states import FiringStats, RunningStats, TopState, masked_extremes
 from catalog.extract.windows import TokenisedCorpus
@@ -157,9 +158,11 @@ def corpus_pass(
     progress: Callable[[int], None] | None = None,
     firing: bool = True,
     starts: StartCache | None = None,
+    compiled: bool = True,
 ) -> PassResult:
     """Run the model once over the corpus and fold every layer's coefficients into top-N and stats;
-    ``starts`` (a causal model) keeps each window's start for the random ablation."""
+    ``starts`` (a causal model) keeps each window's start for the random ablation. On CPU the fold is
+    ``fold.py``'s compiled loops (``compiled=False``: the torch operations the CUDA path runs)."""
     import time
 
     device = next(model.parameters()).device
@@ -175,8 +178,19 @@ def corpus_pass(
     current: list[Batch] = []
 
     def on_layer(layer: int, coeffs: torch.Tensor) -> None:
-        coeffs = coeffs.float()
         batch = current[0]
+        if compiled and coeffs.device.type == "cpu":  # the compiled read of the coefficients (fold.py)
+            f = fold(coeffs, batch.counted, lowest=bottom is not None, histogram=firing)
+            if f.count:
+                stats[layer].absorb(RunningStats(f.mean, f.m2, f.positive, f.best.max(0).values.double(), f.count))
+            if f.hist is not None:
+                fire[layer].add_histogram(f.hist, f.count)
+            merge_top(top[layer], batch_candidates(coeffs, f.best, f.at, batch, corpus, lead))
+            if bottom is not None:
+                assert f.low is not None and f.low_at is not None
+                merge_top(bottom[layer], batch_candidates(coeffs, f.low, f.low_at, batch, corpus, lead, sign=-1))
+            return
+        coeffs = coeffs.float()
         # one masked copy serves the maxima, the |coefficient| histogram and (refilled) the minima;
         # torch.where with a scalar is about 2x faster than masked_fill for it on CPU
         keep = batch.counted.unsqueeze(-1)
@@ -192,7 +206,10 @@ def corpus_pass(
             bottom[layer] = bottom[layer].merge(batch_candidates(coeffs, low, low_at, batch, corpus, lead, sign=-1))
 
     def on_preactivation(layer: int, pre: torch.Tensor) -> None:
-        fire[layer].add_preactivation(pre.float(), current[0].counted)
+        if compiled and pre.device.type == "cpu":
+            fire[layer].gate_open += count_positive(pre, current[0].counted)
+        else:
+            fire[layer].add_preactivation(pre.float(), current[0].counted)
 
     t0 = time.perf_counter()
     tokens = 0

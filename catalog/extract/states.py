@@ -97,8 +97,11 @@ class RunningStats:
         centred = flat - rough
         residual = (m @ centred).squeeze(0).double() / n  # the rounding, from small numbers
         m2 = (m @ centred.mul_(centred)).squeeze(0).double() - n * residual * residual  # squared in place
-        batch = RunningStats(rough.double() + residual, m2.clamp(min=0),
-                             (m @ positive(flat)).squeeze(0).double(), best.max(0).values.double(), n)
+        self.absorb(RunningStats(rough.double() + residual, m2.clamp(min=0),
+                                 (m @ positive(flat)).squeeze(0).double(), best.max(0).values.double(), n))
+
+    def absorb(self, batch: RunningStats) -> None:
+        """Merge a batch's statistics in, in place."""
         merged = self.merge(batch)
         self.mean, self.m2, self.positive, self.maximum, self.count = (
             merged.mean, merged.m2, merged.positive, merged.maximum, merged.count)
@@ -156,6 +159,11 @@ class FiringStats:
         self.count += n
         hist = abs_histogram(masked.reshape(-1, masked.shape[-1]))
         hist[:, -1] -= counted.numel() - n
+        self.abs_hist += hist
+
+    def add_histogram(self, hist: torch.Tensor, n: int) -> None:
+        """Add a batch's |coefficient| histogram of its ``n`` counted positions."""
+        self.count += n
         self.abs_hist += hist
 
     def merge(self, other: FiringStats) -> FiringStats:
