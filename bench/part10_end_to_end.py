@@ -15,6 +15,7 @@ run records is printed as seconds and as a ratio to the plain pass, then issue 1
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import resource
@@ -50,6 +51,7 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory(prefix="nc-bench10-")
         os.environ["CATALOG_DATA_DIR"] = tmp.name
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    importlib.import_module("catalog")  # first: it sets GOMP_SPINCOUNT, read when torch loads
 
     import torch
     import transformers
@@ -69,7 +71,7 @@ def main() -> None:
     params = Parameters()
     print(f"# part 10 end to end  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  {platform.node()}  "
           f"{os.cpu_count()} CPUs  torch {torch.__version__} threads {torch.get_num_threads()}  "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}  load average {os.getloadavg()[0]:.2f}", flush=True)
     get_engine()  # start the embedded server outside the timings (the README's setup does it once)
     migrate.upgrade()
     loaded = load(args.model, device=args.device)

@@ -14,6 +14,7 @@ layer's fold of 4,096 x 1,536 random coefficients, timed alone.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import platform
@@ -70,6 +71,7 @@ def main() -> None:
     ap.add_argument("--micro", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    importlib.import_module("catalog")  # first: it sets GOMP_SPINCOUNT, read when torch loads
 
     import torch
     import transformers
@@ -82,7 +84,8 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     print(f"# part 10 fold  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  {platform.node()}  {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads)", flush=True)
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}",
+          flush=True)
     if args.micro:
         micro()
     loaded = load("smollm2")

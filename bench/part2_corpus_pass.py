@@ -13,6 +13,7 @@ The target is corpus-pass time / plain time <= 1.25 (i.e. tokens/s ratio plain /
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import resource
@@ -38,6 +39,7 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory(prefix="nc-bench2-")
         os.environ["CATALOG_DATA_DIR"] = tmp.name
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    importlib.import_module("catalog")  # first: it sets GOMP_SPINCOUNT, read when torch loads
 
     import torch
     import transformers
