@@ -27,7 +27,7 @@ import numba
 import numpy as np
 import torch
 
-from catalog.extract.states import _ABS_FIRST, _ABS_SHIFT, ABS_BINS, TopState
+from catalog.extract.states import ABS_BINS, ABS_FIRST, ABS_SHIFT, TopState
 
 _BLOCK = 128  # the threads' ranges of neurons are whole multiples of this: whole cache lines of a row
 
@@ -94,7 +94,7 @@ def _histogram(bits: np.ndarray, at: np.ndarray, hist: np.ndarray, lo: int, hi: 
     for k in range(at.shape[0]):
         row = bits[at[k, 0], at[k, 1], lo:hi]
         for d in range(hi - lo):
-            b = ((row[d] & 0x7FFFFFFF) >> _ABS_SHIFT) - (_ABS_FIRST - 1)
+            b = ((row[d] & 0x7FFFFFFF) >> ABS_SHIFT) - (ABS_FIRST - 1)
             h[d, min(max(b, 0), over)] += 1
 
 

@@ -128,8 +128,8 @@ class RunningStats:
 ABS_MANTISSA_BITS = 4
 ABS_LO_EXP, ABS_HI_EXP = -20, 14  # 2^-20 ~ 1e-6 .. 2^14 ~ 1.6e4
 ABS_BINS = (ABS_HI_EXP - ABS_LO_EXP) << ABS_MANTISSA_BITS
-_ABS_SHIFT = 23 - ABS_MANTISSA_BITS
-_ABS_FIRST = (ABS_LO_EXP + 127) << ABS_MANTISSA_BITS  # the bit pattern >> _ABS_SHIFT of 2^ABS_LO_EXP
+ABS_SHIFT = 23 - ABS_MANTISSA_BITS
+ABS_FIRST = (ABS_LO_EXP + 127) << ABS_MANTISSA_BITS  # the bit pattern >> ABS_SHIFT of 2^ABS_LO_EXP
 
 
 @dataclass
@@ -193,7 +193,7 @@ def abs_histogram(flat: torch.Tensor) -> torch.Tensor:
     width = ABS_BINS + 2
     d = flat.shape[1]
     bits = flat.float().T.contiguous().view(torch.int32)  # [d_mlp, n], a copy we may overwrite
-    bits.bitwise_and_(0x7FFFFFFF).bitwise_right_shift_(_ABS_SHIFT).sub_(_ABS_FIRST - 1).clamp_(0, ABS_BINS + 1)
+    bits.bitwise_and_(0x7FFFFFFF).bitwise_right_shift_(ABS_SHIFT).sub_(ABS_FIRST - 1).clamp_(0, ABS_BINS + 1)
     bits.add_(torch.arange(0, d * width, width, dtype=torch.int32, device=flat.device).unsqueeze(1))
     return torch.bincount(bits.reshape(-1), minlength=d * width).view(d, width)
 
