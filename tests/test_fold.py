@@ -140,3 +140,24 @@ def test_merge_top_equals_the_states_merge_with_ties_and_empty_slots() -> None:
         assert torch.equal(fast.positions, slow.positions)
         assert torch.equal(fast.previous.nan_to_num(7.0), slow.previous.nan_to_num(7.0))
         assert torch.equal(torch.signbit(fast.values), torch.signbit(slow.values))
+
+
+def test_a_bfloat16_corpus_pass_folds_the_same_compiled_or_through_torch() -> None:
+    """A bfloat16 model (part 2's --dtype bfloat16; numpy has no bfloat16): the compiled fold and merge
+    keep the triggers and counts of the torch operations."""
+    model, tok = tiny_models.build("llama", seed=5), tiny_models.tokenizer()
+    view = MlpView.of(model.to(torch.bfloat16))
+    rng = np.random.default_rng(4)
+    docs = [Document(i, " ".join(rng.choice(tiny_models.WORDS, size=int(rng.integers(1, 40))))) for i in range(40)]
+    corpus = tokenise(docs, tok, window=16, causal=view.causal)
+    fused, reference = (corpus_pass(view.model, view.value_projs(), corpus, top_n=5, gated=view.gated,
+                                    batch_tokens=96, pad=0, key_projs=view.key_projs(), compiled=c)
+                        for c in (True, False))
+    assert fused.tokens == reference.tokens > 300
+    for layer in range(len(view.value_projs())):
+        assert fused.bottom is not None and reference.bottom is not None
+        for a, b in [(fused.top[layer], reference.top[layer]), (fused.bottom[layer], reference.bottom[layer])]:
+            assert torch.equal(a.values, b.values.float()) and torch.equal(a.documents, b.documents)
+            assert torch.equal(a.positions, b.positions)
+        assert torch.equal(fused.stats[layer].positive, reference.stats[layer].positive)
+        assert torch.equal(fused.firing[layer].abs_hist, reference.firing[layer].abs_hist)

@@ -209,7 +209,9 @@ def merge_top(state: TopState, candidates: TopState) -> TopState:
     of a top-k over both. ``candidates`` as ``corpus_pass.batch_candidates`` makes them: transposed
     [n_docs, d_mlp] tensors, one document per column."""
     vs, ds, ps, qs = (t.numpy() for t in (state.values, state.documents, state.positions, state.previous))
-    cv, cp, cq = (t.T.numpy() for t in (candidates.values, candidates.positions, candidates.previous))
+    # a bfloat16 model's candidates (numpy has no bfloat16); .float() of float32 is the tensor itself
+    cv, cq = (t.T.float().numpy() for t in (candidates.values, candidates.previous))
+    cp = candidates.positions.T.numpy()
     cdoc = np.ascontiguousarray(candidates.documents[0].numpy())
     _split(vs.shape[0], lambda lo, hi: _merge_top(vs, ds, ps, qs, cv, cdoc, cp, cq, lo, hi))
     return state
