@@ -75,6 +75,7 @@ LABELS: tuple[str, ...] = tuple(m.value for m in SuggestedLabel)
 HUMAN_LABELS: tuple[str, ...] = tuple(m.value for m in HumanLabel)
 ABLATIONS: tuple[str, ...] = tuple(m.value for m in Ablation)
 PROJECTIONS: tuple[str, ...] = tuple(m.value for m in Projection)
+SUMMARY_TOKENS = 5  # promoted tokens a search hit shows (catalog/store/search_index.py stores them)
 
 
 # --- figures --------------------------------------------------------------------------------------

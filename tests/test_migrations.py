@@ -65,7 +65,7 @@ def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
     assert migrate.current(empty_db_url) is None
 
     migrate.upgrade(empty_db_url)
-    assert migrate.current(empty_db_url) == "0011"
+    assert migrate.current(empty_db_url) == "0012"
     tables, columns, extensions, enums = _schema(empty_db_url)
     assert TABLES <= tables
     assert "vector" in extensions
@@ -81,7 +81,7 @@ def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
     assert "vector" in extensions  # deliberately kept by the downgrade (see 0001_initial.py)
 
     migrate.upgrade(empty_db_url)
-    assert migrate.current(empty_db_url) == "0011"
+    assert migrate.current(empty_db_url) == "0012"
     assert TABLES <= _schema(empty_db_url)[0]
     # 0006: the prefix -> triggers join of pattern search reads only the index (index-only scan)
     engine = create_engine(empty_db_url, poolclass=pool.NullPool)
@@ -181,3 +181,52 @@ def test_url_helpers() -> None:
     )
     assert normalize_url("postgresql+psycopg://a@h/d") == "postgresql+psycopg://a@h/d"
     assert safe_url("postgresql+psycopg://a:pw@h:5/d") == "postgresql+psycopg://a@h:5/d"
+
+
+def test_0012_builds_the_stored_summaries_of_the_runs_already_there(empty_db_url: str) -> None:
+    """A run written before 0012 gets its neurons' summary rows from its own rows: the top five promoted
+    tokens per convention in rank order, the rank-0 positive trigger with its next token, and none
+    (null, empty lists) where a neuron has no triggers or no folded tokens."""
+    migrate.upgrade(empty_db_url, "0011")
+    engine = create_engine(empty_db_url, poolclass=pool.NullPool)
+    try:
+        with Session(engine) as s:
+            cm = CatalogModel(name="m", source="s", family="gpt2", model_type="gpt2", n_layers=1, d_model=4, d_mlp=2,
+                              vocab_size=8, gated=False)
+            s.add(cm)
+            s.flush()
+            r = ExtractionRun(model_id=cm.id, status=RunStatus.complete)
+            s.add(r)
+            s.commit()
+            run = r.id
+        raw = {0: [(t, 10.0 - t) for t in range(7)], 1: [(7 - t, 0.5 * t) for t in range(7)]}  # rank order
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO tokens (run_id, token_id, text) SELECT :r, i, 'tok' || i FROM generate_series(0, 7) i"),
+                         {"r": run})
+            for n in (0, 1):
+                conn.execute(text("INSERT INTO neurons (run_id, layer, neuron, key_norm, value_norm, alignment, key_vector, value_vector) "
+                                  "VALUES (:r, 0, :n, 1, 1, 0, '[1,0,0,0]', '[0,1,0,0]')"), {"r": run, "n": n})
+                for rank, (tok, logit) in reversed(list(enumerate(raw[n]))):  # stored out of order
+                    conn.execute(text("INSERT INTO value_tokens (run_id, layer, neuron, convention, kind, rank, token_id, logit) "
+                                      "VALUES (:r, 0, :n, 'raw', 'top', :k, :t, :l), (:r, 0, :n, 'raw', 'bottom', :k, 0, -1)"),
+                                 {"r": run, "n": n, "k": rank, "t": tok, "l": logit})
+            conn.execute(text("INSERT INTO value_tokens (run_id, layer, neuron, convention, kind, rank, token_id, logit) "
+                              "VALUES (:r, 0, 0, 'folded', 'top', 0, 3, 2.5)"), {"r": run})
+            conn.execute(text("INSERT INTO prefixes (run_id, document, position, text, token_id, next_token_id) "
+                              "VALUES (:r, 0, 4, 'a walrus', 2, 5), (:r, 1, 2, 'the sea', 1, NULL)"), {"r": run})
+            conn.execute(text("INSERT INTO triggers (run_id, layer, neuron, sign, rank, document, position, coefficient) "
+                              "VALUES (:r, 0, 0, 1, 1, 1, 2, 0.5), (:r, 0, 0, 1, 0, 0, 4, 2.0), (:r, 0, 0, -1, 0, 1, 2, -3.0)"),
+                         {"r": run})
+        migrate.upgrade(empty_db_url)
+        with engine.connect() as conn:
+            got = {n: (a, b, c) for n, a, b, c in conn.execute(text(
+                "SELECT neuron, top_tokens_raw, top_tokens_folded, top_trigger FROM neuron_summaries WHERE run_id = :r"),
+                {"r": run}).tuples()}
+    finally:
+        engine.dispose()
+    assert set(got) == {0, 1}
+    for n in (0, 1):
+        assert got[n][0] == [{"token_id": t, "token": f"tok{t}", "logit": lg} for t, lg in raw[n][:5]]
+    assert got[0][1] == [{"token_id": 3, "token": "tok3", "logit": 2.5}] and got[1][1] == []
+    assert got[0][2] == {"text": "a walrus", "activation": 2.0, "next_token": "tok5"}
+    assert got[1][2] is None

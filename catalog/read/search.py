@@ -81,7 +81,6 @@ RELEVANCE = "relevance"  # with q only: the best matching trigger's coefficient,
 MATCHING_TRIGGERS = 3
 MAX_LIMIT = 500
 MAX_Q = 500
-SUMMARY_TOKENS = 5
 
 N = Neuron.__table__
 S = NeuronSearch.__table__
@@ -520,20 +519,12 @@ def _fetch(session: Session, base: Select[Any], order: _Order, after: _Cursor | 
     return rows
 
 
-_TOP_TOKENS_SQL = text(f"""
-SELECT vt.layer, vt.neuron, vt.token_id, vt.logit, t.text
+# A page's stored parts (catalog/store/search_index.py): its top tokens in the page's convention and
+# its strongest trigger, as JSON, one primary-key probe per hit.
+_STORED_SQL = text("""
+SELECT k.layer, k.neuron, CASE WHEN :conv = 'folded' THEN s.top_tokens_folded ELSE s.top_tokens_raw END, s.top_trigger
 FROM unnest(CAST(:layers AS smallint[]), CAST(:neurons AS int[])) AS k(layer, neuron)
-JOIN value_tokens vt ON vt.run_id = :run AND vt.layer = k.layer AND vt.neuron = k.neuron
-                    AND vt.kind = 'top' AND vt.convention = :conv AND vt.rank < {SUMMARY_TOKENS}
-JOIN tokens t ON t.run_id = vt.run_id AND t.token_id = vt.token_id
-ORDER BY vt.layer, vt.neuron, vt.rank
-""")
-_TOP_TRIGGER_SQL = text("""
-SELECT tr.layer, tr.neuron, tr.coefficient, p.text, nt.text
-FROM unnest(CAST(:layers AS smallint[]), CAST(:neurons AS int[])) AS k(layer, neuron)
-JOIN triggers tr ON tr.run_id = :run AND tr.layer = k.layer AND tr.neuron = k.neuron AND tr.sign = 1 AND tr.rank = 0
-JOIN prefixes p ON p.run_id = tr.run_id AND p.document = tr.document AND p.position = tr.position
-LEFT JOIN tokens nt ON nt.run_id = p.run_id AND nt.token_id = p.next_token_id
+JOIN neuron_summaries s ON s.run_id = :run AND s.layer = k.layer AND s.neuron = k.neuron
 """)
 
 
@@ -597,17 +588,16 @@ FROM unnest(CAST(:layers AS smallint[]), CAST(:neurons AS int[])) AS k(layer, ne
 
 def _summaries(session: Session, run_id: int, rows: list[Any], projection: str = "raw",
                pattern: _Pattern | None = None) -> list[NeuronSummary]:
-    """The page's neurons with their five top tokens and strongest trigger (two queries for the page)."""
+    """The page's neurons with their five top tokens and strongest trigger (stored: one query for the page)."""
     if not rows:
         return []
     keys = {"run": run_id, "layers": [r.layer for r in rows], "neurons": [r.neuron for r in rows], "conv": projection}
-    tokens: dict[tuple[int, int], list[TokenLogit]] = {(r.layer, r.neuron): [] for r in rows}
-    for layer, neuron, tid, logit, txt in session.execute(_TOP_TOKENS_SQL, keys).tuples():
-        tokens[(layer, neuron)].append(TokenLogit(token_id=tid, token=txt, logit=logit))
-    top = {
-        (layer, neuron): TopTrigger(text=txt, activation=coef, next_token=nxt)
-        for layer, neuron, coef, txt, nxt in session.execute(_TOP_TRIGGER_SQL, keys).tuples()
-    }
+    tokens: dict[tuple[int, int], list[TokenLogit]] = {}
+    top: dict[tuple[int, int], TopTrigger] = {}
+    for layer, neuron, top_tokens, top_trigger in session.execute(_STORED_SQL, keys).tuples():
+        tokens[(layer, neuron)] = [TokenLogit.model_validate(t) for t in top_tokens]
+        if top_trigger is not None:
+            top[(layer, neuron)] = TopTrigger.model_validate(top_trigger)
     matching: dict[tuple[int, int], list[MatchingTrigger]] = {}
     if pattern is not None:
         for layer, neuron, got in session.execute(_MATCHING_SQL, {**keys, **_parser_params(session),
@@ -618,7 +608,7 @@ def _summaries(session: Session, run_id: int, rows: list[Any], projection: str =
     for r in rows:
         fields = {s: clean(getattr(r, s)) for s in NEURON_STATS}
         out.append(NeuronSummary(layer=r.layer, neuron=r.neuron, suggested_label=r.suggested_label,
-                                 top_tokens=tokens[(r.layer, r.neuron)], top_trigger=top.get((r.layer, r.neuron)),
+                                 top_tokens=tokens.get((r.layer, r.neuron), []), top_trigger=top.get((r.layer, r.neuron)),
                                  matching_triggers=matching.get((r.layer, r.neuron)) if pattern is not None else None,
                                  **fields))
     return out
@@ -687,26 +677,18 @@ def _num(column: str) -> str:
 
 
 # The page's NeuronSummary items, in page order, as JSON text built by Postgres in one statement
-# (what _summaries assembles from two or three queries and pydantic).
+# (what _summaries assembles from one or two queries and pydantic), the stored parts as they are.
 _SUMMARIES_JSON = f"""
 SELECT coalesce(json_agg(json_build_object(
     {", ".join(f"'{f}', {_num('n.' + f)}" for f in NEURON_STATS)}, 'suggested_label', n.suggested_label,
     'layer', n.layer, 'neuron', n.neuron,
-    'top_tokens', coalesce((
-        SELECT json_agg(json_build_object('token_id', vt.token_id, 'token', t.text, 'logit', vt.logit) ORDER BY vt.rank)
-        FROM value_tokens vt JOIN tokens t ON t.run_id = vt.run_id AND t.token_id = vt.token_id
-        WHERE vt.run_id = n.run_id AND vt.layer = n.layer AND vt.neuron = n.neuron AND vt.kind = 'top'
-          AND vt.convention = :conv AND vt.rank < {SUMMARY_TOKENS}), '[]'),
-    'top_trigger', (
-        SELECT json_build_object('text', p.text, 'activation', tr.coefficient, 'next_token', nt.text)
-        FROM triggers tr
-        JOIN prefixes p ON p.run_id = tr.run_id AND p.document = tr.document AND p.position = tr.position
-        LEFT JOIN tokens nt ON nt.run_id = p.run_id AND nt.token_id = p.next_token_id
-        WHERE tr.run_id = n.run_id AND tr.layer = n.layer AND tr.neuron = n.neuron AND tr.sign = 1 AND tr.rank = 0),
+    'top_tokens', CASE WHEN :conv = 'folded' THEN s.top_tokens_folded ELSE s.top_tokens_raw END,
+    'top_trigger', s.top_trigger,
     'matching_triggers', {{matching}}
     ) ORDER BY k.ord), '[]')::text
 FROM unnest(CAST(:layers AS smallint[]), CAST(:neurons AS int[])) WITH ORDINALITY AS k(layer, neuron, ord)
 JOIN neurons n ON n.run_id = :run AND n.layer = k.layer AND n.neuron = k.neuron
+JOIN neuron_summaries s ON s.run_id = n.run_id AND s.layer = n.layer AND s.neuron = n.neuron
 """
 _SUMMARIES_JSON_SQL = text(_SUMMARIES_JSON.format(matching="NULL"))
 _SUMMARIES_MATCHING_JSON_SQL = text(_SUMMARIES_JSON.format(matching=_MATCHING_JSON.format(o="n")))

@@ -81,7 +81,7 @@ class RunWriter:
         self.seconds = 0.0
         self.rows: dict[str, int] = {}
         self.bytes = 0
-        self.search_seconds = 0.0  # deriving neuron_search rows (part of ``seconds``)
+        self.search_seconds = 0.0  # deriving neuron_search and neuron_summaries rows (part of ``seconds``)
         self._neurons_of: dict[int, int] = {}  # layer -> neurons written (ids 0..n-1)
         self._prefix_keys: np.ndarray | None = None  # sorted (document, position) keys written
         self._may_skip_checks: bool | None = None
@@ -175,7 +175,7 @@ class RunWriter:
         self, layer: int, row: Mapping[str, Any], neurons: Mapping[str, ColumnValues | None],
         value_tokens: Mapping[str, ColumnValues], triggers: Mapping[str, ColumnValues] | None = None,
     ) -> None:
-        """One layer's rows, then its neuron_search rows when it has triggers.
+        """One layer's rows, then its neuron_summaries rows, and its neuron_search rows when it has triggers.
 
         ``row``: the ``layers`` row (LAYER_ROW: the figures of ``vocab.LAYER_FIGURES`` and histograms;
         missing ones are null). ``neurons``: every figure of ``vocab.NEURON_FIGURES``, arrays [d_mlp]
@@ -190,12 +190,16 @@ class RunWriter:
         self._copy_table("value_tokens", layer, value_tokens, VALUE_TOKEN_COLUMNS)
         if triggers is not None:
             self._copy_table("triggers", layer, triggers, TRIGGER_COLUMNS)
-            t0 = time.perf_counter()
-            with self.conn.cursor() as cur:
+        t0 = time.perf_counter()
+        with self.conn.cursor() as cur:
+            if triggers is not None:
                 self.rows["neuron_search"] = self.rows.get("neuron_search", 0) + search_index.build_neuron_search(
                     cur, self.run_id, layer
                 )
-            self.search_seconds += time.perf_counter() - t0
+            self.rows["neuron_summaries"] = self.rows.get("neuron_summaries", 0) + search_index.build_neuron_summaries(
+                cur, self.run_id, [layer]
+            )
+        self.search_seconds += time.perf_counter() - t0
 
     def similar_lists(self, space: str, d_mlp: int, ids: np.ndarray, cosines: np.ndarray, length: np.ndarray,
                       rows: Sequence[int] | None = None) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -40,7 +41,16 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column,
 from sqlalchemy.types import TypeEngine
 
 # re-exported for the many importers of NEURON_STATS, LABELS, HUMAN_LABELS and PROJECTIONS
-from catalog.vocab import HUMAN_LABELS, LABELS, LAYER_FIGURE, NEURON_FIGURE, NEURON_STATS, PROJECTIONS, Figure  # noqa: F401
+from catalog.vocab import (  # noqa: F401
+    HUMAN_LABELS,
+    LABELS,
+    LAYER_FIGURE,
+    NEURON_FIGURE,
+    NEURON_STATS,
+    PROJECTIONS,
+    SUMMARY_TOKENS,
+    Figure,
+)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -444,6 +454,23 @@ class NeuronSearch(Base):
     terms: Mapped[Any] = mapped_column(TSVECTOR, nullable=False)
     trigger_tokens: Mapped[list[int]] = mapped_column(ARRAY(Integer))
     next_tokens: Mapped[list[int]] = mapped_column(ARRAY(Integer))
+
+
+class StoredSummary(Base):
+    """The parts of a neuron's search summary that come from other tables, as the JSON a page shows
+    (catalog/read/search.py): its top SUMMARY_TOKENS promoted tokens per projection convention and its
+    strongest positive trigger (null without triggers). Built in the publishing transaction
+    (catalog/store/search_index.py), so a page of 50 reads one row per neuron instead of probing
+    value_tokens, tokens, triggers and prefixes about a dozen times per neuron."""
+
+    __tablename__ = "neuron_summaries"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("extraction_runs.id", ondelete="CASCADE"), primary_key=True)
+    layer: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    neuron: Mapped[int] = mapped_column(Integer, primary_key=True)
+    top_tokens_raw: Mapped[Any] = mapped_column(JSON, nullable=False)
+    top_tokens_folded: Mapped[Any] = mapped_column(JSON, nullable=False)
+    top_trigger: Mapped[Any] = mapped_column(JSON, nullable=True)
 
 
 class SimilarList(Base):
