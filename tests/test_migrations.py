@@ -65,7 +65,7 @@ def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
     assert migrate.current(empty_db_url) is None
 
     migrate.upgrade(empty_db_url)
-    assert migrate.current(empty_db_url) == "0012"
+    assert migrate.current(empty_db_url) == "0013"
     tables, columns, extensions, enums = _schema(empty_db_url)
     assert TABLES <= tables
     assert "vector" in extensions
@@ -81,7 +81,7 @@ def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
     assert "vector" in extensions  # deliberately kept by the downgrade (see 0001_initial.py)
 
     migrate.upgrade(empty_db_url)
-    assert migrate.current(empty_db_url) == "0012"
+    assert migrate.current(empty_db_url) == "0013"
     assert TABLES <= _schema(empty_db_url)[0]
     # 0006: the prefix -> triggers join of pattern search reads only the index (index-only scan)
     engine = create_engine(empty_db_url, poolclass=pool.NullPool)
