@@ -6,7 +6,8 @@
 Without --catalog: extracts SmolLM2 weights-only (once; reused while the catalog exists in DIR) into
 the embedded Postgres and measures token ranking and similar neurons. With --catalog NAME (an
 existing catalog, e.g. bench/part3_search.py's GPT-2-XL-sized one): every search kind the API
-serves. The read functions the routes call are called in process, one request at a time, and each
+serves. The read functions the routes call are called in process, on the API's engine (its
+connection settings), one request at a time, and each
 kind reports the median wall time (on an idle machine: Postgres plus Python CPU, which never overlap
 for one request), this process's CPU time per request, the statements it sends, and the sum of
 their execution times under EXPLAIN ANALYZE. "list" answers come from the stored exact lists;
@@ -44,6 +45,7 @@ def main() -> None:
     from sqlalchemy import text
     from sqlalchemy.orm import Session
 
+    from catalog.api.deps import api_engine
     from catalog.read import vectors
     from catalog.read.catalog import current_run
     from catalog.read.explain import capture, plans
@@ -54,6 +56,7 @@ def main() -> None:
 
     name = args.catalog or "smollm2-weights"
     engine = get_engine()
+    served = api_engine()  # the requests run as the routes run them: the API's connection settings
     migrate.upgrade()
     print(f"# part 10 requests  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC  {platform.node()}  {os.cpu_count()} CPUs")
     with Session(bind=engine) as s:
@@ -98,14 +101,14 @@ def main() -> None:
         walls, cpus = [], []
         reps = args.reps if "(scan)" not in kind else max(10, args.reps // 10)
         for _ in range(reps):
-            with Session(bind=engine) as s:
+            with Session(bind=served) as s:
                 w0, c0 = time.perf_counter(), time.process_time()
                 call(s)
                 walls.append(time.perf_counter() - w0)
                 cpus.append(time.process_time() - c0)
-        with capture(engine) as seen, Session(bind=engine) as s:
+        with capture(served) as seen, Session(bind=served) as s:
             call(s)
-        explained = plans(engine, call)
+        explained = plans(served, call)
         execution = sum(float(m) for _, plan in explained for m in re.findall(r"Execution Time: ([0-9.]+) ms", plan))
         by = "list" if "(list)" in kind else "scan" if "(scan)" in kind else "SQL"
         print(f"| {kind} | {1e3 * statistics.median(walls):.2f} | {1e3 * statistics.median(cpus):.2f} | "
