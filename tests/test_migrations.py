@@ -10,6 +10,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, make_url, pool, select, text
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from catalog.store import migrate
@@ -61,6 +62,19 @@ def _schema(url: str) -> tuple[set[str], dict[str, set[str]], set[str], set[str]
     return tables, columns, extensions, enums
 
 
+def _complete_run(engine: Engine, *, d_mlp: int, vocab_size: int) -> int:
+    """A one-layer catalog entry "m" with a complete run and no rows; returns the run's id."""
+    with Session(engine) as s:  # (the ORM's defaults fill the rest)
+        cm = CatalogModel(name="m", source="s", family="gpt2", model_type="gpt2", n_layers=1, d_model=4, d_mlp=d_mlp,
+                          vocab_size=vocab_size, gated=False)
+        s.add(cm)
+        s.flush()
+        r = ExtractionRun(model_id=cm.id, status=RunStatus.complete)
+        s.add(r)
+        s.commit()
+        return r.id
+
+
 def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
     assert migrate.current(empty_db_url) is None
 
@@ -89,15 +103,7 @@ def test_upgrade_downgrade_upgrade(empty_db_url: str) -> None:
         with engine.connect() as conn:
             indexdef = conn.scalar(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_triggers_run_document_position'"))
             # 0011: the prefixes keep their lexemes, the very ones of to_tsvector, and the GIN index reads them
-        with Session(engine) as s:  # (the ORM's defaults fill the rest)
-            cm = CatalogModel(name="m", source="s", family="gpt2", model_type="gpt2", n_layers=1, d_model=4, d_mlp=4,
-                              vocab_size=4, gated=False)
-            s.add(cm)
-            s.flush()
-            r = ExtractionRun(model_id=cm.id, status=RunStatus.complete)
-            s.add(r)
-            s.commit()
-            run = r.id
+        run = _complete_run(engine, d_mlp=4, vocab_size=4)
         with engine.begin() as conn:
             words = "The state-of-the-art walrus, v2.3 at https://example.com/x"
             conn.execute(text("INSERT INTO prefixes (run_id, document, position, text, token_id) "
@@ -190,15 +196,7 @@ def test_0012_builds_the_stored_summaries_of_the_runs_already_there(empty_db_url
     migrate.upgrade(empty_db_url, "0011")
     engine = create_engine(empty_db_url, poolclass=pool.NullPool)
     try:
-        with Session(engine) as s:
-            cm = CatalogModel(name="m", source="s", family="gpt2", model_type="gpt2", n_layers=1, d_model=4, d_mlp=2,
-                              vocab_size=8, gated=False)
-            s.add(cm)
-            s.flush()
-            r = ExtractionRun(model_id=cm.id, status=RunStatus.complete)
-            s.add(r)
-            s.commit()
-            run = r.id
+        run = _complete_run(engine, d_mlp=2, vocab_size=8)
         raw = {0: [(t, 10.0 - t) for t in range(7)], 1: [(7 - t, 0.5 * t) for t in range(7)]}  # rank order
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO tokens (run_id, token_id, text) SELECT :r, i, 'tok' || i FROM generate_series(0, 7) i"),

@@ -56,14 +56,8 @@ WHERE n.run_id = %(run)s AND n.layer = ANY(%(layers)s)
 
 
 def build_neuron_summaries(cur: Any, run_id: int, layers: list[int]) -> int:
-    """Fill ``neuron_summaries`` for ``layers`` from their rows (already written); returns rows written.
-    Hash joins, as for ``build_neuron_search`` (the statistics know nothing of this run yet)."""
-    cur.execute("SET LOCAL enable_nestloop = off")
-    try:
-        cur.execute(NEURON_SUMMARIES_SQL, {"run": run_id, "layers": layers})
-        return int(cur.rowcount)
-    finally:
-        cur.execute("SET LOCAL enable_nestloop = on")
+    """Fill ``neuron_summaries`` for ``layers`` from their rows (already written); returns rows written."""
+    return _hash_joined(cur, NEURON_SUMMARIES_SQL, {"run": run_id, "layers": layers})
 
 
 def build_neuron_search(cur: Any, run_id: int, layer: int) -> int:
@@ -74,9 +68,15 @@ def build_neuron_search(cur: Any, run_id: int, layer: int) -> int:
     prefixes: quadratic, over six minutes a layer for a second model's 77k triggers. A hash join is
     right for this bulk join whatever the statistics say.
     """
+    return _hash_joined(cur, NEURON_SEARCH_SQL, {"run": run_id, "layer": layer})
+
+
+def _hash_joined(cur: Any, sql: str, params: dict[str, Any]) -> int:
+    """Run one bulk INSERT ... SELECT over a run's uncommitted rows with nested loops off (see
+    ``build_neuron_search``); returns rows written."""
     cur.execute("SET LOCAL enable_nestloop = off")
     try:
-        cur.execute(NEURON_SEARCH_SQL, {"run": run_id, "layer": layer})
+        cur.execute(sql, params)
         return int(cur.rowcount)
     finally:
         cur.execute("SET LOCAL enable_nestloop = on")
