@@ -443,3 +443,21 @@ def test_rate_limit_per_client(app_server: tuple[Any, str], client: httpx.Client
     finally:
         limits.rate_per_s = 0.0
         limits.buckets.clear()
+
+
+@pytest.mark.parametrize(("param", "word"), [("next_token", "the"), ("trigger_token", "cat"), ("q", "cat")])
+def test_totals_counted_from_the_search_rows_alone(client: httpx.Client, catalog_rows: dict[str, Any],
+                                                   param: str, word: str) -> None:
+    """A search whose every filter is on the search rows (a word, a trigger or next token) counts those
+    rows without joining the neurons: the same total as the reference, on a first page that is not
+    the last (so it is counted), and with a layer filter, the join again."""
+    def hit(t: dict[str, Any]) -> bool:
+        ws = words(t["text"])
+        return {"next_token": t["next_token"] == word, "trigger_token": bool(ws) and ws[-1] == word,
+                "q": word in ws}[param]
+    want = {k for k, ts in catalog_rows["triggers"].items() if any(hit(t) for t in ts)}
+    assert len(want) > 3, "too few matches to span pages"
+    body = ok(client.get("/neurons", params={param: word, "limit": 3}))
+    assert body["next_cursor"] is not None and (body["total"], body["total_exact"]) == (len(want), True)
+    body = ok(client.get("/neurons", params={param: word, "limit": 1, "layer": 1}))
+    assert (body["total"], body["total_exact"]) == (sum(1 for k in want if k[0] == 1), True)

@@ -429,6 +429,19 @@ def _base(conds: list[ColumnElement[bool]], joins: list[Any], needs_search: bool
     return select(*cols).select_from(source).where(*conds)
 
 
+def _counted(run_id: int, conds: list[ColumnElement[bool]], joins: list[Any], needs_search: bool | None,
+             base: Select[Any]) -> Select[Any]:
+    """What a page's total counts: ``base``, or, when every filter is on the neurons' search rows (a word,
+    a trigger or next token), those rows alone: each has its neuron, so the count is the same without
+    a join per match (a word in 8,060 neurons: 27 ms to count with the join at GPT-2-XL scale)."""
+    rest = conds[1:]  # conds[0]: the neurons' run
+    if needs_search is not True or joins or not rest:
+        return base
+    alone = select(S.c.layer, S.c.neuron).where(S.c.run_id == run_id, *rest)
+    # a filter on anything else (the neurons' figures or layer, annotations) would add its table
+    return alone if alone.get_final_froms() == [S] else base
+
+
 def _fetch_relevance(session: Session, base: Select[Any], relevance: Any, after: _Cursor | None,
                      n: int) -> list[tuple[str, Any]]:
     """:func:`_fetch` for sort=relevance, descending (ties by (layer, neuron) descending); hits without a
@@ -666,7 +679,7 @@ def _page(session: Session, name: str, query: SearchQuery) -> _PageRows:
     else:
         broad = (plan is not None and plan.pattern.decided and plan.relevance is None and plan.pattern.loose is not None
                  and settings.search_total_max > 0 and _broad_lexemes(session, run.id, plan.pattern.loose))
-        total, exact = _total(session, base, estimate_first=broad)
+        total, exact = _total(session, _counted(run.id, conds, joins, needs_search, base), estimate_first=broad)
     return _PageRows(run.id, [r for _, r in page], next_cursor, resolved, plan.pattern if plan else None, total, exact)
 
 
