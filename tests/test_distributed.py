@@ -849,7 +849,7 @@ def databases(database_url: str) -> Iterator[dict[str, str]]:
 
 def test_workers_refuse_a_database_of_another_schema(databases: dict[str, str], tmp_path: Path) -> None:
     head = migrate.head()
-    assert head == "0011"
+    assert head == "0013"
     env = {"CATALOG_BROKER_URL": UNREACHABLE_BROKER}  # never reached: they stop before
 
     def worker_on(kind: str) -> Result:
