@@ -53,18 +53,18 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["CATALOG_DATA_DIR"] = str(args.data_dir)
 
+    from catalog.api.deps import api_engine
     from catalog.read.explain import plans
-    from catalog.store.database import get_engine
 
     m = args.model
     kinds = search_kinds(m)
-    engine = get_engine()
+    engine = api_engine()  # the routes' connection settings
     lines = [
         "# How each kind of search is served",
         "",
         (f"`EXPLAIN (ANALYZE, BUFFERS)` of the statements the read side sends for each kind of request, on the "
         f"catalog `{m}` (bench/part3_search.py: 307,200 neurons, 15.4M triggers), {datetime.now(UTC):%Y-%m-%d}, "
-        f"{platform.node()} ({os.cpu_count()} CPUs). Produced by `bench/explain_search.py`; the tests check "
+        f"{platform.node()} ({os.cpu_count()} CPUs), on the API's connection settings. Produced by `bench/explain_search.py`; the tests check "
          "the same on a tiny catalog with sequential scans disabled (`tests/test_search_plans.py`)."),
         "",
     ]
