@@ -222,18 +222,13 @@ def _pattern(session: Session, q: str) -> _Pattern:
 
 def _count(session: Session, stmt: Select[Any], cap: int) -> int:
     """How many rows ``stmt`` has, counted up to cap + 1; through indexes (a sequential scan would not stop
-    early when the rows are sparse), planned for its own bounds: psycopg prepares a statement run five
-    times, and Postgres may then reuse a generic plan, blind to the values filtered on (11 ms against
-    2 ms for a filter + sort page's count at GPT-2-XL scale)."""
-    seqscan, plan_cache = session.execute(text(
-        "SELECT current_setting('enable_seqscan') || left(set_config('enable_seqscan', 'off', true), 0), "
-        "current_setting('plan_cache_mode') || left(set_config('plan_cache_mode', 'force_custom_plan', true), 0)"
-    )).one()
+    early when the rows are sparse)."""
+    before = session.scalar(text("SELECT current_setting('enable_seqscan') || left(set_config('enable_seqscan', "
+                                 "'off', true), 0)"))
     try:
         return int(session.scalar(select(func.count()).select_from(stmt.limit(cap + 1).subquery())) or 0)
     finally:
-        session.execute(text("SELECT set_config('enable_seqscan', :s, true), set_config('plan_cache_mode', :p, true)"),
-                        {"s": seqscan, "p": plan_cache})
+        session.execute(text("SELECT set_config('enable_seqscan', :v, true)"), {"v": before})
 
 
 def _prefix_match(full: str) -> ColumnElement[bool]:

@@ -41,16 +41,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, MappedColumn, mapped_column,
 from sqlalchemy.types import TypeEngine
 
 # re-exported for the many importers of NEURON_STATS, LABELS, HUMAN_LABELS and PROJECTIONS
-from catalog.vocab import (  # noqa: F401
-    HUMAN_LABELS,
-    LABELS,
-    LAYER_FIGURE,
-    NEURON_FIGURE,
-    NEURON_STATS,
-    PROJECTIONS,
-    SUMMARY_TOKENS,
-    Figure,
-)
+from catalog.vocab import HUMAN_LABELS, LABELS, LAYER_FIGURE, NEURON_FIGURE, NEURON_STATS, PROJECTIONS, Figure  # noqa: F401
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
